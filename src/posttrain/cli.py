@@ -1,0 +1,119 @@
+"""The ``posttrain`` command line. Each training stage takes ``--config file.yaml`` and ``--key=value`` overrides of
+its config dataclass; ``posttrain STAGE --help`` lists every key with its type, default and meaning."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+USAGE = """usage: posttrain COMMAND [options]
+
+The post-training pipeline of the RLHF book, on any local Hugging Face model or the built-in tiny world.
+
+commands:
+  demo         the whole pipeline on the tiny world (offline, CPU, minutes); prints a before/after table
+  world build  write the tiny world (tokenizer, datasets; --base-model: the pretrained base model) to a directory
+  pretrain     next-token pretraining on plain text (`text` rows)
+  sft          instruction fine-tuning on conversations, loss on assistant turns only
+  chat         talk to a model (one-shot --prompt, or interactive)
+
+Run `posttrain COMMAND --help` for the options of a command.
+"""
+
+
+def _stage(config_cls, run: Callable, description: str, argv: list[str]) -> int:
+    from posttrain.config import build_config, help_lines, parse_overrides
+
+    if "-h" in argv or "--help" in argv:
+        print(f"{description}\n\noptions (also accepted as keys of --config file.yaml):\n"
+              f"  --config=FILE  YAML file of options; command-line options override it\n{help_lines(config_cls)}")
+        return 0
+    yaml_path = None
+    rest = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--config" and i + 1 < len(argv):
+            yaml_path, i = argv[i + 1], i + 2
+            continue
+        if argv[i].startswith("--config="):
+            yaml_path = argv[i].split("=", 1)[1]
+        else:
+            rest.append(argv[i])
+        i += 1
+    config = build_config(config_cls, yaml_path, parse_overrides(rest, config_cls))
+    run(config)
+    return 0
+
+
+def _world(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="posttrain world", description="The tiny world.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    build = sub.add_parser("build", help="write tokenizer/, data/ (and base-model/) to DIR")
+    build.add_argument("dir", help="output directory")
+    build.add_argument("--base-model", "--base_model", action="store_true",
+                       help="also pretrain (or reuse the cached) base model and write it to DIR/base-model")
+    args = parser.parse_args(argv)
+    from posttrain.world.build import write_world
+
+    paths = write_world(args.dir, base_model=args.base_model)
+    print(f"tokenizer: {paths.tokenizer}\ndata:      {paths.data}")
+    if args.base_model:
+        print(f"base model: {paths.base_model}")
+    return 0
+
+
+def _dispatch(command: str, argv: list[str]) -> int:
+    match command:
+        case "sft":
+            from posttrain.sft import SFTConfig, train_sft
+
+            return _stage(SFTConfig, train_sft, "posttrain sft: instruction fine-tuning (loss on assistant turns).", argv)
+        case "pretrain":
+            from posttrain.pretrain import PretrainConfig, train_pretrain
+
+            return _stage(PretrainConfig, train_pretrain, "posttrain pretrain: next-token pretraining on text.", argv)
+        case "demo":
+            from posttrain.demo import DemoConfig, run_demo
+
+            return _stage(DemoConfig, run_demo, "posttrain demo: the pipeline on the tiny world.", argv)
+        case "chat":
+            from posttrain.chat import ChatConfig, run_chat
+
+            return _stage(ChatConfig, run_chat, "posttrain chat: talk to a model with its chat template.", argv)
+        case "world":
+            return _world(argv)
+        case _:
+            print(f"posttrain: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+            return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    if argv[0] == "--version":
+        from posttrain import __version__
+
+        print(__version__)
+        return 0
+    from transformers.utils import logging as hf_logging
+
+    from posttrain.config import ConfigError
+    from posttrain.data import DataError, RenderError, TemplateNotPrefixStableError
+
+    hf_logging.disable_progress_bar()  # our own progress bars say what is going on
+
+    try:
+        return _dispatch(argv[0], argv[1:])
+    except (ConfigError, DataError, RenderError, TemplateNotPrefixStableError, FileNotFoundError, FileExistsError) as err:
+        print(f"posttrain {argv[0]}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Encoding rendered examples into padding-free batches.
+
+A batch is a few *rows*; each row holds several examples back to back, with ``position_ids`` restarting at 0 for
+each example. Given ``position_ids`` and no ``attention_mask``, transformers builds a block-diagonal causal mask
+(attention confined to each example), so a packed row computes exactly what the examples would compute alone, and
+no FLOPs go to padding. Labels are -100 off the loss mask and at example boundaries, so no example predicts the
+first token of the next one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    loss_mask: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class Truncation:
+    """What to do with an example longer than ``max_length``."""
+
+    drop = "drop"  # drop it (counted and reported)
+    right = "right"  # keep the first max_length tokens; dropped if no trained token is left
+
+
+def fit_length(example: Example, max_length: int, truncation: str) -> Example | None:
+    """``example`` itself, truncated on the right, or None (to drop) — see ``Truncation``."""
+    if len(example) <= max_length:
+        return example
+    if truncation == Truncation.drop:
+        return None
+    if truncation != Truncation.right:
+        raise ValueError(f"unknown truncation {truncation!r}: use 'drop' or 'right'")
+    cut = Example(example.input_ids[:max_length], example.loss_mask[:max_length])
+    # The first token is never predicted, so a row needs a trained token at position >= 1.
+    return cut if any(cut.loss_mask[1:]) else None
+
+
+def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bin-pack example indices into rows of at most ``capacity`` tokens (longest first; deterministic)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        for r, space in enumerate(free):
+            if lengths[i] <= space:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(capacity - lengths[i])
+    return [sorted(r) for r in rows]
+
+
+def collate_packed(rows: list[list[Example]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Rows of examples -> ``input_ids``, ``position_ids``, ``labels`` (B, L), right-padded to the longest row.
+
+    ``labels[b, t]`` is the target for predicting token t (HF convention: the model shifts), -100 where untrained.
+    Padding gets its own position run (0, 1, ...) so it forms a separate block that no example attends to.
+    """
+    width = max(sum(len(e) for e in row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for b, row in enumerate(rows):
+        t = 0
+        for example in row:
+            n = len(example)
+            ids = torch.tensor(example.input_ids, dtype=torch.long)
+            mask = torch.tensor(example.loss_mask, dtype=torch.bool)
+            input_ids[b, t : t + n] = ids
+            position_ids[b, t : t + n] = torch.arange(n)
+            example_labels = torch.where(mask, ids, torch.tensor(-100))
+            example_labels[0] = -100  # nothing predicts an example's first token
+            labels[b, t : t + n] = example_labels
+            t += n
+        position_ids[b, t:] = torch.arange(width - t)
+    return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+
+
+def collate_padded(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The classic layout, one example per row, right-padded, with an attention mask (the reference for tests)."""
+    width = max(len(e) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    for b, example in enumerate(examples):
+        n = len(example)
+        ids = torch.tensor(example.input_ids, dtype=torch.long)
+        input_ids[b, :n] = ids
+        attention_mask[b, :n] = 1
+        labels[b, :n] = torch.where(torch.tensor(example.loss_mask, dtype=torch.bool), ids, torch.tensor(-100))
+        labels[b, 0] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def pack_batch(examples: list[Example], row_capacity: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Padding-free collation of one batch: first-fit-decreasing into rows of ``row_capacity`` tokens."""
+    capacity = max(row_capacity, max(len(e) for e in examples))
+    bins = first_fit_decreasing([len(e) for e in examples], capacity)
+    return collate_packed([[examples[i] for i in row] for row in bins], pad_token_id)

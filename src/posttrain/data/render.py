@@ -1,0 +1,170 @@
+"""The one rendering path: a conversation -> (input_ids, loss_mask), and a prompt -> input_ids.
+
+Every stage (pretraining excepted) renders through these two functions, so training and generation can never
+disagree on the template.
+
+How the mask is found (no string slicing of the conversation itself):
+  for each assistant turn i the template renders three texts,
+      prefix_i  = render(messages[:i], add_generation_prompt=True)   # everything before the reply
+      through_i = render(messages[:i+1])                              # ... the reply and its end-of-turn
+      full      = render(messages)
+  and we require ``full.startswith(through_i)`` and ``through_i.startswith(prefix_i)`` (prefix stability). The
+  trained character span is [len(prefix_i), len(prefix_i) + reply_end), where reply_end covers the rendered content
+  and the template's end-of-turn up to and including its first special token (``<|im_end|>``, ``</s>``, ...);
+  a template with no special end-of-turn token trains the whole suffix it writes after the content.
+  ``full`` is tokenized once, exactly as ``apply_chat_template(tokenize=True)`` does (no extra special tokens), and
+  a token is masked in when its character span overlaps a trained span.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Sequence
+
+from jinja2 import TemplateError
+
+Message = dict[str, Any]
+
+
+class MultiTurnStrategy(StrEnum):
+    all_assistant_turns = "all_assistant_turns"  # train every assistant turn (user/system/tool turns masked)
+    final_turn_only = "final_turn_only"  # train only the last assistant turn
+
+
+class TemplateNotPrefixStableError(ValueError):
+    """Rendering a longer conversation changed the text of its earlier turns, so a mask cannot be trusted."""
+
+
+class RenderError(ValueError):
+    """The chat template could not render the conversation (e.g. it rejected the role order)."""
+
+
+def template_name(tokenizer, chat_template: str | None = None) -> str:
+    """A short human name for the template in use (built-in name, or the first characters of the Jinja)."""
+    from posttrain.templates import CHAT_TEMPLATES
+
+    template = chat_template or getattr(tokenizer, "chat_template", None) or ""
+    for name, text in CHAT_TEMPLATES.items():
+        if template == text:
+            return name
+    name = getattr(tokenizer, "name_or_path", "") or "tokenizer"
+    snippet = template[:60].replace("\n", "\\n")
+    return f"{name} chat template ({snippet}...)"
+
+
+def _render_text(tokenizer, messages: Sequence[Message], *, add_generation_prompt: bool, chat_template=None) -> str:
+    if getattr(tokenizer, "chat_template", None) is None and chat_template is None:
+        raise RenderError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; set one with "
+            "posttrain.templates.set_chat_template(tokenizer, 'chatml' | 'zephyr' | 'tulu') or --chat_template"
+        )
+    try:
+        return tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template
+        )
+    except TemplateError as err:  # raise_exception(...) inside the template, e.g. roles must alternate
+        raise RenderError(f"{template_name(tokenizer, chat_template)} rejected the conversation: {err}") from err
+
+
+def _special_token_strings(tokenizer) -> list[str]:
+    """Strings of every special / added-special token, longest first (so `</s>` never shadows a longer one)."""
+    specials = set(tokenizer.all_special_tokens)
+    for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(token, "special", False):
+            specials.add(str(token))
+    return sorted((s for s in specials if s), key=len, reverse=True)
+
+
+def _reply_end(segment: str, content: str, specials: list[str]) -> int:
+    """Characters of ``segment`` (a rendered reply plus what follows it) to train: content + end-of-turn."""
+    content_end = 0
+    for candidate in (content, content.strip()):
+        if candidate and (pos := segment.find(candidate)) >= 0:
+            content_end = pos + len(candidate)
+            break
+    rest = segment[content_end:]
+    hits = [(pos, len(s)) for s in specials if (pos := rest.find(s)) >= 0]
+    if not hits:  # no special end-of-turn token: the whole suffix the template writes closes the turn
+        return len(segment)
+    pos, length = min(hits, key=lambda h: (h[0], -h[1]))
+    return content_end + pos + length
+
+
+def _trained_char_spans(tokenizer, messages, strategy, chat_template) -> tuple[str, list[tuple[int, int]]]:
+    full = _render_text(tokenizer, messages, add_generation_prompt=False, chat_template=chat_template)
+    specials = _special_token_strings(tokenizer)
+    assistant_turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+    if strategy == MultiTurnStrategy.final_turn_only:
+        assistant_turns = assistant_turns[-1:]
+    spans = []
+    for i in assistant_turns:
+        prefix = _render_text(tokenizer, messages[:i], add_generation_prompt=True, chat_template=chat_template)
+        through = _render_text(tokenizer, messages[: i + 1], add_generation_prompt=False, chat_template=chat_template)
+        if not (through.startswith(prefix) and full.startswith(through)):
+            raise TemplateNotPrefixStableError(
+                f"{template_name(tokenizer, chat_template)} is not prefix-stable: rendering the conversation up to "
+                f"assistant turn {i} does not give a prefix of the full rendering, so the loss mask would be wrong. "
+                "Use a prefix-stable template (e.g. --chat_template chatml) or --strategy final_turn_only."
+            )
+        end = _reply_end(through[len(prefix):], str(messages[i].get("content", "")), specials)
+        spans.append((len(prefix), len(prefix) + end))
+    return full, spans
+
+
+def render_conversation(
+    tokenizer,
+    messages: Sequence[Message],
+    strategy: str = "all_assistant_turns",
+    *,
+    chat_template: str | None = None,
+) -> tuple[list[int], list[int]]:
+    """Render ``messages`` with the tokenizer's chat template into ``(input_ids, loss_mask)``.
+
+    ``input_ids`` equal ``tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]``; ``loss_mask`` is 1
+    on the assistant contents and the end-of-turn token closing each trained turn, 0 on system/user/tool turns and
+    template scaffolding. ``strategy``: ``all_assistant_turns`` or ``final_turn_only``.
+    Raises ``TemplateNotPrefixStableError`` when the template rewrites earlier turns as the conversation grows.
+    """
+    strategy = MultiTurnStrategy(strategy)
+    if not messages:
+        raise ValueError("empty conversation")
+    full, spans = _trained_char_spans(tokenizer, messages, strategy, chat_template)
+    encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoding["input_ids"])
+    loss_mask = [0] * len(input_ids)
+    span_index = 0
+    for t, (start, end) in enumerate(encoding["offset_mapping"]):
+        while span_index < len(spans) and spans[span_index][1] <= start:
+            span_index += 1
+        if span_index == len(spans):
+            break
+        span_start, span_end = spans[span_index]
+        if end > span_start and start < span_end:  # token overlaps the trained span
+            loss_mask[t] = 1
+    return input_ids, loss_mask
+
+
+def render_prompt(tokenizer, messages: Sequence[Message], *, chat_template: str | None = None) -> list[int]:
+    """Token ids of ``messages`` followed by the template's generation prompt (what the model continues from).
+
+    Equals the prompt part of ``render_conversation`` for the same conversation plus a reply (tested).
+    """
+    text = _render_text(tokenizer, messages, add_generation_prompt=True, chat_template=chat_template)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def end_of_turn_token_ids(tokenizer, *, chat_template: str | None = None) -> list[int]:
+    """Token ids that end an assistant turn under this template (plus eos): the stop tokens for generation."""
+    probe = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    try:
+        input_ids, mask = render_conversation(tokenizer, probe, chat_template=chat_template)
+    except (RenderError, TemplateNotPrefixStableError):
+        return sorted(ids)
+    special_ids = set(tokenizer.all_special_ids)
+    trained = [tok for tok, m in zip(input_ids, mask) if m]
+    if trained and trained[-1] in special_ids:
+        ids.add(int(trained[-1]))
+    return sorted(ids)

@@ -1,0 +1,90 @@
+"""A run directory's logging: ``metrics.jsonl`` (namespaced keys), TensorBoard events, PNG plots at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLog:
+    """Appends ``{"step": k, "train/loss": ...}`` lines to ``metrics.jsonl`` and mirrors them to TensorBoard.
+
+    On resume from step k, lines logged after step k by the interrupted run are dropped first, so the file reads as
+    one uninterrupted run.
+    """
+
+    def __init__(self, run_dir: Path, *, resume_step: int = 0, tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self._writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
+            except ImportError:  # tensorboard not installed: metrics.jsonl still has everything
+                self._writer = None
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        record = {"step": step, "time": round(time.time(), 3)}
+        for key, value in metrics.items():
+            value = float(value.item() if hasattr(value, "item") else value)
+            record[key] = value
+            if self._writer is not None and math.isfinite(value):
+                self._writer.add_scalar(key, value, step)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(run_dir: Path, keys: list[str] | None = None) -> list[Path]:
+    """One PNG per metric namespace (``train``, ``eval``, ...) with a panel per metric; returns the files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    series: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
+    for record in records:
+        for key, value in record.items():
+            if "/" in key and (keys is None or key in keys) and isinstance(value, (int, float)):
+                series[key.split("/")[0]][key].append((record["step"], value))
+    written = []
+    plot_dir = Path(run_dir) / "plots"
+    for namespace, metrics in sorted(series.items()):
+        plot_dir.mkdir(exist_ok=True)
+        names = sorted(metrics)
+        cols = min(3, len(names))
+        rows = math.ceil(len(names) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+        for ax, name in zip(axes.flat, names):
+            steps, values = zip(*metrics[name])
+            ax.plot(steps, values, marker="." if len(steps) < 30 else None)
+            ax.set_title(name)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(names):]:
+            ax.axis("off")
+        fig.tight_layout()
+        out = plot_dir / f"{namespace}.png"
+        fig.savefig(out, dpi=90)
+        plt.close(fig)
+        written.append(out)
+    return written

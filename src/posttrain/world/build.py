@@ -1,0 +1,126 @@
+"""Building and caching the tiny world: tokenizer, datasets and the pretrained base model.
+
+The cache lives in ``$POSTTRAIN_CACHE`` (default ``~/.cache/posttrain``) under a key made of the world version and
+a hash of every setting that shapes the artefacts, so tests and the demo build the world once and a change of
+settings never reuses stale files. Each artefact is built in a temporary directory and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from posttrain.world.tasks import WORLD_VERSION
+
+TOKENIZER_VOCAB = 1024
+DATA_SEED = 0
+# Pretraining recipe of the base model: ~2 minutes on 2 CPU cores.
+BASE_MODEL_RECIPE = dict(init="world-llama", block_size=128, batch_size=32, max_steps=500, lr=3e-3, warmup_steps=30,
+                         lr_schedule="cosine", weight_decay=0.1, seed=0, save_every=100, log_every=10)
+
+
+@dataclass
+class WorldPaths:
+    root: Path
+    tokenizer: Path
+    data: Path
+    base_model: Path
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain"))
+
+
+def world_key() -> str:
+    from posttrain.world.datagen import DEFAULT_SIZES
+    from posttrain.world.model import TINY_SIZES
+    from posttrain.world.tokenizer import SPECIAL_TOKENS, WORLD_CHAT_TEMPLATE
+
+    settings = dict(version=WORLD_VERSION, vocab=TOKENIZER_VOCAB, seed=DATA_SEED, sizes=DEFAULT_SIZES,
+                    model=TINY_SIZES, recipe=BASE_MODEL_RECIPE, template=WORLD_CHAT_TEMPLATE, specials=SPECIAL_TOKENS)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return f"world-v{WORLD_VERSION}-{digest}"
+
+
+def _build_into(final: Path, build) -> Path:
+    """Run ``build(tmp_dir)`` then rename tmp_dir to ``final`` (no half-built artefact is ever visible)."""
+    if final.exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        build(tmp)
+        if final.exists():  # built concurrently by another process
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _tokenizer_corpus(data_dir: Path):
+    """Texts the BPE is trained on: the pretraining corpus and the chat data, rendered as plain text."""
+    for name in ("pretrain_train.jsonl", "sft_train.jsonl"):
+        with (data_dir / name).open() as f:
+            for line in f:
+                row = json.loads(line)
+                if "text" in row:
+                    yield row["text"]
+                else:
+                    yield "\n".join(f"{m['role']}\n{m['content']}" for m in row["messages"])
+
+
+def build_data(out_dir: Path) -> None:
+    from posttrain.world.datagen import write_all
+
+    write_all(out_dir, seed=DATA_SEED)
+
+
+def build_tokenizer(out_dir: Path, data_dir: Path) -> None:
+    from posttrain.world.tokenizer import train_tokenizer
+
+    train_tokenizer(_tokenizer_corpus(data_dir), out_dir, vocab_size=TOKENIZER_VOCAB)
+
+
+def build_base_model(out_dir: Path, paths: WorldPaths, *, progress: bool = True) -> None:
+    """Pretrain the base model with ``BASE_MODEL_RECIPE`` and copy the final model to ``out_dir``."""
+    from posttrain.pretrain import PretrainConfig, train_pretrain
+
+    run_dir = paths.root / "pretrain-run"
+    config = PretrainConfig(tokenizer=str(paths.tokenizer), data=str(paths.data / "pretrain_train.jsonl"),
+                            eval_data=str(paths.data / "pretrain_heldout.jsonl"), out=str(run_dir),
+                            resume=True, progress=progress, **BASE_MODEL_RECIPE)
+    final = train_pretrain(config)
+    shutil.copytree(final, out_dir, dirs_exist_ok=True)
+    shutil.copy(run_dir / "metrics.jsonl", out_dir / "pretrain_metrics.jsonl")
+
+
+def ensure_world(base_model: bool = True, *, progress: bool = True) -> WorldPaths:
+    """Paths of the cached world, building whatever is missing (the base model only when asked)."""
+    root = cache_root() / world_key()
+    paths = WorldPaths(root, root / "tokenizer", root / "data", root / "base-model")
+    _build_into(paths.data, build_data)
+    _build_into(paths.tokenizer, lambda tmp: build_tokenizer(tmp, paths.data))
+    if base_model and not paths.base_model.exists():
+        print(f"pretraining the tiny world's base model (once; cached in {paths.base_model})")
+        _build_into(paths.base_model, lambda tmp: build_base_model(tmp, paths, progress=progress))
+    return paths
+
+
+def write_world(out_dir: str | Path, *, base_model: bool = False) -> WorldPaths:
+    """``posttrain world build DIR``: copy (building if needed) the tokenizer, datasets and base model to DIR."""
+    paths = ensure_world(base_model=base_model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(paths.tokenizer, out / "tokenizer", dirs_exist_ok=True)
+    shutil.copytree(paths.data, out / "data", dirs_exist_ok=True)
+    if base_model:
+        shutil.copytree(paths.base_model, out / "base-model", dirs_exist_ok=True)
+    return WorldPaths(out, out / "tokenizer", out / "data", out / "base-model")

@@ -1,0 +1,453 @@
+"""Tests of the tiny world: questions, solver, splits, gold reward and data generators."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from posttrain.world import (
+    WORLD_VERSION,
+    Question,
+    follows_format,
+    gold_components,
+    gold_reward,
+    is_heldout,
+    make_question,
+    parse_final_answer,
+    parse_question,
+    questions,
+    solve,
+)
+from posttrain.world import datagen
+from posttrain.world.tasks import parse_step, step_operations
+
+SMALL = 40  # rows per generator in the generator tests
+
+
+def _all_questions(seeds: range, per_level: int) -> list[Question]:
+    out = []
+    for seed in seeds:
+        rng = random.Random(seed)
+        for level in (1, 2, 3):
+            out += [make_question(rng, level) for _ in range(per_level)]
+    return out
+
+
+QUESTIONS = _all_questions(range(40), 50)  # 6000 questions
+
+
+def _question_text(prompt) -> str:
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+# --------------------------------------------------------------------------
+# tasks
+
+
+def test_world_version_is_a_string():
+    assert isinstance(WORLD_VERSION, str) and WORLD_VERSION
+
+
+def test_solve_round_trips_every_generated_question():
+    for q in QUESTIONS:
+        assert solve(q.text) == q.answer, q
+        parsed = parse_question(q.text)
+        assert parsed is not None and parsed.canonical == q.canonical, q
+
+
+def test_solve_ignores_whitespace_and_surrounding_text():
+    q = Question("What is 37 + 48?", 85, 2, "add", (("37 + 48 = 85", 85),))
+    assert solve("  \n What is 37 + 48?  ") == 85
+    assert solve("Please answer carefully.\nWhat   is 37 + 48?\nReply briefly.") == 85
+    assert solve(q.text) == q.answer
+
+
+def test_solve_hand_checked_phrasings():
+    cases = {
+        "What is 37 + 48?": 85,
+        "Compute 7 * 6.": 42,
+        "Calculate 52 - 19.": 33,
+        "What is 12 plus 30?": 42,
+        "What do you get when you multiply 4 by 9?": 36,
+        "Find the sum of 23 and 41.": 64,
+        "Find the difference between 52 and 19.": 33,
+        "What do you get when you subtract 4 from 9?": 5,
+        "Start with 5, add 7, then double it.": 24,
+        "Start with 9, subtract 4, then multiply by 3.": 15,
+        "Start with 6, add 8, subtract 3, then double it.": 22,
+        "Take 4, triple it, then subtract 2. What is the result?": 10,
+    }
+    for text, answer in cases.items():
+        assert solve(text) == answer, text
+
+
+def test_solve_takes_the_last_question_and_rejects_non_questions():
+    assert solve("Q: What is 2 + 3? A: 5. Q: Find the product of 7 and 12.") == 84
+    for text in ("", "Hello there.", "The answer is 5.", "37 + 48 = 85."):
+        assert solve(text) is None
+
+
+def test_levels_respect_their_ranges():
+    for q in QUESTIONS:
+        start, ops = step_operations(q.steps)
+        values = [start] + [value for _, value in q.steps]
+        assert all(v >= 0 for v in values), q
+        assert q.answer == q.steps[-1][1]
+        if q.level == 1:
+            assert q.kind in ("add", "sub", "mul") and start < 10 and ops[0][1] < 10
+        elif q.level == 2:
+            assert q.kind in ("add", "sub", "mul")
+            if q.kind == "mul":
+                assert sorted(len(str(x)) for x in (start, ops[0][1])) == [1, 2]
+            else:
+                assert 10 <= start <= 99 and 10 <= ops[0][1] <= 99
+        else:
+            assert q.kind == "chain" and 2 <= len(q.steps) <= 3
+            assert all(v < 1000 for v in values)
+
+
+def test_question_text_is_clean_ascii():
+    for q in QUESTIONS:
+        assert q.text.isascii() and "  " not in q.text and q.text == q.text.strip()
+        assert q.text.endswith(("?", ".")), q.text
+
+
+def test_steps_are_consistent_equations():
+    for q in QUESTIONS:
+        previous = None
+        for text, value in q.steps:
+            left, op, right, result = parse_step(text)
+            assert result == value
+            assert previous is None or left == previous
+            previous = value
+
+
+def test_canonical_is_phrasing_independent():
+    a = parse_question("What is 37 + 48?")
+    b = parse_question("Find the sum of 48 and 37.")
+    assert a.canonical == b.canonical == "add:37:48"
+    assert parse_question("Start with 5, add 7, then double it.").canonical == "chain:5:+7:*2"
+    assert parse_question("Take 5, add 7, then multiply by 2.").canonical == "chain:5:+7:*2"
+    assert parse_question("Calculate 52 - 19.").canonical == "sub:52:19"
+
+
+def test_heldout_fraction_is_about_ten_percent():
+    canonicals = {q.canonical: q for q in QUESTIONS}
+    fraction = sum(is_heldout(q) for q in canonicals.values()) / len(canonicals)
+    assert 0.06 < fraction < 0.14
+
+
+def test_questions_splits_are_disjoint_and_deterministic():
+    train = questions("train", 600, seed=1)
+    heldout = questions("heldout", 200, seed=1)
+    assert len(train) == 600 and len(heldout) == 200
+    assert not {q.canonical for q in train} & {q.canonical for q in heldout}
+    assert not {q.text for q in train} & {q.text for q in heldout}
+    assert all(not is_heldout(q) for q in train) and all(is_heldout(q) for q in heldout)
+    assert len({q.canonical for q in train}) == len(train)
+    assert questions("train", 600, seed=1) == train
+    assert questions("train", 600, seed=2) != train
+    assert {q.level for q in train} == {1, 2, 3}
+
+
+def test_questions_stops_when_a_level_is_exhausted():
+    level_one = questions("heldout", 10_000, seed=0, levels=(1,))
+    assert 0 < len(level_one) < 60
+    assert len({q.canonical for q in level_one}) == len(level_one)
+
+
+def test_questions_rejects_unknown_split():
+    with pytest.raises(ValueError):
+        questions("test", 5, seed=0)
+
+
+# --------------------------------------------------------------------------
+# gold reward
+
+
+def test_parse_final_answer():
+    assert parse_final_answer("37 + 48 = 85. The answer is 85.") == 85
+    assert parse_final_answer("The answer is 3. No wait, the answer is 4.") == 4
+    assert parse_final_answer("The answer is -12.") == -12
+    assert parse_final_answer("It is 7, or maybe 9") == 9
+    assert parse_final_answer("so it is -5") == -5
+    assert parse_final_answer("12-3") == 3
+    assert parse_final_answer("The answer is 85. Extra 99") == 85
+    assert parse_final_answer("no numbers here") is None
+
+
+def test_follows_format():
+    assert follows_format("37 + 48 = 85. The answer is 85.")
+    assert follows_format("  The answer is -4.\n")
+    assert not follows_format("37 + 48 = 85. So it is 85.")
+    assert not follows_format("The answer is 85")
+    assert not follows_format("The answer is 85. Done.")
+    assert not follows_format("The answer is 84. The answer is 85.")
+    assert not follows_format("The answer is eighty.")
+
+
+def test_gold_reward_hand_checked_good():
+    """"37 + 48 = 85. The answer is 85." has 9 words:
+    1.0 * 1 + 0.3 * 1 + 0.2 * (1 - 9/60) = 1.3 + 0.17 = 1.47."""
+    parts = gold_components("What is 37 + 48?", "37 + 48 = 85. The answer is 85.")
+    assert parts["correct"] == 1.0 and parts["format_ok"] == 1.0
+    assert parts["brevity"] == pytest.approx(1 - 9 / 60)
+    assert parts["reward"] == pytest.approx(1.47)
+
+
+def test_gold_reward_hand_checked_flaws():
+    """No format, 9 words: 1.0 + 0.0 + 0.2 * (1 - 9/60) = 1.17.
+    Wrong answer, formatted, 9 words: 0 + 0.3 + 0.2 * (1 - 9/60) = 0.47.
+    Bare "85", 1 word: 1.0 + 0 + 0.2 * (59/60) = 1.19666...
+    Non-world prompt, formatted, 4 words: 0 + 0.3 + 0.2 * (56/60) = 0.48666...
+    Empty completion: 0 + 0 + 0.2 * 1 = 0.2."""
+    q = "What is 37 + 48?"
+    assert gold_reward(q, "37 + 48 = 85. So it is 85.") == pytest.approx(1.17)
+    assert gold_reward(q, "37 + 48 = 86. The answer is 86.") == pytest.approx(0.47)
+    assert gold_reward(q, "85") == pytest.approx(1.0 + 0.2 * 59 / 60)
+    assert gold_reward("Tell me a joke.", "The answer is 85.") == pytest.approx(0.3 + 0.2 * 56 / 60)
+    assert gold_reward(q, "") == pytest.approx(0.2)
+
+
+def test_gold_reward_brevity_floors_at_zero():
+    """100 filler words + "The answer is 85.": 1.0 + 0.3 + 0.2 * 0 = 1.3."""
+    completion = "word " * 100 + "The answer is 85."
+    assert gold_reward("What is 37 + 48?", completion) == pytest.approx(1.3)
+
+
+def test_gold_reward_accepts_messages():
+    good = "5 + 7 = 12. 12 * 2 = 24. The answer is 24."
+    expected = gold_reward("Start with 5, add 7, then double it.", good)
+    prompt = [
+        {"role": "system", "content": "You are a careful math tutor."},
+        {"role": "user", "content": "What is 1 + 1?"},
+        {"role": "assistant", "content": "1 + 1 = 2. The answer is 2."},
+        {"role": "user", "content": "Start with 5, add 7, then double it."},
+    ]
+    assert gold_reward(prompt, good) == pytest.approx(expected)
+    assert gold_reward(prompt, [{"role": "assistant", "content": good}]) == pytest.approx(expected)
+    assert gold_reward(prompt, {"role": "assistant", "content": good}) == pytest.approx(expected)
+    conversation = prompt + [{"role": "assistant", "content": good}]
+    assert gold_reward(prompt, conversation) == pytest.approx(expected)
+
+
+def test_gold_reward_range():
+    rng = random.Random(0)
+    for q in QUESTIONS[::50]:
+        for completion in datagen.candidate_completions(rng, q):
+            assert 0.0 <= gold_reward(q.text, completion) <= 1.5
+
+
+# --------------------------------------------------------------------------
+# completions
+
+
+def test_good_completion_examples():
+    add = parse_question("What is 37 + 48?")
+    chain = parse_question("Start with 5, add 7, then double it.")
+    assert datagen.good_completion(add) == "37 + 48 = 85. The answer is 85."
+    assert datagen.good_completion(chain) == "5 + 7 = 12. 12 * 2 = 24. The answer is 24."
+
+
+def test_every_flaw_scores_strictly_below_good():
+    rng = random.Random(0)
+    for q in QUESTIONS[::7]:
+        good = datagen.good_completion(q)
+        good_parts = gold_components(q.text, good)
+        assert good_parts["correct"] == 1.0 and good_parts["format_ok"] == 1.0
+        for flaw in datagen.FLAWS:
+            flawed = datagen.flawed_completion(rng, q, flaw)
+            assert gold_reward(q.text, flawed) < good_parts["reward"], (q, flaw, flawed)
+
+
+def test_flaws_do_what_they_say():
+    rng = random.Random(1)
+    for q in QUESTIONS[::31]:
+        wrong = datagen.flawed_completion(rng, q, "wrong_arithmetic")
+        assert follows_format(wrong) and parse_final_answer(wrong) != q.answer
+        no_format = datagen.flawed_completion(rng, q, "no_format")
+        assert not follows_format(no_format) and parse_final_answer(no_format) == q.answer
+        verbose = datagen.flawed_completion(rng, q, "verbose")
+        extra_words = len(verbose.split()) - len(datagen.good_completion(q).split())
+        assert 40 <= extra_words <= 80 and verbose.endswith(datagen.good_completion(q))
+        wrong_final = datagen.flawed_completion(rng, q, "wrong_final")
+        assert follows_format(wrong_final) and parse_final_answer(wrong_final) != q.answer
+        assert parse_final_answer(datagen.flawed_completion(rng, q, "no_answer")) is None
+    with pytest.raises(ValueError):
+        datagen.flawed_completion(rng, QUESTIONS[0], "typo")
+
+
+# --------------------------------------------------------------------------
+# generators
+
+
+@pytest.fixture(scope="module")
+def rows() -> dict[tuple[str, str], list[dict]]:
+    return {
+        (name, split): generate(SMALL, 3, split)
+        for name, generate in datagen.GENERATORS.items()
+        for split in ("train", "heldout")
+    }
+
+
+def _message_list(value, role: str) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 1
+        and value[0]["role"] == role
+        and isinstance(value[0]["content"], str)
+    )
+
+
+def test_generators_produce_n_json_rows(rows):
+    for (name, split), generated in rows.items():
+        assert len(generated) == SMALL, name
+        for row in generated:
+            assert json.loads(json.dumps(row)) == row
+
+
+def test_pretrain_rows(rows):
+    for row in rows["pretrain", "train"]:
+        assert set(row) == {"text"} and isinstance(row["text"], str)
+        assert "<|" not in row["text"] and "user" not in row["text"]
+        assert 3 <= len(row["text"].splitlines()) <= 16
+
+
+def test_sft_rows(rows):
+    for row in rows["sft", "train"]:
+        assert set(row) == {"messages"}
+        messages = row["messages"]
+        if messages[0]["role"] == "system":
+            assert messages[0]["content"] in datagen.SYSTEM_PROMPTS
+            messages = messages[1:]
+        assert len(messages) in (2, 4)
+        assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2)
+        for user, assistant in zip(messages[::2], messages[1::2]):
+            assert gold_components(user["content"], assistant["content"])["correct"] == 1.0
+            assert follows_format(assistant["content"])
+
+
+def test_sft_mix_of_shapes():
+    generated = datagen.sft_rows(400, 0)
+    with_system = sum(r["messages"][0]["role"] == "system" for r in generated) / 400
+    two_round = sum(sum(m["role"] == "user" for m in r["messages"]) == 2 for r in generated) / 400
+    assert 0.1 < with_system < 0.3 and 0.07 < two_round < 0.25
+
+
+def test_preference_rows(rows):
+    for row in rows["preference", "train"]:
+        assert set(row) == {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"}
+        assert _message_list(row["prompt"], "user")
+        assert _message_list(row["chosen"], "assistant") and _message_list(row["rejected"], "assistant")
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        assert chosen != rejected
+        assert gold_reward(row["prompt"], chosen) > gold_reward(row["prompt"], rejected)
+        assert isinstance(row["score_chosen"], int) and isinstance(row["score_rejected"], int)
+        assert 1 <= row["score_rejected"] <= row["score_chosen"] <= 5
+
+
+def test_ranking_rows(rows):
+    for row in rows["rankings", "train"]:
+        assert set(row) == {"prompt", "completions"}
+        assert _message_list(row["prompt"], "user")
+        assert len(row["completions"]) == 4 and all(isinstance(c, str) for c in row["completions"])
+        rewards = [gold_reward(row["prompt"], c) for c in row["completions"]]
+        assert all(a > b for a, b in zip(rewards, rewards[1:])), rewards
+
+
+def test_rl_rows(rows):
+    for row in rows["rl", "train"]:
+        assert set(row) == {"prompt", "answer", "level"}
+        assert _message_list(row["prompt"], "user")
+        assert row["answer"] == str(solve(row["prompt"][0]["content"]))
+        assert row["level"] in (1, 2, 3)
+
+
+def test_outcome_rows(rows):
+    labels = []
+    for row in rows["outcome", "train"]:
+        assert set(row) == {"prompt", "completion", "label"}
+        assert _message_list(row["prompt"], "user") and _message_list(row["completion"], "assistant")
+        correct = gold_components(row["prompt"], row["completion"])["correct"]
+        assert row["label"] == int(correct)
+        labels.append(row["label"])
+    assert 0.2 < sum(labels) / len(labels) < 0.8
+
+
+def test_process_rows(rows):
+    for row in rows["process", "train"]:
+        assert set(row) == {"prompt", "steps", "labels"}
+        assert isinstance(row["prompt"], str) and solve(row["prompt"]) is not None
+        steps, labels = row["steps"], row["labels"]
+        assert len(steps) == len(labels) and all(label in (-1, 0, 1) for label in labels)
+        assert steps[-1].startswith("The answer is ")
+        final_correct = parse_final_answer(steps[-1]) == solve(row["prompt"])
+        assert (labels[-1] == 1) == final_correct
+        signed = [label for label in labels if label != 0]
+        if -1 in signed:  # once wrong, every later dependent step is wrong
+            first = signed.index(-1)
+            assert all(label == -1 for label in signed[first:])
+
+
+def test_process_labels_hand_checked():
+    rng = random.Random(0)
+    q = parse_question("Start with 6, multiply by 5, then add 12.")
+    for _ in range(20):
+        steps, labels = datagen.process_example(rng, q, "wrong_arithmetic")
+        signed = [label for label in labels if label != 0]
+        assert signed[0] in (1, -1) and signed[-1] == -1 and -1 in signed
+        steps, labels = datagen.process_example(rng, q, None)
+        assert [label for label in labels if label != 0] == [1, 1, 1]
+        assert steps[-1] == "The answer is 42."
+        steps, labels = datagen.process_example(rng, q, "wrong_final")
+        assert [label for label in labels if label != 0] == [1, 1, -1]
+
+
+def test_generators_are_deterministic():
+    for name, generate in datagen.GENERATORS.items():
+        assert generate(10, 7, "train") == generate(10, 7, "train"), name
+        assert generate(10, 7, "train") != generate(10, 8, "train"), name
+
+
+def _row_questions(name: str, row: dict) -> list[str]:
+    if name == "pretrain":
+        return []
+    if name == "sft":
+        return [m["content"] for m in row["messages"] if m["role"] == "user"]
+    return [_question_text(row["prompt"])]
+
+
+def test_generators_respect_splits(rows):
+    for (name, split), generated in rows.items():
+        for row in generated:
+            for text in _row_questions(name, row):
+                assert is_heldout(parse_question(text)) == (split == "heldout"), (name, text)
+
+
+def test_pretrain_respects_splits():
+    for split in ("train", "heldout"):
+        for row in datagen.pretrain_rows(30, 0, split):
+            for line in row["text"].splitlines():
+                q = parse_question(line)
+                if q is not None:
+                    assert is_heldout(q) == (split == "heldout"), line
+
+
+def test_write_all(tmp_path):
+    sizes = {name: 8 for name in datagen.DEFAULT_SIZES}
+    paths = datagen.write_all(tmp_path / "data", seed=0, sizes=sizes)
+    assert set(paths) == {f"{name}_{split}" for name in datagen.GENERATORS for split in ("train", "heldout")}
+    for key, path in paths.items():
+        assert path.endswith(f"{key}.jsonl")
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+        assert len(lines) == (8 if key.endswith("_train") else 64)
+        assert all(isinstance(json.loads(line), dict) for line in lines)
+
+
+def test_write_jsonl_creates_parents(tmp_path):
+    path = datagen.write_jsonl([{"text": "caf\u00e9"}], tmp_path / "a" / "b" / "x.jsonl")
+    with open(path, encoding="utf-8") as handle:
+        assert handle.read() == '{"text": "caf\u00e9"}\n'
