@@ -102,10 +102,14 @@ def _random_examples(vocab: int, lengths: list[int], seed: int) -> list[Example]
     return examples
 
 
+@pytest.mark.parametrize("layout", ["rows-sdpa", "flat-sdpa", "flat-segments"])
 @pytest.mark.parametrize("arch", ["world-llama", "world-qwen2"])
-def test_packed_loss_equals_unpacked(world_tokenizer, arch):
+def test_packed_loss_equals_unpacked(world_tokenizer, arch, layout):
     """Several examples per row, attention confined to each example: loss and gradients equal the classic padded
-    batch (one example per row with an attention mask) to 1e-5."""
+    batch (one example per row with an attention mask) to 1e-5. Layouts: FFD rows with a block-diagonal mask derived
+    from position_ids; all examples in one row (sdpa mask, or posttrain's per-example segment attention)."""
+    from posttrain.data import collate_flat
+    from posttrain.modeling import use_segment_attention
     from posttrain.world.model import init_tiny_model
 
     model = init_tiny_model(arch, world_tokenizer, seed=3).double()
@@ -119,8 +123,15 @@ def test_packed_loss_equals_unpacked(world_tokenizer, arch):
     reference_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
 
-    packed = pack_batch(examples, row_capacity=40, pad_token_id=pad)
-    assert packed["input_ids"].shape[0] < len(examples)  # really several examples per row
+    if layout == "rows-sdpa":
+        packed = pack_batch(examples, row_capacity=40, pad_token_id=pad)
+        assert 1 < packed["input_ids"].shape[0] < len(examples)  # really several examples per row
+    else:
+        packed = collate_flat(examples, pad)
+        assert packed["input_ids"].shape == (1, sum(len(e) for e in examples))  # no padding at all
+    if layout == "flat-segments":
+        use_segment_attention(model)
+        assert model.config._attn_implementation == "posttrain_segments"
     logits, targets = trained_token_logits(model, packed)
     loss, _ = sft_loss(logits, targets)
     loss.backward()

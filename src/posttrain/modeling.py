@@ -72,18 +72,34 @@ def trained_token_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.T
 
     Runs the backbone on the whole (packed) batch but the LM head only where the loss is taken: the head is the
     largest single matmul of a small model and prompts/padding are often half the positions.
-    batch: input_ids (B, T), labels (B, T) with -100 where untrained, and position_ids or attention_mask.
+    batch: input_ids (B, T), labels (B, T) with -100 where untrained, and position_ids or attention_mask;
+    optional cu_seq_lens (S+1,) for a packed single row (see posttrain.data.packing).
     """
+    varlen = {}
+    if "cu_seq_lens" in batch:  # example boundaries for segment / flash attention (others use position_ids)
+        lengths = batch["cu_seq_lens"]
+        longest = int((lengths[1:] - lengths[:-1]).max())
+        varlen = dict(cu_seq_lens_q=lengths, cu_seq_lens_k=lengths, max_length_q=longest, max_length_k=longest)
     hidden = model.base_model(
         input_ids=batch["input_ids"],
         attention_mask=batch.get("attention_mask"),
         position_ids=batch.get("position_ids"),
         use_cache=False,
+        **varlen,
     ).last_hidden_state  # (B, T, H)
     targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     selected = targets != -100
     logits = output_logits(model, hidden[:, :-1][selected])  # (N, V)
     return logits, targets[selected]
+
+
+def use_segment_attention(model) -> None:
+    """Train with posttrain's padding-free segment attention when the model dispatches attention through
+    transformers' AttentionInterface (all standard decoder models); keeps flash-attention if it was chosen."""
+    from posttrain.attention import register
+
+    if getattr(model.config, "_attn_implementation", None) in ("sdpa", "eager"):
+        model.config._attn_implementation = register()
 
 
 def set_threads() -> None:

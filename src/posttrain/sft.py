@@ -25,9 +25,16 @@ from tqdm.auto import tqdm
 
 from posttrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_atomic
 from posttrain.config import option
-from posttrain.data import Example, collate_packed, first_fit_decreasing, load_sft_examples, pack_batch
+from posttrain.data import Example, collate_flat, first_fit_decreasing, load_sft_examples
 from posttrain.losses import sft_loss
-from posttrain.modeling import load_causal_lm, load_tokenizer, resize_for_tokenizer, resolve_device, trained_token_logits
+from posttrain.modeling import (
+    load_causal_lm,
+    load_tokenizer,
+    resize_for_tokenizer,
+    resolve_device,
+    trained_token_logits,
+    use_segment_attention,
+)
 from posttrain.runlog import MetricsLog, plot_metrics
 from posttrain.training import (
     autocast,
@@ -95,24 +102,20 @@ def _default_world_paths(config: SFTConfig) -> SFTConfig:
     return config
 
 
-def _micro_batches(items: list[list[Example]], indices: list[int], config: SFTConfig, pad_id: int):
-    """Split one optimizer step's items into ``grad_accum`` padding-free micro-batches."""
-    per_micro = math.ceil(len(indices) / config.grad_accum)
+def _micro_batches(items: list[list[Example]], indices: list[int], grad_accum: int, pad_id: int):
+    """Split one optimizer step's items into ``grad_accum`` micro-batches, each one padding-free row."""
+    per_micro = math.ceil(len(indices) / grad_accum)
     for start in range(0, len(indices), per_micro):
-        chunk = [items[i] for i in indices[start : start + per_micro]]
-        if config.packing:
-            yield collate_packed(chunk, pad_id)
-        else:
-            yield pack_batch([ex for item in chunk for ex in item], config.max_length, pad_id)
+        yield collate_flat([ex for i in indices[start : start + per_micro] for ex in items[i]], pad_id)
 
 
 @torch.no_grad()
-def evaluate_loss(model, examples: list[Example], *, batch_size: int, max_length: int, pad_id: int, device, precision) -> float:
+def evaluate_loss(model, examples: list[Example], *, batch_size: int, pad_id: int, device, precision) -> float:
     """Token-mean NLL of the assistant tokens over all of ``examples``."""
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in pack_batch(examples[start : start + batch_size], max_length, pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate_flat(examples[start : start + batch_size], pad_id).items()}
         with autocast(device, precision):
             logits, targets = trained_token_logits(model, batch)
         _, metrics = sft_loss(logits, targets)
@@ -159,6 +162,7 @@ def train_sft(config: SFTConfig, *, on_step_end: Callable[[int, dict], None] | N
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
+    use_segment_attention(model)
     model.train()
     optimizer = build_optimizer(model, config.lr, config.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=total_steps, schedule=config.lr_schedule)
@@ -181,7 +185,8 @@ def train_sft(config: SFTConfig, *, on_step_end: Callable[[int, dict], None] | N
         while step < total_steps:
             started = time.perf_counter()
             indices = next(batches)
-            micro = [{k: v.to(device) for k, v in mb.items()} for mb in _micro_batches(items, indices, config, pad_id)]
+            micro = [{k: v.to(device) for k, v in mb.items()}
+                     for mb in _micro_batches(items, indices, config.grad_accum, pad_id)]
             num_tokens = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro)
             loss_sum = 0.0
             for batch in micro:
@@ -204,8 +209,7 @@ def train_sft(config: SFTConfig, *, on_step_end: Callable[[int, dict], None] | N
                                "train/epoch": step / steps_per_epoch})
             if eval_examples and config.eval_every and step % config.eval_every == 0 and step < total_steps:
                 log.log(step, {"eval/loss": evaluate_loss(model, eval_examples, batch_size=config.batch_size,
-                                                           max_length=config.max_length, pad_id=pad_id, device=device,
-                                                           precision=config.precision)})
+                                                           pad_id=pad_id, device=device, precision=config.precision)})
             if config.save_every and step % config.save_every == 0 and step < total_steps:
                 checkpoint(step)
             bar.update(1)
@@ -224,8 +228,7 @@ def train_sft(config: SFTConfig, *, on_step_end: Callable[[int, dict], None] | N
 
     if eval_examples:
         log.log(step, {"eval/loss": evaluate_loss(model, eval_examples, batch_size=config.batch_size,
-                                                   max_length=config.max_length, pad_id=pad_id, device=device,
-                                                   precision=config.precision)})
+                                                   pad_id=pad_id, device=device, precision=config.precision)})
     checkpoint(step)
     log.close()
     final = run_dir / "model"

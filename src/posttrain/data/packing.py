@@ -1,10 +1,11 @@
 """Encoding rendered examples into padding-free batches.
 
-A batch is a few *rows*; each row holds several examples back to back, with ``position_ids`` restarting at 0 for
-each example. Given ``position_ids`` and no ``attention_mask``, transformers builds a block-diagonal causal mask
-(attention confined to each example), so a packed row computes exactly what the examples would compute alone, and
-no FLOPs go to padding. Labels are -100 off the loss mask and at example boundaries, so no example predicts the
-first token of the next one.
+A packed row holds several examples back to back, with ``position_ids`` restarting at 0 for each example and
+``cu_seq_lens`` (cumulative example lengths) marking the boundaries. Attention stays within each example either way:
+with posttrain's segment attention (``posttrain.attention``) or flash-attention it reads ``cu_seq_lens``; with sdpa or
+eager attention transformers derives a block-diagonal causal mask from ``position_ids``. So a packed row computes
+exactly what the examples would compute alone. Labels are -100 off the loss mask and at example boundaries, so no
+example predicts the first token of the next one.
 """
 
 from __future__ import annotations
@@ -100,6 +101,14 @@ def collate_padded(examples: list[Example], pad_token_id: int) -> dict[str, torc
         labels[b, :n] = torch.where(torch.tensor(example.loss_mask, dtype=torch.bool), ids, torch.tensor(-100))
         labels[b, 0] = -100
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_flat(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """All ``examples`` in ONE row of exactly their total length (no padding at all), with ``cu_seq_lens``."""
+    batch = collate_packed([examples], pad_token_id)
+    lengths = torch.tensor([0] + [len(e) for e in examples])
+    batch["cu_seq_lens"] = lengths.cumsum(0)  # (S+1,)
+    return batch
 
 
 def pack_batch(examples: list[Example], row_capacity: int, pad_token_id: int) -> dict[str, torch.Tensor]:
