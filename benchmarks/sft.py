@@ -19,32 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-DEFAULT_SHARED = ROOT.parent / "shared" / "bench"
-ENV = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-       "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-
-
-def ensure_workload(shared: Path, work: Path) -> tuple[Path, Path]:
-    model, data = work / "tiny", work / "data"
-    env = {**os.environ, **ENV}
-    if not (model / "model.safetensors").exists():
-        subprocess.run([sys.executable, str(shared / "make_tiny.py"), str(model)], check=True, env=env,
-                       stdout=subprocess.DEVNULL)
-    if not (data / "sft.jsonl").exists():
-        subprocess.run([sys.executable, str(shared / "make_data.py"), str(model), str(data)], check=True, env=env,
-                       stdout=subprocess.DEVNULL)
-    return model, data
-
+from common import DEFAULT_SHARED, HERE, ensure_workload, ratio_line, run_subprocess, table
 
 def run_posttrain_once(shared: Path, model: Path, data: Path, tag: str) -> dict:
     """One measured posttrain SFT run in this process (called in a fresh subprocess by main)."""
@@ -85,28 +65,6 @@ def run_posttrain_once(shared: Path, model: Path, data: Path, tag: str) -> dict:
     }
 
 
-def run_subprocess(cmd: list[str], results: Path) -> dict | None:
-    env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        print(f"FAILED: {' '.join(cmd)}\n{proc.stderr[-3000:]}", file=sys.stderr)
-        return None
-    result = json.loads(lines[-1])
-    with results.open("a") as f:
-        f.write(json.dumps(result) + "\n")
-    return result
-
-
-def table(rows: list[dict]) -> str:
-    out = ["| lib | run | s/step median | train tok/s | peak RSS MB | steal |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        steal = r.get("cpu_steal_fraction")
-        out.append(f"| {r['lib']} | {r['tag']} | {r['step_s_median']:.3f} | {r['train_tokens_per_s']:.0f} | "
-                   f"{r['peak_rss_mb']:.0f} | {steal:.1%} |" if steal is not None else "| - |")
-    return "\n".join(out)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help="the shared bench folder")
@@ -131,12 +89,7 @@ def main() -> None:
                                      "--data", str(data), "--tag", f"run{rep}"], args.results)
             rows += [theirs] if theirs else []
     print(table(rows))
-    by_lib = {lib: [r["train_tokens_per_s"] for r in rows if r["lib"] == lib] for lib in ("posttrain", "trl")}
-    rss = {lib: [r["peak_rss_mb"] for r in rows if r["lib"] == lib] for lib in ("posttrain", "trl")}
-    if by_lib["posttrain"] and by_lib["trl"]:
-        ratio = statistics.mean(by_lib["posttrain"]) / statistics.mean(by_lib["trl"])
-        print(f"\ntrain tok/s posttrain / TRL = {ratio:.2f}x (target >= 2x);  peak RSS posttrain / TRL = "
-              f"{statistics.mean(rss['posttrain']) / statistics.mean(rss['trl']):.2f}")
+    print("\n" + ratio_line(rows, target=2.0))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,10 @@ commands:
   world build  write the tiny world (tokenizer, datasets; --base-model: the pretrained base model) to a directory
   pretrain     next-token pretraining on plain text (`text` rows)
   sft          instruction fine-tuning on conversations, loss on assistant turns only
+  rm           reward models: --loss bt | margin | kcomparisons | plackett_luce | orm | prm
   chat         talk to a model (one-shot --prompt, or interactive)
+  serve        an OpenAI-compatible chat-completions server for a local model (127.0.0.1 by default)
+  label        AI-feedback preference labels: an LLM judge picks chosen/rejected from completion pairs
 
 Run `posttrain COMMAND --help` for the options of a command.
 """
@@ -70,6 +73,10 @@ def _dispatch(command: str, argv: list[str]) -> int:
             from posttrain.sft import SFTConfig, train_sft
 
             return _stage(SFTConfig, train_sft, "posttrain sft: instruction fine-tuning (loss on assistant turns).", argv)
+        case "rm":
+            from posttrain.rm import RMConfig, train_rm
+
+            return _stage(RMConfig, train_rm, "posttrain rm: train a reward model (see --loss).", argv)
         case "pretrain":
             from posttrain.pretrain import PretrainConfig, train_pretrain
 
@@ -82,6 +89,14 @@ def _dispatch(command: str, argv: list[str]) -> int:
             from posttrain.chat import ChatConfig, run_chat
 
             return _stage(ChatConfig, run_chat, "posttrain chat: talk to a model with its chat template.", argv)
+        case "serve":
+            from posttrain.serve import ServeConfig, run_serve
+
+            return _stage(ServeConfig, run_serve, "posttrain serve: an OpenAI-compatible API for a local model.", argv)
+        case "label":
+            from posttrain.label import LabelConfig, run_label
+
+            return _stage(LabelConfig, run_label, "posttrain label: preference labels from an LLM judge.", argv)
         case "world":
             return _world(argv)
         case _:

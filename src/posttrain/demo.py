@@ -1,8 +1,10 @@
 """``posttrain demo``: the pipeline tour on the tiny world, offline, on a CPU, in minutes.
 
 Stages so far: build the world (cached) -> pretrain the base model (cached) -> SFT -> evaluate both on held-out
-prompts against the gold reward. Every stage's run directory lives under ``--out``; ``summary.json`` holds
-``{"stages": {"base": {...}, "sft": {...}}}`` with format_rate, accuracy, gold_reward, mean_length, stop_rate.
+prompts against the gold reward -> a Bradley-Terry reward model from the SFT model, measured against the gold
+preferences. Every stage's run directory lives under ``--out``; ``summary.json`` holds
+``{"stages": {"base": {...}, "sft": {...}}, "reward_model": {...}}``: per policy format_rate, accuracy,
+gold_reward, mean_length, stop_rate; for the RM held-out pair accuracy, top-1 selection and length correlation.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ class DemoConfig:
     sft_steps: int = option(150, "SFT optimizer steps")
     sft_batch_size: int = option(16, "SFT conversations per step")
     sft_lr: float = option(1e-3, "SFT peak learning rate")
+    rm_steps: int = option(0, "reward-model optimizer steps (16 pairs each); 0 = skip the RM stage (off by default "
+                              "until the reward-model issue is finished)")
     eval_prompts: int = option(200, "held-out prompts to evaluate each stage on")
     max_new_tokens: int = option(48, "generation budget per reply")
     device: str = option("auto", "auto | cpu | cuda")
@@ -50,6 +54,23 @@ def _discard_if_config_changed(run_dir: Path, config) -> None:
         shutil.rmtree(run_dir)
 
 
+def _reward_model_stage(config: DemoConfig, paths, sft_model: Path, out: Path) -> dict:
+    from posttrain.evaluate import evaluate_reward_on_world
+    from posttrain.rewards import ScalarRewardModel
+    from posttrain.rm import RMConfig, train_rm
+
+    rm_dir = out / "rm"
+    rm_config = RMConfig(
+        loss="bt", model=str(sft_model), data=str(paths.data / "preference_train.jsonl"),
+        eval_data=str(paths.data / "preference_heldout.jsonl"), out=str(rm_dir), max_steps=config.rm_steps,
+        batch_size=16, lr=3e-4, save_every=100, device=config.device, progress=config.progress, resume=True,
+    )
+    _discard_if_config_changed(rm_dir, rm_config)
+    rm_model = rm_dir / "model" if is_complete(rm_dir) else train_rm(rm_config)
+    report = evaluate_reward_on_world(ScalarRewardModel(rm_model, device=config.device), paths.data)
+    return {"loss": "bt", "model": str(rm_model), **report}
+
+
 def run_demo(config: DemoConfig) -> dict:
     from posttrain.evaluate import evaluate_model
     from posttrain.sft import SFTConfig, train_sft
@@ -58,7 +79,8 @@ def run_demo(config: DemoConfig) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    print("[1/3] tiny world: tokenizer, datasets, base model (cached after the first run)")
+    stage_count = 4 if config.rm_steps else 3
+    print(f"[1/{stage_count}] tiny world: tokenizer, datasets, base model (cached after the first run)")
     paths = build.ensure_world(base_model=True, progress=config.progress)
     prompts = paths.data / "rl_heldout.jsonl"
     evaluate = lambda model_dir, name: evaluate_model(  # noqa: E731
@@ -66,10 +88,10 @@ def run_demo(config: DemoConfig) -> dict:
         samples_path=out / f"samples_{name}.jsonl")
     stages: dict[str, dict[str, float]] = {}
 
-    print("[2/3] evaluating the base model")
+    print(f"[2/{stage_count}] evaluating the base model")
     stages["base"] = evaluate(paths.base_model, "base")
 
-    print(f"[3/3] SFT ({config.sft_steps} steps)")
+    print(f"[3/{stage_count}] SFT ({config.sft_steps} steps)")
     sft_dir = out / "sft"
     sft_config = SFTConfig(
         model=str(paths.base_model), data=str(paths.data / "sft_train.jsonl"),
@@ -81,9 +103,17 @@ def run_demo(config: DemoConfig) -> dict:
     sft_model = sft_dir / "model" if is_complete(sft_dir) else train_sft(sft_config)
     stages["sft"] = evaluate(sft_model, "sft")
 
-    summary = {"stages": stages, "world": str(paths.root), "seconds": round(time.time() - started, 1)}
+    summary = {"stages": stages}
+    if config.rm_steps:
+        print(f"[4/{stage_count}] Bradley-Terry reward model from the SFT model ({config.rm_steps} steps)")
+        summary["reward_model"] = _reward_model_stage(config, paths, sft_model, out)
+    summary.update(world=str(paths.root), seconds=round(time.time() - started, 1))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print()
     print(format_table(stages))
+    if rm := summary.get("reward_model"):
+        print(f"\nreward model (bt): held-out pair accuracy {rm['pair_accuracy']:.3f}, top-1 selection "
+              f"{rm['top1_accuracy']:.3f} (random {rm['random_top1']:.3f}), length correlation "
+              f"{rm['length_correlation']:+.3f}")
     print(f"\nsummary: {out / 'summary.json'}   ({summary['seconds']} s)")
     return summary

@@ -55,3 +55,64 @@ def evaluate_model(model_dir: str | Path, prompts_path: str | Path, *, limit: in
                 f.write(json.dumps({"prompt": row["prompt"], "answer": row["answer"], "completion": c.text,
                                     "finish_reason": c.finish_reason}) + "\n")
     return score_completions(rows, completions)
+
+
+def pearson(xs: list[float], ys: list[float]) -> float:
+    """Pearson correlation (0 when either side is constant)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    vx = sum((x - mx) ** 2 for x in xs)
+    vy = sum((y - my) ** 2 for y in ys)
+    return cov / (vx * vy) ** 0.5 if vx > 0 and vy > 0 else 0.0
+
+
+def _jsonl(path: Path, limit: int) -> list[dict]:
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return rows[:limit] if limit else rows
+
+
+def evaluate_reward_on_world(reward, data_dir: str | Path, *, limit: int = 0) -> dict[str, float]:
+    """A reward (any implementation of the reward interface) against the tiny world's gold reward.
+
+    pair_accuracy      held-out preference pairs where reward(chosen) > reward(rejected) (ties count half)
+    top1_accuracy      held-out rankings: the completion the reward ranks first is correct
+    random_top1        the same for a uniformly random pick (the fraction of correct completions)
+    length_correlation Pearson correlation of the reward with the completion's length in words (length bias)
+    """
+    from posttrain.rewards import completion_text
+    from posttrain.world.gold import gold_components
+
+    data_dir = Path(data_dir)
+    pairs = _jsonl(data_dir / "preference_heldout.jsonl", limit)
+    prompts = [p["prompt"] for p in pairs]
+    chosen = reward(prompts, [p["chosen"] for p in pairs])
+    rejected = reward(prompts, [p["rejected"] for p in pairs])
+    scored = [(c, r) for c, r in zip(chosen, rejected) if c is not None and r is not None]
+    pair_accuracy = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in scored) / max(1, len(scored))
+
+    rankings = _jsonl(data_dir / "rankings_heldout.jsonl", limit)
+    flat_prompts = [r["prompt"] for r in rankings for _ in r["completions"]]
+    flat_completions = [c for r in rankings for c in r["completions"]]
+    flat_scores = reward(flat_prompts, flat_completions)
+    top1 = random_top1 = 0.0
+    offset = 0
+    for r in rankings:
+        k = len(r["completions"])
+        scores = flat_scores[offset : offset + k]
+        correct = [gold_components(r["prompt"], c)["correct"] for c in r["completions"]]
+        offset += k
+        candidates = [i for i, s in enumerate(scores) if s is not None]
+        if candidates:
+            best = max(candidates, key=lambda i: scores[i])
+            top1 += correct[best]
+        random_top1 += sum(correct) / k
+    lengths, values = [], []
+    for completion, score in zip(flat_completions + [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+                                 flat_scores + chosen + rejected):
+        if score is not None:
+            lengths.append(len(completion_text(completion).split()))
+            values.append(score)
+    return {"pair_accuracy": pair_accuracy, "top1_accuracy": top1 / max(1, len(rankings)),
+            "random_top1": random_top1 / max(1, len(rankings)), "length_correlation": pearson(values, lengths),
+            "pairs": len(scored), "rankings": len(rankings)}

@@ -67,6 +67,15 @@ def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def varlen_kwargs(batch: dict[str, torch.Tensor]) -> dict:
+    """Example boundaries of a flat batch for segment / flash attention (sdpa and eager use position_ids)."""
+    if "cu_seq_lens" not in batch:
+        return {}
+    lengths = batch["cu_seq_lens"]
+    longest = int((lengths[1:] - lengths[:-1]).max())
+    return dict(cu_seq_lens_q=lengths, cu_seq_lens_k=lengths, max_length_q=longest, max_length_k=longest)
+
+
 def trained_token_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (N, V) and targets (N,) at just the N positions that have a trained next token.
 
@@ -75,17 +84,12 @@ def trained_token_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.T
     batch: input_ids (B, T), labels (B, T) with -100 where untrained, and position_ids or attention_mask;
     optional cu_seq_lens (S+1,) for a packed single row (see posttrain.data.packing).
     """
-    varlen = {}
-    if "cu_seq_lens" in batch:  # example boundaries for segment / flash attention (others use position_ids)
-        lengths = batch["cu_seq_lens"]
-        longest = int((lengths[1:] - lengths[:-1]).max())
-        varlen = dict(cu_seq_lens_q=lengths, cu_seq_lens_k=lengths, max_length_q=longest, max_length_k=longest)
     hidden = model.base_model(
         input_ids=batch["input_ids"],
         attention_mask=batch.get("attention_mask"),
         position_ids=batch.get("position_ids"),
         use_cache=False,
-        **varlen,
+        **varlen_kwargs(batch),
     ).last_hidden_state  # (B, T, H)
     targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     selected = targets != -100

@@ -144,6 +144,17 @@ def render_conversation(
     return input_ids, loss_mask
 
 
+def render_with_offsets(tokenizer, messages: Sequence[Message], *, chat_template: str | None = None):
+    """``(input_ids, loss_mask, offsets, reply_start)`` for a conversation ending in an assistant turn: the token
+    character offsets into the rendered text and where the final reply's characters start (for process RMs, which
+    need the token that ends each step of the reply)."""
+    full, spans = _trained_char_spans(tokenizer, messages, MultiTurnStrategy.final_turn_only, chat_template)
+    encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, mask = render_conversation(tokenizer, messages, MultiTurnStrategy.final_turn_only, chat_template=chat_template)
+    reply_start = spans[-1][0] + max(0, full[spans[-1][0]:].find(str(messages[-1].get("content", ""))))
+    return ids, mask, [tuple(o) for o in encoding["offset_mapping"]], reply_start
+
+
 def render_prompt(tokenizer, messages: Sequence[Message], *, chat_template: str | None = None) -> list[int]:
     """Token ids of ``messages`` followed by the template's generation prompt (what the model continues from).
 

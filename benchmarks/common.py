@@ -1,0 +1,62 @@
+"""Shared plumbing of the benchmark scripts: the shared workload files, fresh-process runs, tables, ratios."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DEFAULT_SHARED = ROOT.parent / "shared" / "bench"
+ENV = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+       "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def ensure_workload(shared: Path, work: Path) -> tuple[Path, Path]:
+    """The shared tiny Llama and data (built by the shared scripts, bit-identical to TRL's reference runs)."""
+    model, data = work / "tiny", work / "data"
+    env = {**os.environ, **ENV}
+    if not (model / "model.safetensors").exists():
+        subprocess.run([sys.executable, str(shared / "make_tiny.py"), str(model)], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+    if not (data / "sft.jsonl").exists():
+        subprocess.run([sys.executable, str(shared / "make_data.py"), str(model), str(data)], check=True, env=env,
+                       stdout=subprocess.DEVNULL)
+    return model, data
+
+
+def run_subprocess(cmd: list[str], results: Path) -> dict | None:
+    """Run one measurement in a fresh process; its last JSON line is appended to ``results`` and returned."""
+    env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        print(f"FAILED: {' '.join(cmd)}\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None
+    result = json.loads(lines[-1])
+    with results.open("a") as f:
+        f.write(json.dumps(result) + "\n")
+    return result
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| lib | run | s/step median | train tok/s | peak RSS MB | steal |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        steal = r.get("cpu_steal_fraction")
+        out.append(f"| {r['lib']} | {r['tag']} | {r['step_s_median']:.3f} | {r['train_tokens_per_s']:.0f} | "
+                   f"{r['peak_rss_mb']:.0f} | {'-' if steal is None else f'{steal:.1%}'} |")
+    return "\n".join(out)
+
+
+def ratio_line(rows: list[dict], target: float) -> str:
+    tps = {lib: [r["train_tokens_per_s"] for r in rows if r["lib"] == lib] for lib in ("posttrain", "trl")}
+    rss = {lib: [r["peak_rss_mb"] for r in rows if r["lib"] == lib] for lib in ("posttrain", "trl")}
+    if not (tps["posttrain"] and tps["trl"]):
+        return ""
+    ratio = statistics.mean(tps["posttrain"]) / statistics.mean(tps["trl"])
+    return (f"train tok/s posttrain / TRL = {ratio:.2f}x (target >= {target}x);  peak RSS posttrain / TRL = "
+            f"{statistics.mean(rss['posttrain']) / statistics.mean(rss['trl']):.2f}")

@@ -1,0 +1,333 @@
+"""One reward interface: ``reward(prompts, completions, **columns) -> list[float | None]`` (None = cannot score).
+
+Prompts are chat message lists (or plain strings, read as one user turn); completions are the assistant's reply
+(a string, or a message list whose last assistant message is used). RL, rejection sampling, best-of-N and
+evaluation all consume rewards through this interface.
+
+Implementations here: trained reward models (Bradley-Terry family: ``ScalarRewardModel``; outcome RM:
+``OutcomeRewardModel``; process RM: ``ProcessRewardModel``, which also gives per-step rewards), the tiny world's
+``GoldReward``, any verifier function (``VerifierReward``) and ``WeightedSum`` of any of them. Judges
+(``posttrain.judge``) fit the same interface.
+
+Scoring sorts the batch by length before cutting it into forward passes, so similar lengths share a pass (the
+book's tip); the results are returned in the caller's order.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+
+from posttrain.data.packing import Example, collate_flat
+from posttrain.data.render import render_conversation
+
+STEP_SEPARATOR = "\n"  # process RMs see a solution as steps joined by this separator
+
+
+class Reward(Protocol):
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float | None]: ...
+
+
+def as_messages(prompt: Any) -> list[dict]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return list(prompt)
+
+
+def completion_text(completion: Any) -> str:
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        return str(completion.get("content", ""))
+    assistant = [m for m in completion if m.get("role") == "assistant"]
+    return str(assistant[-1]["content"]) if assistant else ""
+
+
+def conversation(prompt: Any, completion: Any) -> list[dict]:
+    return as_messages(prompt) + [{"role": "assistant", "content": completion_text(completion)}]
+
+
+def length_sorted_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped into batches of at most ``max_tokens`` tokens, longest first (a sequence longer than the
+    budget gets a batch of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i in order:
+        if current and used + lengths[i] > max_tokens:
+            batches.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += lengths[i]
+    if current:
+        batches.append(current)
+    return batches
+
+
+class RewardModelKind(StrEnum):
+    scalar = "scalar"  # sequence classification, 1 label: Bradley-Terry / margin / K-wise RMs
+    outcome = "outcome"  # token classification, 1 label: ORM
+    process = "process"  # token classification, 3 labels (incorrect, neutral, correct): PRM
+
+
+def reward_model_kind(path: str | Path) -> RewardModelKind:
+    """What a saved reward model is, from its config.json (architectures, num_labels)."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    architecture = (config.get("architectures") or [""])[0]
+    labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
+    if architecture.endswith("ForSequenceClassification"):
+        return RewardModelKind.scalar
+    if architecture.endswith("ForTokenClassification"):
+        return RewardModelKind.process if labels == 3 else RewardModelKind.outcome
+    raise ValueError(f"{path}: not a posttrain reward model (architecture {architecture!r})")
+
+
+def head_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Backbone hidden states (1, N, H) of a flat, padding-free batch (see ``collate_flat``)."""
+    from posttrain.modeling import varlen_kwargs
+
+    return model.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                            **varlen_kwargs(batch)).last_hidden_state
+
+
+def last_token_positions(batch: dict[str, torch.Tensor], pad_token_id: int | None) -> torch.Tensor:
+    """Per sequence of a flat batch, the index of its last token that is not padding: exactly the token that
+    ``AutoModelForSequenceClassification`` pools (the rightmost non-pad token), so scores agree with HF's."""
+    ids = batch["input_ids"][0]
+    ends = batch["cu_seq_lens"].tolist()
+    positions = []
+    for start, end in zip(ends[:-1], ends[1:]):
+        t = end - 1
+        while pad_token_id is not None and t > start and int(ids[t]) == pad_token_id:
+            t -= 1
+        positions.append(t)
+    return torch.tensor(positions, device=ids.device)
+
+
+class _ModelReward:
+    """Shared loading and length-sorted batching of the three reward-model kinds."""
+
+    def __init__(self, path: str | Path, *, device: str = "auto", max_length: int = 1024, batch_tokens: int = 8192):
+        from posttrain.modeling import load_tokenizer, resolve_device, use_segment_attention
+
+        self.path = Path(path)
+        self.kind = reward_model_kind(self.path)
+        self.device = resolve_device(device)
+        self.tokenizer = load_tokenizer(self.path)
+        self.model = self._load().to(self.device).eval()
+        use_segment_attention(self.model)
+        self.max_length, self.batch_tokens = max_length, batch_tokens
+        self.skipped = 0  # sequences longer than max_length (scored None)
+        self.padded_positions = 0  # kept at 0: flat batches have no padding (the benchmark compares)
+
+    def _load(self):
+        from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+        cls = AutoModelForSequenceClassification if self.kind == RewardModelKind.scalar else AutoModelForTokenClassification
+        return cls.from_pretrained(str(self.path), local_files_only=True, dtype=torch.float32)
+
+    def encode(self, prompts, completions) -> list[Example | None]:
+        examples: list[Example | None] = []
+        for prompt, completion in zip(prompts, completions):
+            ids, mask = render_conversation(self.tokenizer, conversation(prompt, completion), "final_turn_only")
+            if len(ids) > self.max_length:
+                self.skipped += 1
+                examples.append(None)
+            else:
+                examples.append(Example(ids, mask))
+        return examples
+
+    @torch.no_grad()
+    def forward(self, examples: list[Example | None], per_sequence: Callable) -> list[Any]:
+        """``per_sequence(logits_of_batch, batch, index_in_batch)`` for every example, batched by length."""
+        present = [i for i, e in enumerate(examples) if e is not None]
+        results: list[Any] = [None] * len(examples)
+        for group in length_sorted_batches([len(examples[i]) for i in present], self.batch_tokens):
+            indices = [present[g] for g in group]
+            batch = {k: v.to(self.device) for k, v in collate_flat([examples[i] for i in indices],
+                                                                    self.tokenizer.pad_token_id).items()}
+            hidden = head_hidden(self.model, batch)[0]  # (N, H)
+            for n, i in enumerate(indices):
+                results[i] = per_sequence(hidden, batch, n)
+        return results
+
+
+class ScalarRewardModel(_ModelReward):
+    """A Bradley-Terry-family RM: the score head on the last non-padding token of prompt + completion."""
+
+    def __call__(self, prompts, completions, **columns) -> list[float | None]:
+        def score(hidden, batch, n):
+            position = last_token_positions(batch, self.tokenizer.pad_token_id)[n]
+            return float(self.model.score(hidden[position]).squeeze(-1))
+
+        return self.forward(self.encode(prompts, completions), score)
+
+
+class OutcomeRewardModel(_ModelReward):
+    """An ORM: per-token P(correct) over the completion tokens, aggregated by ``last`` (default), ``mean``
+    or ``min``."""
+
+    def __init__(self, path, *, aggregation: str = "last", **kwargs):
+        super().__init__(path, **kwargs)
+        if aggregation not in ("last", "mean", "min"):
+            raise ValueError(f"ORM aggregation must be last, mean or min, got {aggregation!r}")
+        self.aggregation = aggregation
+
+    def __call__(self, prompts, completions, **columns) -> list[float | None]:
+        def score(hidden, batch, n):
+            start, end = batch["cu_seq_lens"][n].item(), batch["cu_seq_lens"][n + 1].item()
+            trained = batch["labels"][0, start:end] != -100  # the completion's tokens
+            probabilities = torch.sigmoid(self.model.score(hidden[start:end][trained]).squeeze(-1))
+            match self.aggregation:
+                case "last":
+                    return float(probabilities[-1])
+                case "mean":
+                    return float(probabilities.mean())
+                case "min":
+                    return float(probabilities.min())
+
+        return self.forward(self.encode(prompts, completions), score)
+
+
+def aggregate_steps(step_scores: list[float], aggregation: str) -> float | None:
+    """Combine per-step P(correct) into one reward: min (weakest step), mean, last, or product (all correct)."""
+    if not step_scores:
+        return None
+    match aggregation:
+        case "min":
+            return min(step_scores)
+        case "mean":
+            return sum(step_scores) / len(step_scores)
+        case "last":
+            return step_scores[-1]
+        case "product":
+            product = 1.0
+            for s in step_scores:
+                product *= s
+            return product
+    raise ValueError(f"PRM aggregation must be min, mean, last or product, got {aggregation!r}")
+
+
+def step_boundary_tokens(tokenizer, messages: list[dict], steps: list[str]) -> tuple[list[int], list[int]]:
+    """Render a conversation whose last assistant turn is ``STEP_SEPARATOR.join(steps)``; return the ids and the
+    index of the token holding the last character of each step (where a PRM is trained and read)."""
+    from posttrain.data.render import render_with_offsets
+
+    ids, _, offsets, reply_start = render_with_offsets(tokenizer, messages)
+    ends, position = [], reply_start
+    for step in steps:
+        position += len(step)
+        ends.append(position - 1)  # the step's last character
+        position += len(STEP_SEPARATOR)
+    boundaries, t = [], 0
+    for char in ends:
+        while t < len(offsets) and offsets[t][1] <= char:
+            t += 1
+        boundaries.append(t)
+    return ids, boundaries
+
+
+class ProcessRewardModel(_ModelReward):
+    """A PRM: P(correct) at the end of every step; the reward aggregates them (``min`` by default).
+    Steps come from a ``steps`` column when given, else from splitting the completion on ``STEP_SEPARATOR``."""
+
+    def __init__(self, path, *, aggregation: str = "min", **kwargs):
+        super().__init__(path, **kwargs)
+        aggregate_steps([1.0], aggregation)  # validate
+        self.aggregation = aggregation
+
+    def step_rewards(self, prompts, completions, steps: list[list[str]] | None = None) -> list[list[float] | None]:
+        if steps is None:
+            steps = [[s for s in completion_text(c).split(STEP_SEPARATOR) if s.strip()] for c in completions]
+        examples, boundaries = [], []
+        for prompt, step_list in zip(prompts, steps):
+            messages = as_messages(prompt) + [{"role": "assistant", "content": STEP_SEPARATOR.join(step_list)}]
+            ids, positions = step_boundary_tokens(self.tokenizer, messages, step_list)
+            if len(ids) > self.max_length or not step_list:
+                self.skipped += 1
+                examples.append(None)
+            else:
+                examples.append(Example(ids, [0] * len(ids)))
+            boundaries.append(positions)
+
+        # Boundaries are relative to each example's start in the flat batch.
+        results: list[list[float] | None] = [None] * len(examples)
+        present = [i for i, e in enumerate(examples) if e is not None]
+        with torch.no_grad():
+            for group in length_sorted_batches([len(examples[i]) for i in present], self.batch_tokens):
+                indices = [present[g] for g in group]
+                batch = {k: v.to(self.device) for k, v in collate_flat([examples[i] for i in indices],
+                                                                        self.tokenizer.pad_token_id).items()}
+                hidden = head_hidden(self.model, batch)[0]
+                for n, i in enumerate(indices):
+                    start = int(batch["cu_seq_lens"][n])
+                    logits = self.model.score(hidden[[start + b for b in boundaries[i]]])  # (steps, 3)
+                    results[i] = torch.softmax(logits, -1)[:, 2].tolist()  # P(correct) per step
+        return results
+
+    def __call__(self, prompts, completions, **columns) -> list[float | None]:
+        per_step = self.step_rewards(prompts, completions, columns.get("steps"))
+        return [None if s is None else aggregate_steps(s, self.aggregation) for s in per_step]
+
+
+def load_reward_model(path: str | Path, **kwargs) -> _ModelReward:
+    """The right reward class for a saved reward model directory."""
+    match reward_model_kind(path):
+        case RewardModelKind.scalar:
+            return ScalarRewardModel(path, **kwargs)
+        case RewardModelKind.outcome:
+            return OutcomeRewardModel(path, **kwargs)
+        case RewardModelKind.process:
+            return ProcessRewardModel(path, **kwargs)
+
+
+class GoldReward:
+    """The tiny world's ground-truth reward (correctness + format + brevity); None for a non-world prompt."""
+
+    def __call__(self, prompts, completions, **columns) -> list[float | None]:
+        from posttrain.world.gold import gold_reward
+        from posttrain.world.tasks import solve
+
+        results = []
+        for prompt, completion in zip(prompts, completions):
+            question = as_messages(prompt)[-1]["content"]
+            results.append(gold_reward(prompt, completion_text(completion)) if solve(question) is not None else None)
+        return results
+
+
+class VerifierReward:
+    """Wrap ``verify(completion_text, **row_columns) -> float | bool | None`` (e.g. a math or code checker)."""
+
+    def __init__(self, verify: Callable[..., Any]):
+        self.verify = verify
+
+    def __call__(self, prompts, completions, **columns) -> list[float | None]:
+        results = []
+        for i, completion in enumerate(completions):
+            row = {k: v[i] for k, v in columns.items()}
+            try:
+                value = self.verify(completion_text(completion), **row)
+            except Exception:  # a verifier that crashes on one input cannot score it
+                value = None
+            results.append(None if value is None else float(value))
+        return results
+
+
+class WeightedSum:
+    """sum_i w_i * r_i; None where any component is None (a partial sum would silently change the scale)."""
+
+    def __init__(self, components: Sequence[tuple[float, Reward]]):
+        self.components = list(components)
+
+    def __call__(self, prompts, completions, **columns) -> list[float | None]:
+        parts = [(w, r(prompts, completions, **columns)) for w, r in self.components]
+        totals: list[float | None] = []
+        for i in range(len(completions)):
+            values = [(w, scores[i]) for w, scores in parts]
+            totals.append(None if any(v is None for _, v in values) else sum(w * v for w, v in values))
+        return totals

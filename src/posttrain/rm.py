@@ -1,0 +1,381 @@
+"""Reward-model training: ``posttrain rm --loss bt | margin | kcomparisons | plackett_luce | orm | prm``.
+
+  bt             -log sigma(r(x, y_c) - r(x, y_r))                    pairs (prompt/chosen/rejected)
+  margin         -log sigma(r_c - r_r - m), m from `margin` or Likert scores (Llama 2)
+  kcomparisons   mean over the C(K,2) pairs of a ranking of the BT loss (InstructGPT); rankings (prompt/completions)
+  plackett_luce  K-wise ranking likelihood (Starling); equals bt for K = 2
+  orm            outcome RM: per-token BCE of the 0/1 correctness label over the completion's tokens
+  prm            process RM: 3-class CE (incorrect/neutral/correct) at the last token of every step
+
+Scalar RMs (the first four) are ``AutoModelForSequenceClassification`` (num_labels=1; score = linear head on the
+last non-padding token); ORM/PRM are ``AutoModelForTokenClassification`` (1 or 3 labels). All are initialised from
+a causal LM and saved with ``save_pretrained`` so the Auto classes reload them and give the same scores.
+
+Each step's sequences go through the model once, as one padding-free row with per-example attention: a K-wise
+ranking forwards K completions, not 2 per pair. Usually one epoch (reward models overfit fast).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from posttrain import losses
+from posttrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_atomic
+from posttrain.config import option
+from posttrain.data.io import DataError, Row, as_messages, preference_pair, read_rows, require, validate_rows
+from posttrain.data.packing import Example, collate_flat
+from posttrain.data.render import RenderError, render_conversation
+from posttrain.modeling import load_tokenizer, resolve_device, use_segment_attention
+from posttrain.rewards import STEP_SEPARATOR, head_hidden, last_token_positions, step_boundary_tokens
+from posttrain.runlog import MetricsLog, plot_metrics
+from posttrain.training import (
+    autocast,
+    batch_indices,
+    build_optimizer,
+    build_scheduler,
+    grad_norm_and_clip,
+    is_complete,
+    prepare_run_dir,
+    seed_everything,
+)
+
+
+class RMLoss(StrEnum):
+    bt = "bt"
+    margin = "margin"
+    kcomparisons = "kcomparisons"
+    plackett_luce = "plackett_luce"
+    orm = "orm"
+    prm = "prm"
+
+    @property
+    def is_scalar(self) -> bool:
+        return self not in (RMLoss.orm, RMLoss.prm)
+
+    @property
+    def world_dataset(self) -> str:
+        """The tiny world's dataset for this loss."""
+        return {"bt": "preference", "margin": "preference", "kcomparisons": "rankings",
+                "plackett_luce": "rankings", "orm": "outcome", "prm": "process"}[self.value]
+
+
+PRM_CLASSES = {-1: 0, 0: 1, 1: 2}  # step label -> class (incorrect, neutral, correct)
+
+
+@dataclass
+class RMConfig:
+    loss: str = option("bt", "bt | margin | kcomparisons | plackett_luce | orm | prm",
+                       choices=tuple(RMLoss))
+    model: str = option("", "causal LM to start from (local dir); empty = the tiny world's base model")
+    data: str = option("", "training rows; empty = the tiny world's set for --loss")
+    eval_data: str = option("", "held-out rows of the same format; empty = none (the world's held-out set when data is empty)")
+    out: str = option("runs/rm", "run directory; the reward model goes to out/model")
+    chat_template: str = option("", "chatml | zephyr | tulu | Jinja; empty = the tokenizer's own")
+    columns: dict = option({}, "rename columns, e.g. {response_a: chosen}")
+    skip_invalid: bool = option(False, "drop malformed rows (reported) instead of stopping")
+    max_length: int = option(512, "longest sequence (prompt + completion) in tokens; longer groups are dropped")
+    margin_scale: float = option(1.0, "margin loss: m = margin_scale * (score_chosen - score_rejected) when no `margin` column")
+    batch_size: int = option(16, "pairs / rankings / completions per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    epochs: float = option(1.0, "passes over the data (ignored when max_steps > 0)")
+    max_steps: int = option(0, "optimizer steps; 0 = from epochs")
+    lr: float = option(3e-4, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_steps: int = option(10, "linear warm-up steps")
+    lr_schedule: str = option("cosine", "constant | linear | cosine", choices=("constant", "linear", "cosine"))
+    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 = off")
+    shuffle: bool = option(True, "shuffle every epoch (seeded); false = file order")
+    seed: int = option(0, "seed for the head's initialisation and the batch order")
+    precision: str = option("auto", "auto | bf16 | fp32", choices=("auto", "bf16", "fp32"))
+    device: str = option("auto", "auto | cpu | cuda")
+    log_every: int = option(5, "log every N steps")
+    save_every: int = option(100, "checkpoint every N steps; 0 = only at the end")
+    keep_last: int = option(2, "checkpoints to keep")
+    resume: bool = option(False, "continue from the latest checkpoint in out")
+    progress: bool = option(True, "show a progress bar")
+
+
+@dataclass
+class Group:
+    """One training unit: the sequences scored together and their targets."""
+
+    examples: list[Example]
+    margin: float = 0.0  # margin loss
+    label: int = 0  # orm: 1 = the completion is correct
+    boundaries: list[int] = field(default_factory=list)  # prm: token index of each step's end
+    classes: list[int] = field(default_factory=list)  # prm: class of each step
+
+
+def _encode(tokenizer, messages: list[dict], row: Row, column: str) -> Example:
+    try:
+        ids, mask = render_conversation(tokenizer, messages, "final_turn_only")
+    except RenderError as err:
+        raise row.error(column, str(err)) from None
+    return Example(ids, mask)
+
+
+def parse_group(row: Row, tokenizer, loss: RMLoss, margin_scale: float) -> Group:
+    """Validate one row and render its sequences (raises DataError naming file, line and field)."""
+    match loss:
+        case RMLoss.bt | RMLoss.margin:
+            prompt, chosen, rejected = preference_pair(row)
+            group = Group([_encode(tokenizer, prompt + chosen, row, "chosen"),
+                           _encode(tokenizer, prompt + rejected, row, "rejected")])
+            if loss == RMLoss.margin:
+                if "margin" in row.data:
+                    group.margin = float(row.data["margin"])
+                elif "score_chosen" in row.data and "score_rejected" in row.data:
+                    group.margin = margin_scale * (float(row.data["score_chosen"]) - float(row.data["score_rejected"]))
+                else:
+                    raise row.error("margin", "margin loss needs a `margin` column or `score_chosen`/`score_rejected`")
+            return group
+        case RMLoss.kcomparisons | RMLoss.plackett_luce:
+            prompt = as_messages(row, "prompt", "user")
+            if "completions" not in row.data and "chosen" in row.data:  # a pair is a ranking of two
+                _, chosen, rejected = preference_pair(row)
+                return Group([_encode(tokenizer, prompt + chosen, row, "chosen"),
+                              _encode(tokenizer, prompt + rejected, row, "rejected")])
+            completions = require(row, "completions")
+            if not isinstance(completions, list) or len(completions) < 2:
+                raise row.error("completions", "expected a list of at least 2 completions, best first")
+            examples = []
+            for k, completion in enumerate(completions):
+                text = completion if isinstance(completion, str) else (completion or [{}])[-1].get("content")
+                if not isinstance(text, str) or not text.strip():
+                    raise row.error(f"completions[{k}]", "expected a non-empty string or assistant message")
+                examples.append(_encode(tokenizer, prompt + [{"role": "assistant", "content": text}], row,
+                                        f"completions[{k}]"))
+            if len({tuple(e.input_ids) for e in examples}) < len(examples):
+                raise row.error("completions", "a ranking lists the same completion twice")
+            return Group(examples)
+        case RMLoss.orm:
+            prompt = as_messages(row, "prompt", "user")
+            completion = as_messages(row, "completion", "assistant")
+            label = require(row, "label")
+            if label not in (0, 1, True, False):
+                raise row.error("label", f"expected 0/1 (or true/false), got {label!r}")
+            return Group([_encode(tokenizer, prompt + completion, row, "completion")], label=int(label))
+        case RMLoss.prm:
+            prompt = as_messages(row, "prompt", "user")
+            steps, labels = require(row, "steps"), require(row, "labels")
+            if not isinstance(steps, list) or not steps or not all(isinstance(s, str) and s.strip() for s in steps):
+                raise row.error("steps", "expected a non-empty list of non-empty strings")
+            if not isinstance(labels, list) or len(labels) != len(steps):
+                raise row.error("labels", f"expected {len(steps)} labels (one per step), got {labels!r}")
+            if any(label not in PRM_CLASSES for label in labels):
+                raise row.error("labels", f"labels must be -1, 0 or 1, got {labels!r}")
+            messages = prompt + [{"role": "assistant", "content": STEP_SEPARATOR.join(steps)}]
+            try:
+                ids, boundaries = step_boundary_tokens(tokenizer, messages, steps)
+            except RenderError as err:
+                raise row.error("steps", str(err)) from None
+            return Group([Example(ids, [0] * len(ids))], boundaries=boundaries,
+                         classes=[PRM_CLASSES[label] for label in labels])
+
+
+def load_groups(path, tokenizer, config: RMConfig) -> tuple[list[Group], str]:
+    loss = RMLoss(config.loss)
+    rows = read_rows(path, columns=config.columns or None)
+    kept, report = validate_rows(rows, lambda row: parse_group(row, tokenizer, loss, config.margin_scale),
+                                 skip_invalid=config.skip_invalid, source=str(path))
+    groups = []
+    for _, group in kept:
+        if max(len(e) for e in group.examples) > config.max_length:
+            report.drop(f"longer than max_length={config.max_length}")
+        else:
+            groups.append(group)
+    report.kept = len(groups)
+    if loss in (RMLoss.kcomparisons, RMLoss.plackett_luce) and len({len(g.examples) for g in groups}) > 1:
+        raise DataError(str(path), "", "completions", "every ranking must have the same number K of completions")
+    if not groups:
+        raise DataError(str(path), "", None, f"no usable rows ({report.summary()})")
+    return groups, report.summary()
+
+
+def group_loss(model, groups: list[Group], loss_type: RMLoss, pad_id: int, device) -> tuple[torch.Tensor, dict, int]:
+    """Loss of a micro-batch of groups (all sequences in one flat forward); returns (loss, metrics, unit count)."""
+    examples = [e for g in groups for e in g.examples]
+    batch = {k: v.to(device) for k, v in collate_flat(examples, pad_id).items()}
+    hidden = head_hidden(model, batch)[0]  # (N, H)
+    if loss_type.is_scalar:
+        scores = model.score(hidden[last_token_positions(batch, pad_id)]).squeeze(-1)  # (S,)
+        scores = scores.view(len(groups), -1)  # (B, K), best-first
+        match loss_type:
+            case RMLoss.bt:
+                loss, metrics = losses.bradley_terry_loss(scores[:, 0], scores[:, 1])
+            case RMLoss.margin:
+                margin = torch.tensor([g.margin for g in groups], device=scores.device)
+                loss, metrics = losses.bradley_terry_loss(scores[:, 0], scores[:, 1], margin=margin)
+            case RMLoss.kcomparisons:
+                loss, metrics = losses.kcomparisons_loss(scores)
+            case RMLoss.plackett_luce:
+                loss, metrics = losses.plackett_luce_loss(scores)
+        return loss, metrics, len(groups)
+    if loss_type == RMLoss.orm:
+        completion = batch["labels"][0] != -100  # (N,) the completions' tokens (+ end-of-turn)
+        logits = model.score(hidden[completion]).squeeze(-1)  # (n,)
+        owner = torch.repeat_interleave(torch.arange(len(groups), device=device),
+                                        batch["cu_seq_lens"][1:] - batch["cu_seq_lens"][:-1])[completion]
+        labels = torch.tensor([g.label for g in groups], device=device)[owner]
+        loss, metrics = losses.orm_loss(logits[None], labels[None])
+        return loss, metrics, int(completion.sum())
+    starts = batch["cu_seq_lens"][:-1].tolist()
+    positions = [start + b for start, g in zip(starts, groups) for b in g.boundaries]
+    classes = torch.tensor([c for g in groups for c in g.classes], device=device)
+    logits = model.score(hidden[positions])  # (steps, 3)
+    loss, metrics = losses.prm_loss(logits[None], classes[None])
+    return loss, metrics, len(positions)
+
+
+@torch.no_grad()
+def evaluate_groups(model, groups: list[Group], loss_type: RMLoss, pad_id: int, device, batch_size: int) -> dict[str, float]:
+    """Unit-weighted means of the loss metrics over held-out groups."""
+    model.eval()
+    totals: dict[str, float] = {}
+    units = 0
+    for start in range(0, len(groups), batch_size):
+        _, metrics, n = group_loss(model, groups[start : start + batch_size], loss_type, pad_id, device)
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0.0) + float(value) * n
+        units += n
+    model.train()
+    return {key: value / units for key, value in totals.items()}
+
+
+def _load_model(path: str, loss_type: RMLoss, tokenizer, device):
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    kwargs = dict(local_files_only=True, dtype=torch.float32, attn_implementation="sdpa",
+                  pad_token_id=tokenizer.pad_token_id)
+    if loss_type.is_scalar:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+    elif loss_type == RMLoss.orm:
+        model = AutoModelForTokenClassification.from_pretrained(path, num_labels=1, **kwargs)
+    else:
+        model = AutoModelForTokenClassification.from_pretrained(
+            path, num_labels=3, id2label={0: "incorrect", 1: "neutral", 2: "correct"},
+            label2id={"incorrect": 0, "neutral": 1, "correct": 2}, **kwargs)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    return model.to(device)
+
+
+def _fill_world_defaults(config: RMConfig) -> RMConfig:
+    if config.model and config.data:
+        return config
+    from posttrain.world import build
+
+    paths = build.ensure_world(base_model=not config.model, progress=config.progress)
+    name = RMLoss(config.loss).world_dataset
+    config.model = config.model or str(paths.base_model)
+    if not config.data:
+        config.data = str(paths.data / f"{name}_train.jsonl")
+        config.eval_data = config.eval_data or str(paths.data / f"{name}_heldout.jsonl")
+    return config
+
+
+def train_rm(config: RMConfig, *, on_step_end: Callable[[int, dict], None] | None = None) -> Path:
+    """Train a reward model; returns the saved model directory (``out/model``)."""
+    config = _fill_world_defaults(config)
+    loss_type = RMLoss(config.loss)
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    run_dir, start_step = prepare_run_dir(config.out, config, resume=config.resume)
+    if config.resume and (done := is_complete(run_dir)):
+        print(f"{run_dir}: run already complete ({done['steps']} steps); reward model in {run_dir / 'model'}. Nothing to do.")
+        return run_dir / "model"
+
+    tokenizer = load_tokenizer(config.model, config.chat_template or None)
+    groups, summary = load_groups(config.data, tokenizer, config)
+    print(summary)
+    eval_groups = load_groups(config.eval_data, tokenizer, config)[0] if config.eval_data else []
+    step_size = config.batch_size * config.grad_accum
+    steps_per_epoch = max(1, len(groups) // step_size)
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+
+    model = _load_model(config.model, loss_type, tokenizer, device)
+    use_segment_attention(model)
+    model.train()
+    optimizer = build_optimizer(model, config.lr, config.weight_decay)
+    scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=total_steps, schedule=config.lr_schedule)
+    if start_step:
+        load_checkpoint(latest_checkpoint(run_dir), model=model, optimizer=optimizer, scheduler=scheduler)
+        print(f"resumed from step {start_step} of {total_steps}")
+    log = MetricsLog(run_dir, resume_step=start_step)
+    pad_id = tokenizer.pad_token_id
+    batches = batch_indices(len(groups), step_size, config.seed, shuffle=config.shuffle, start_batch=start_step)
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(run_dir, step, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                        extra={"total_steps": total_steps}, keep_last=config.keep_last)
+
+    interrupted = []
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: interrupted.append(True))
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"rm:{loss_type}", disable=not config.progress, dynamic_ncols=True)
+    step = start_step
+    try:
+        while step < total_steps:
+            started = time.perf_counter()
+            indices = next(batches)
+            per_micro = math.ceil(len(indices) / config.grad_accum)
+            micro = [[groups[i] for i in indices[s : s + per_micro]] for s in range(0, len(indices), per_micro)]
+            sums: dict[str, float] = {}
+            results = []
+            for chunk in micro:
+                with autocast(device, config.precision):
+                    loss, metrics, units = group_loss(model, chunk, loss_type, pad_id, device)
+                results.append((loss, metrics, units))
+            # Weight each micro-batch by its share of the step's units (pairs, rankings, tokens or steps), so
+            # accumulation gives the gradient of the whole step's mean.
+            total_units = sum(units for _, _, units in results)
+            for loss, metrics, units in results:
+                (loss * units / total_units).backward()
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) * units / total_units
+            grad_norm = grad_norm_and_clip(model, config.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens = sum(len(e) for chunk in micro for g in chunk for e in g.examples)
+            if step % config.log_every == 0 or step == total_steps:
+                log.log(step, {"train/loss": sums.pop("loss"), "train/lr": lr, "train/grad_norm": grad_norm,
+                               "train/tokens_per_s": tokens / (time.perf_counter() - started),
+                               **{f"rm/{k}": v for k, v in sums.items()}})
+            if config.save_every and step % config.save_every == 0 and step < total_steps:
+                checkpoint(step)
+            bar.update(1)
+            if on_step_end is not None:
+                on_step_end(step, {"tokens": tokens, "sequences": sum(len(g.examples) for c in micro for g in c)})
+            if interrupted:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        checkpoint(step)
+        print(f"\ninterrupted: checkpoint saved at step {step}; continue with --resume")
+        raise
+    finally:
+        bar.close()
+        signal.signal(signal.SIGTERM, previous_handler)
+    report = {}
+    if eval_groups:
+        report = evaluate_groups(model, eval_groups, loss_type, pad_id, device, config.batch_size)
+        log.log(step, {f"eval/{k}": v for k, v in report.items()})
+    checkpoint(step)
+    log.close()
+    final = run_dir / "model"
+    save_model_atomic(model, tokenizer, final)
+    (final / "complete.json").write_text(json.dumps({"steps": step, "stage": "rm", "loss": loss_type.value,
+                                                     "eval": report}))
+    plot_metrics(run_dir)
+    return final
