@@ -36,7 +36,7 @@ from posttrain.data.io import DataError, Row, as_messages, preference_pair, read
 from posttrain.data.packing import Example, collate_flat
 from posttrain.data.render import RenderError, render_conversation
 from posttrain.modeling import load_tokenizer, resolve_device, use_segment_attention
-from posttrain.rewards import STEP_SEPARATOR, head_hidden, last_token_positions, step_boundary_tokens
+from posttrain.rewards import STEP_SEPARATOR, completion_text, head_hidden, last_token_positions, step_boundary_tokens
 from posttrain.runlog import MetricsLog, plot_metrics
 from posttrain.training import (
     autocast,
@@ -150,7 +150,7 @@ def parse_group(row: Row, tokenizer, loss: RMLoss, margin_scale: float) -> Group
                 raise row.error("completions", "expected a list of at least 2 completions, best first")
             examples = []
             for k, completion in enumerate(completions):
-                text = completion if isinstance(completion, str) else (completion or [{}])[-1].get("content")
+                text = completion_text(completion) if isinstance(completion, (str, dict, list)) else None
                 if not isinstance(text, str) or not text.strip():
                     raise row.error(f"completions[{k}]", "expected a non-empty string or assistant message")
                 examples.append(_encode(tokenizer, prompt + [{"role": "assistant", "content": text}], row,
