@@ -16,7 +16,6 @@ from posttrain.rewards import (
     VerifierReward,
     WeightedSum,
     aggregate_steps,
-    length_sorted_batches,
     load_reward_model,
 )
 from posttrain.rm import RMConfig, train_rm
@@ -106,11 +105,6 @@ def test_length_sorted_scoring_matches_one_by_one(trained, world):
     batched = ScalarRewardModel(trained["kcomparisons"], device="cpu", batch_tokens=400)(prompts, completions)
     single = [ScalarRewardModel(trained["kcomparisons"], device="cpu")([p], [c])[0] for p, c in zip(prompts[:4], completions[:4])]
     assert batched[:4] == pytest.approx(single, abs=1e-4)
-
-
-def test_length_sorted_batches():
-    assert length_sorted_batches([5, 1, 9, 3], 10) == [[2], [0, 3, 1]]
-    assert sorted(i for b in length_sorted_batches([4] * 7, 8) for i in b) == list(range(7))
 
 
 def test_aggregations_hand_values():

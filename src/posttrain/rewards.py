@@ -9,8 +9,8 @@ Implementations here: trained reward models (Bradley-Terry family: ``ScalarRewar
 ``GoldReward``, any verifier function (``VerifierReward``) and ``WeightedSum`` of any of them. Judges
 (``posttrain.judge``) fit the same interface.
 
-Scoring sorts the batch by length before cutting it into forward passes, so similar lengths share a pass (the
-book's tip); the results are returned in the caller's order.
+Scoring sorts the batch by length before cutting it into forward passes, so similar lengths share a pass and
+padding is small (the book's tip; benchmarks/rm.py measures it); results come back in the caller's order.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from posttrain.data.packing import Example, collate_flat
+from posttrain.data.packing import Example
 from posttrain.data.render import render_conversation
 
 STEP_SEPARATOR = "\n"  # process RMs see a solution as steps joined by this separator
@@ -49,24 +49,6 @@ def completion_text(completion: Any) -> str:
 
 def conversation(prompt: Any, completion: Any) -> list[dict]:
     return as_messages(prompt) + [{"role": "assistant", "content": completion_text(completion)}]
-
-
-def length_sorted_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Indices grouped into batches of at most ``max_tokens`` tokens, longest first (a sequence longer than the
-    budget gets a batch of its own)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    used = 0
-    for i in order:
-        if current and used + lengths[i] > max_tokens:
-            batches.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += lengths[i]
-    if current:
-        batches.append(current)
-    return batches
 
 
 class RewardModelKind(StrEnum):
@@ -110,26 +92,29 @@ def last_token_positions(batch: dict[str, torch.Tensor], pad_token_id: int | Non
 
 
 class _ModelReward:
-    """Shared loading and length-sorted batching of the three reward-model kinds."""
+    """Shared loading and length-sorted batching of the three reward-model kinds.
+
+    Inference runs the model's own forward on right-padded batches of similar length (sorted, so padding is
+    small): for scoring, that is faster than padding-free rows, and the pooling is exactly HF's.
+    """
 
     def __init__(self, path: str | Path, *, device: str = "auto", max_length: int = 1024, batch_tokens: int = 8192):
-        from posttrain.modeling import load_tokenizer, resolve_device, use_segment_attention
+        from posttrain.modeling import load_tokenizer, resolve_device
 
         self.path = Path(path)
         self.kind = reward_model_kind(self.path)
         self.device = resolve_device(device)
         self.tokenizer = load_tokenizer(self.path)
         self.model = self._load().to(self.device).eval()
-        use_segment_attention(self.model)
         self.max_length, self.batch_tokens = max_length, batch_tokens
         self.skipped = 0  # sequences longer than max_length (scored None)
-        self.padded_positions = 0  # kept at 0: flat batches have no padding (the benchmark compares)
 
     def _load(self):
         from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
         cls = AutoModelForSequenceClassification if self.kind == RewardModelKind.scalar else AutoModelForTokenClassification
-        return cls.from_pretrained(str(self.path), local_files_only=True, dtype=torch.float32)
+        return cls.from_pretrained(str(self.path), local_files_only=True, dtype=torch.float32,
+                                   attn_implementation="sdpa")
 
     def encode(self, prompts, completions) -> list[Example | None]:
         examples: list[Example | None] = []
@@ -144,16 +129,27 @@ class _ModelReward:
 
     @torch.no_grad()
     def forward(self, examples: list[Example | None], per_sequence: Callable) -> list[Any]:
-        """``per_sequence(logits_of_batch, batch, index_in_batch)`` for every example, batched by length."""
+        """``per_sequence(logits_row (T, labels), example, index)`` for every example, in length-sorted batches whose
+        padded size stays within ``batch_tokens``."""
         present = [i for i, e in enumerate(examples) if e is not None]
         results: list[Any] = [None] * len(examples)
-        for group in length_sorted_batches([len(examples[i]) for i in present], self.batch_tokens):
-            indices = [present[g] for g in group]
-            batch = {k: v.to(self.device) for k, v in collate_flat([examples[i] for i in indices],
-                                                                    self.tokenizer.pad_token_id).items()}
-            hidden = head_hidden(self.model, batch)[0]  # (N, H)
-            for n, i in enumerate(indices):
-                results[i] = per_sequence(hidden, batch, n)
+        order = sorted(present, key=lambda i: -len(examples[i]))
+        start = 0
+        while start < len(order):
+            width = len(examples[order[start]])  # the longest of this batch (sorted)
+            rows = max(1, self.batch_tokens // width)
+            indices = order[start : start + rows]
+            start += rows
+            input_ids = torch.full((len(indices), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(indices), width), dtype=torch.long)
+            for b, i in enumerate(indices):
+                n = len(examples[i])
+                input_ids[b, :n] = torch.tensor(examples[i].input_ids)
+                attention_mask[b, :n] = 1
+            logits = self.model(input_ids=input_ids.to(self.device),
+                                attention_mask=attention_mask.to(self.device)).logits.float()
+            for b, i in enumerate(indices):
+                results[i] = per_sequence(logits[b], examples[i], i)
         return results
 
 
@@ -161,11 +157,8 @@ class ScalarRewardModel(_ModelReward):
     """A Bradley-Terry-family RM: the score head on the last non-padding token of prompt + completion."""
 
     def __call__(self, prompts, completions, **columns) -> list[float | None]:
-        def score(hidden, batch, n):
-            position = last_token_positions(batch, self.tokenizer.pad_token_id)[n]
-            return float(self.model.score(hidden[position]).squeeze(-1))
-
-        return self.forward(self.encode(prompts, completions), score)
+        # Sequence classification pools the last non-pad token itself: logits are (1,) per row.
+        return self.forward(self.encode(prompts, completions), lambda logits, example, i: float(logits[0]))
 
 
 class OutcomeRewardModel(_ModelReward):
@@ -179,10 +172,9 @@ class OutcomeRewardModel(_ModelReward):
         self.aggregation = aggregation
 
     def __call__(self, prompts, completions, **columns) -> list[float | None]:
-        def score(hidden, batch, n):
-            start, end = batch["cu_seq_lens"][n].item(), batch["cu_seq_lens"][n + 1].item()
-            trained = batch["labels"][0, start:end] != -100  # the completion's tokens
-            probabilities = torch.sigmoid(self.model.score(hidden[start:end][trained]).squeeze(-1))
+        def score(logits, example, i):
+            completion = torch.tensor(example.loss_mask, dtype=torch.bool, device=logits.device)
+            probabilities = torch.sigmoid(logits[: len(example)][completion].squeeze(-1))
             match self.aggregation:
                 case "last":
                     return float(probabilities[-1])
@@ -255,20 +247,8 @@ class ProcessRewardModel(_ModelReward):
                 examples.append(Example(ids, [0] * len(ids)))
             boundaries.append(positions)
 
-        # Boundaries are relative to each example's start in the flat batch.
-        results: list[list[float] | None] = [None] * len(examples)
-        present = [i for i, e in enumerate(examples) if e is not None]
-        with torch.no_grad():
-            for group in length_sorted_batches([len(examples[i]) for i in present], self.batch_tokens):
-                indices = [present[g] for g in group]
-                batch = {k: v.to(self.device) for k, v in collate_flat([examples[i] for i in indices],
-                                                                        self.tokenizer.pad_token_id).items()}
-                hidden = head_hidden(self.model, batch)[0]
-                for n, i in enumerate(indices):
-                    start = int(batch["cu_seq_lens"][n])
-                    logits = self.model.score(hidden[[start + b for b in boundaries[i]]])  # (steps, 3)
-                    results[i] = torch.softmax(logits, -1)[:, 2].tolist()  # P(correct) per step
-        return results
+        # P(correct) at each step's last token. (steps, 3) -> (steps,)
+        return self.forward(examples, lambda logits, example, i: torch.softmax(logits[boundaries[i]], -1)[:, 2].tolist())
 
     def __call__(self, prompts, completions, **columns) -> list[float | None]:
         per_step = self.step_rewards(prompts, completions, columns.get("steps"))
