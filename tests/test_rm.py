@@ -52,6 +52,7 @@ def test_every_loss_trains_and_logs(trained, loss):
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in train)
     if loss in ("bt", "margin", "kcomparisons", "plackett_luce"):
         assert {"rm/accuracy", "rm/margin", "rm/chosen_mean", "rm/rejected_mean"} <= set(train[-1])
+        assert -1.0 <= records[-1]["eval/length_correlation"] <= 1.0  # the length-bias report
     assert any(k.startswith("eval/") for k in records[-1])
     assert json.loads((trained[loss] / "complete.json").read_text())["loss"] == loss
 

@@ -202,14 +202,18 @@ def load_groups(path, tokenizer, config: RMConfig) -> tuple[list[Group], str]:
     return groups, report.summary()
 
 
+def scalar_scores(model, examples: list[Example], pad_id: int, device) -> torch.Tensor:
+    """Scores (S,) of a scalar RM for ``examples``, all in one padding-free forward."""
+    batch = {k: v.to(device) for k, v in collate_flat(examples, pad_id).items()}
+    hidden = head_hidden(model, batch)[0]  # (N, H)
+    return model.score(hidden[last_token_positions(batch, pad_id)]).squeeze(-1)
+
+
 def group_loss(model, groups: list[Group], loss_type: RMLoss, pad_id: int, device) -> tuple[torch.Tensor, dict, int]:
     """Loss of a micro-batch of groups (all sequences in one flat forward); returns (loss, metrics, unit count)."""
     examples = [e for g in groups for e in g.examples]
-    batch = {k: v.to(device) for k, v in collate_flat(examples, pad_id).items()}
-    hidden = head_hidden(model, batch)[0]  # (N, H)
     if loss_type.is_scalar:
-        scores = model.score(hidden[last_token_positions(batch, pad_id)]).squeeze(-1)  # (S,)
-        scores = scores.view(len(groups), -1)  # (B, K), best-first
+        scores = scalar_scores(model, examples, pad_id, device).view(len(groups), -1)  # (B, K), best-first
         match loss_type:
             case RMLoss.bt:
                 loss, metrics = losses.bradley_terry_loss(scores[:, 0], scores[:, 1])
@@ -221,6 +225,8 @@ def group_loss(model, groups: list[Group], loss_type: RMLoss, pad_id: int, devic
             case RMLoss.plackett_luce:
                 loss, metrics = losses.plackett_luce_loss(scores)
         return loss, metrics, len(groups)
+    batch = {k: v.to(device) for k, v in collate_flat(examples, pad_id).items()}
+    hidden = head_hidden(model, batch)[0]  # (N, H)
     if loss_type == RMLoss.orm:
         completion = batch["labels"][0] != -100  # (N,) the completions' tokens (+ end-of-turn)
         logits = model.score(hidden[completion]).squeeze(-1)  # (n,)
@@ -248,8 +254,16 @@ def evaluate_groups(model, groups: list[Group], loss_type: RMLoss, pad_id: int, 
         for key, value in metrics.items():
             totals[key] = totals.get(key, 0.0) + float(value) * n
         units += n
+    report = {key: value / units for key, value in totals.items()}
+    if loss_type.is_scalar:  # the length bias the book warns about: does the RM simply prefer longer answers?
+        from posttrain.evaluate import pearson
+
+        examples = [e for g in groups for e in g.examples]
+        scores = torch.cat([scalar_scores(model, examples[s : s + batch_size], pad_id, device)
+                            for s in range(0, len(examples), batch_size)])
+        report["length_correlation"] = pearson(scores.tolist(), [float(sum(e.loss_mask)) for e in examples])
     model.train()
-    return {key: value / units for key, value in totals.items()}
+    return report
 
 
 def _load_model(path: str, loss_type: RMLoss, tokenizer, device):
