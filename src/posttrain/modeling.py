@@ -34,7 +34,10 @@ def load_tokenizer(path: str | Path, chat_template: str | None = None):
     if chat_template:
         set_chat_template(tokenizer, chat_template)
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        else:  # no eos either: a dedicated pad token (the model's embeddings are resized to match)
+            tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
     return tokenizer
 
 
