@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DEFAULT_SHARED, HERE, ensure_workload, ratio_line, run_subprocess, table
+from common import DEFAULT_SHARED, HERE, ROOT, ensure_workload, ratio_line, run_subprocess, table
 
 def run_posttrain_once(shared: Path, model: Path, data: Path, tag: str) -> dict:
     """One measured posttrain SFT run in this process (called in a fresh subprocess by main)."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -67,11 +69,20 @@ def test_hard_kill_then_resume_is_bit_identical(tiny_model_dir, world, tmp_path,
     assert resumed_losses == reference_losses
 
 
-def test_interrupt_saves_and_resumes_exactly(tiny_model_dir, world, tmp_path, uninterrupted):
-    """Ctrl-C (or SIGTERM) at step 3 saves a checkpoint at step 3 before exiting; resume is exact."""
+def _signal_at(step_to_signal: int, signum: int):
+    def hook(step: int, info: dict) -> None:
+        if step == step_to_signal:
+            os.kill(os.getpid(), signum)
+    return hook
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_interrupt_saves_and_resumes_exactly(tiny_model_dir, world, tmp_path, uninterrupted, signum):
+    """SIGTERM or Ctrl-C during step 3 stops the run at the end of that step with a checkpoint at step 3 (never a
+    half-applied update); resuming is exact."""
     out = tmp_path / "interrupted"
     with pytest.raises(KeyboardInterrupt):
-        train_sft(_config(tiny_model_dir, world, out), on_step_end=_kill_at(3, KeyboardInterrupt))
+        train_sft(_config(tiny_model_dir, world, out), on_step_end=_signal_at(3, signum))
     assert latest_checkpoint(out).name == "step-000003"
     final = train_sft(_config(tiny_model_dir, world, out, resume=True))
     reference = _weights(uninterrupted)

@@ -7,9 +7,7 @@ is dropped). loss = mean over all positions of -log p(x_{t+1} | x_<=t).
 
 from __future__ import annotations
 
-import json
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +16,12 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from posttrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_atomic
+from posttrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.config import option
 from posttrain.data import load_texts
 from posttrain.losses import sft_loss
 from posttrain.modeling import load_causal_lm, load_tokenizer, resolve_device
-from posttrain.runlog import MetricsLog, plot_metrics
+from posttrain.runlog import MetricsLog
 from posttrain.training import (
     autocast,
     batch_indices,
@@ -32,7 +30,9 @@ from posttrain.training import (
     grad_norm_and_clip,
     is_complete,
     prepare_run_dir,
+    save_final_model,
     seed_everything,
+    stop_at_step_boundary,
 )
 
 
@@ -163,11 +163,9 @@ def train_pretrain(config: PretrainConfig, *, on_step_end: Callable[[int, dict],
         save_checkpoint(run_dir, step, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                         extra={"total_steps": total_steps}, keep_last=config.keep_last)
 
-    interrupted = []
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: interrupted.append(True))
     bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", disable=not config.progress, dynamic_ncols=True)
     step = start_step
-    try:
+    with stop_at_step_boundary() as stop_requested:
         while step < total_steps:
             started = time.perf_counter()
             indices = next(batches)
@@ -197,23 +195,15 @@ def train_pretrain(config: PretrainConfig, *, on_step_end: Callable[[int, dict],
             bar.set_postfix(loss=f"{loss_sum:.4f}")
             if on_step_end is not None:
                 on_step_end(step, {"tokens": len(indices) * config.block_size, "loss": loss_sum})
-            if interrupted:
+            if stop_requested:
+                bar.close()
+                checkpoint(step)
+                print(f"interrupted: checkpoint saved at step {step}; continue with --resume")
                 raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        checkpoint(step)
-        print(f"\ninterrupted: checkpoint saved at step {step}; continue with --resume")
-        raise
-    finally:
-        bar.close()
-        signal.signal(signal.SIGTERM, previous_handler)
+    bar.close()
 
     if eval_blocks is not None:
         log.log(step, {"eval/loss": evaluate_blocks(model, eval_blocks, config.batch_size, device, config.precision)})
     checkpoint(step)
     log.close()
-    final = run_dir / "model"
-    model.config.use_cache = True
-    save_model_atomic(model, tokenizer, final)
-    (final / "complete.json").write_text(json.dumps({"steps": step, "stage": "pretrain"}))
-    plot_metrics(run_dir)
-    return final
+    return save_final_model(run_dir, model, tokenizer, {"steps": step, "stage": "pretrain"})

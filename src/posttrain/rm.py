@@ -17,9 +17,7 @@ ranking forwards K completions, not 2 per pair. Usually one epoch (reward models
 
 from __future__ import annotations
 
-import json
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -30,14 +28,14 @@ import torch
 from tqdm.auto import tqdm
 
 from posttrain import losses
-from posttrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_atomic
+from posttrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.config import option
 from posttrain.data.io import DataError, Row, as_messages, preference_pair, read_rows, require, validate_rows
 from posttrain.data.packing import Example, collate_flat
 from posttrain.data.render import RenderError, render_conversation
 from posttrain.modeling import load_tokenizer, resolve_device, use_segment_attention
 from posttrain.rewards import STEP_SEPARATOR, completion_text, head_hidden, last_token_positions, step_boundary_tokens
-from posttrain.runlog import MetricsLog, plot_metrics
+from posttrain.runlog import MetricsLog
 from posttrain.training import (
     autocast,
     batch_indices,
@@ -46,7 +44,9 @@ from posttrain.training import (
     grad_norm_and_clip,
     is_complete,
     prepare_run_dir,
+    save_final_model,
     seed_everything,
+    stop_at_step_boundary,
 )
 
 
@@ -333,11 +333,9 @@ def train_rm(config: RMConfig, *, on_step_end: Callable[[int, dict], None] | Non
         save_checkpoint(run_dir, step, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                         extra={"total_steps": total_steps}, keep_last=config.keep_last)
 
-    interrupted = []
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: interrupted.append(True))
     bar = tqdm(total=total_steps, initial=start_step, desc=f"rm:{loss_type}", disable=not config.progress, dynamic_ncols=True)
     step = start_step
-    try:
+    with stop_at_step_boundary() as stop_requested:
         while step < total_steps:
             started = time.perf_counter()
             indices = next(batches)
@@ -372,24 +370,17 @@ def train_rm(config: RMConfig, *, on_step_end: Callable[[int, dict], None] | Non
             bar.update(1)
             if on_step_end is not None:
                 on_step_end(step, {"tokens": tokens, "sequences": sum(len(g.examples) for c in micro for g in c)})
-            if interrupted:
+            if stop_requested:
+                bar.close()
+                checkpoint(step)
+                print(f"interrupted: checkpoint saved at step {step}; continue with --resume")
                 raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        checkpoint(step)
-        print(f"\ninterrupted: checkpoint saved at step {step}; continue with --resume")
-        raise
-    finally:
-        bar.close()
-        signal.signal(signal.SIGTERM, previous_handler)
+    bar.close()
     report = {}
     if eval_groups:
         report = evaluate_groups(model, eval_groups, loss_type, pad_id, device, config.batch_size)
         log.log(step, {f"eval/{k}": v for k, v in report.items()})
     checkpoint(step)
     log.close()
-    final = run_dir / "model"
-    save_model_atomic(model, tokenizer, final)
-    (final / "complete.json").write_text(json.dumps({"steps": step, "stage": "rm", "loss": loss_type.value,
-                                                     "eval": report}))
-    plot_metrics(run_dir)
-    return final
+    return save_final_model(run_dir, model, tokenizer, {"steps": step, "stage": "rm", "loss": loss_type.value,
+                                                        "eval": report})

@@ -12,9 +12,7 @@ log / eval / checkpoint. Batches are a pure function of (seed, step), so a resum
 
 from __future__ import annotations
 
-import json
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from posttrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_model_atomic
+from posttrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.config import option
 from posttrain.data import Example, collate_flat, first_fit_decreasing, load_sft_examples
 from posttrain.losses import sft_loss
@@ -35,7 +33,7 @@ from posttrain.modeling import (
     trained_token_logits,
     use_segment_attention,
 )
-from posttrain.runlog import MetricsLog, plot_metrics
+from posttrain.runlog import MetricsLog
 from posttrain.training import (
     autocast,
     batch_indices,
@@ -44,7 +42,9 @@ from posttrain.training import (
     grad_norm_and_clip,
     is_complete,
     prepare_run_dir,
+    save_final_model,
     seed_everything,
+    stop_at_step_boundary,
 )
 
 
@@ -177,11 +177,9 @@ def train_sft(config: SFTConfig, *, on_step_end: Callable[[int, dict], None] | N
         save_checkpoint(run_dir, step, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                         extra={"total_steps": total_steps}, keep_last=config.keep_last)
 
-    interrupted = []
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: interrupted.append(True))
     bar = tqdm(total=total_steps, initial=start_step, desc="sft", disable=not config.progress, dynamic_ncols=True)
     step = start_step
-    try:
+    with stop_at_step_boundary() as stop_requested:
         while step < total_steps:
             started = time.perf_counter()
             indices = next(batches)
@@ -216,24 +214,16 @@ def train_sft(config: SFTConfig, *, on_step_end: Callable[[int, dict], None] | N
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
             if on_step_end is not None:
                 on_step_end(step, {"tokens": fed, "trained_tokens": num_tokens, "loss": loss_sum})
-            if interrupted:
+            if stop_requested:
+                bar.close()
+                checkpoint(step)
+                print(f"interrupted: checkpoint saved at step {step}; continue with --resume")
                 raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        checkpoint(step)
-        print(f"\ninterrupted: checkpoint saved at step {step}; continue with --resume")
-        raise
-    finally:
-        bar.close()
-        signal.signal(signal.SIGTERM, previous_handler)
+    bar.close()
 
     if eval_examples:
         log.log(step, {"eval/loss": evaluate_loss(model, eval_examples, batch_size=config.batch_size,
                                                    pad_id=pad_id, device=device, precision=config.precision)})
     checkpoint(step)
     log.close()
-    final = run_dir / "model"
-    model.config.use_cache = True
-    save_model_atomic(model, tokenizer, final)
-    (final / "complete.json").write_text(json.dumps({"steps": step, "stage": "sft"}))
-    plot_metrics(run_dir)
-    return final
+    return save_final_model(run_dir, model, tokenizer, {"steps": step, "stage": "sft"})

@@ -121,3 +121,47 @@ def is_complete(run_dir: Path) -> dict[str, Any] | None:
 
     marker = Path(run_dir) / "model" / "complete.json"
     return json.loads(marker.read_text()) if marker.exists() else None
+
+
+@contextlib.contextmanager
+def stop_at_step_boundary():
+    """Ctrl-C / SIGTERM ask the loop to stop *between* optimizer steps (the yielded list becomes non-empty), so a
+    checkpoint never holds a half-applied update; a second signal aborts at once (the last checkpoint stays
+    intact). Outside the main thread (where handlers cannot be installed) nothing is intercepted."""
+    import signal
+    import threading
+
+    requested: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+        print("\nstopping after this step (again to abort now)...", flush=True)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def save_final_model(run_dir: Path, model, tokenizer, info: dict[str, Any]) -> Path:
+    """The finished run's model in ``run_dir/model`` (atomic), its ``complete.json`` marker, and the plots."""
+    import json
+
+    from posttrain.checkpoint import save_model_atomic
+    from posttrain.runlog import plot_metrics
+
+    final = Path(run_dir) / "model"
+    model.config.use_cache = True
+    if getattr(model.config, "_attn_implementation", None) == "posttrain_segments":
+        model.config._attn_implementation = "sdpa"  # the training-only attention; loaders pick their own
+    save_model_atomic(model, tokenizer, final)
+    (final / "complete.json").write_text(json.dumps(info))
+    plot_metrics(run_dir)
+    return final
