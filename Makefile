@@ -29,6 +29,7 @@ $(VENV)/.bench: $(VENV)/.installed
 
 bench: $(VENV)/.bench
 	$(PY) benchmarks/sft.py
+	$(PY) benchmarks/rm.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
