@@ -60,3 +60,19 @@ def ratio_line(rows: list[dict], target: float) -> str:
     ratio = statistics.mean(tps["posttrain"]) / statistics.mean(tps["trl"])
     return (f"train tok/s posttrain / TRL = {ratio:.2f}x (target >= {target}x);  peak RSS posttrain / TRL = "
             f"{statistics.mean(rss['posttrain']) / statistics.mean(rss['trl']):.2f}")
+
+
+def interleaved_runs(script: str, stage: str, shared: Path, work: Path, model: Path, data: Path, *, repeats: int,
+                     skip_trl: bool, results: Path) -> list[dict]:
+    """posttrain (``script --one TAG`` in a fresh process), then TRL's shared runner, repeated: A B A B."""
+    results.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for rep in range(1, repeats + 1):
+        ours = run_subprocess([sys.executable, script, "--shared", str(shared), "--work", str(work),
+                               "--one", f"run{rep}"], results)
+        rows += [ours] if ours else []
+        if not skip_trl:
+            theirs = run_subprocess([sys.executable, str(shared / "trl_bench.py"), stage, "--model", str(model),
+                                     "--data", str(data), "--tag", f"run{rep}"], results)
+            rows += [theirs] if theirs else []
+    return rows

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DEFAULT_SHARED, HERE, ensure_workload, ratio_line, run_subprocess, table
+from common import DEFAULT_SHARED, HERE, ensure_workload, interleaved_runs, ratio_line, table
 
 
 def run_posttrain_once(shared: Path, model: Path, data: Path, tag: str) -> dict:
@@ -66,7 +66,6 @@ def kwise_saving(steps: int = 6) -> None:
     """Time per step: K-wise (each completion once) vs pairwise expansion (2 per pair), same rankings."""
     import torch
 
-    from posttrain import losses
     from posttrain.modeling import load_tokenizer, use_segment_attention
     from posttrain.rm import RMConfig, RMLoss, _load_model, group_loss, load_groups
     from posttrain.world.build import ensure_world
@@ -104,7 +103,6 @@ def kwise_saving(steps: int = 6) -> None:
     for name, sequences, seconds in rows:
         print(f"| {name} | {sequences} | {seconds:.3f} |")
     print(f"\nforward saving: {rows[1][1] / rows[0][1]:.1f}x fewer sequences, {rows[1][2] / rows[0][2]:.2f}x faster")
-    _ = losses  # (the loss maths is shared; only the number of forwards differs)
 
 
 def scoring_saving(limit: int = 512, batch_size: int = 32) -> None:
@@ -174,16 +172,8 @@ def main() -> None:
         return
     if args.only in (None, "train"):
         model, data = ensure_workload(args.shared, args.work)
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        rows = []
-        for rep in range(1, args.repeats + 1):
-            ours = run_subprocess([sys.executable, __file__, "--shared", str(args.shared), "--work", str(args.work),
-                                   "--one", f"run{rep}"], args.results)
-            rows += [ours] if ours else []
-            if not args.skip_trl:
-                theirs = run_subprocess([sys.executable, str(args.shared / "trl_bench.py"), "rm", "--model",
-                                         str(model), "--data", str(data), "--tag", f"run{rep}"], args.results)
-                rows += [theirs] if theirs else []
+        rows = interleaved_runs(__file__, "rm", args.shared, args.work, model, data, repeats=args.repeats,
+                                skip_trl=args.skip_trl, results=args.results)
         print(table(rows))
         print("\n" + ratio_line(rows, target=1.4))
     if args.only in (None, "kwise"):

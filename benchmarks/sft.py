@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DEFAULT_SHARED, HERE, ROOT, ensure_workload, ratio_line, run_subprocess, table
+from common import DEFAULT_SHARED, HERE, ROOT, ensure_workload, interleaved_runs, ratio_line, table
 
 def run_posttrain_once(shared: Path, model: Path, data: Path, tag: str) -> dict:
     """One measured posttrain SFT run in this process (called in a fresh subprocess by main)."""
@@ -78,16 +78,8 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_posttrain_once(args.shared, model, data, args.one)))
         return
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for rep in range(1, args.repeats + 1):
-        ours = run_subprocess([sys.executable, __file__, "--shared", str(args.shared), "--work", str(args.work),
-                               "--one", f"run{rep}"], args.results)
-        rows += [ours] if ours else []
-        if not args.skip_trl:
-            theirs = run_subprocess([sys.executable, str(args.shared / "trl_bench.py"), "sft", "--model", str(model),
-                                     "--data", str(data), "--tag", f"run{rep}"], args.results)
-            rows += [theirs] if theirs else []
+    rows = interleaved_runs(__file__, "sft", args.shared, args.work, model, data, repeats=args.repeats,
+                            skip_trl=args.skip_trl, results=args.results)
     print(table(rows))
     print("\n" + ratio_line(rows, target=2.0))
 

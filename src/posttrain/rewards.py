@@ -69,28 +69,6 @@ def reward_model_kind(path: str | Path) -> RewardModelKind:
     raise ValueError(f"{path}: not a posttrain reward model (architecture {architecture!r})")
 
 
-def head_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Backbone hidden states (1, N, H) of a flat, padding-free batch (see ``collate_flat``)."""
-    from posttrain.modeling import varlen_kwargs
-
-    return model.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                            **varlen_kwargs(batch)).last_hidden_state
-
-
-def last_token_positions(batch: dict[str, torch.Tensor], pad_token_id: int | None) -> torch.Tensor:
-    """Per sequence of a flat batch, the index of its last token that is not padding: exactly the token that
-    ``AutoModelForSequenceClassification`` pools (the rightmost non-pad token), so scores agree with HF's."""
-    ids = batch["input_ids"][0]
-    ends = batch["cu_seq_lens"].tolist()
-    positions = []
-    for start, end in zip(ends[:-1], ends[1:]):
-        t = end - 1
-        while pad_token_id is not None and t > start and int(ids[t]) == pad_token_id:
-            t -= 1
-        positions.append(t)
-    return torch.tensor(positions, device=ids.device)
-
-
 class _ModelReward:
     """Shared loading and length-sorted batching of the three reward-model kinds.
 

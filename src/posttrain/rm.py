@@ -33,8 +33,14 @@ from posttrain.config import option
 from posttrain.data.io import DataError, Row, as_messages, preference_pair, read_rows, require, validate_rows
 from posttrain.data.packing import Example, collate_flat
 from posttrain.data.render import RenderError, render_conversation
-from posttrain.modeling import load_tokenizer, resolve_device, use_segment_attention
-from posttrain.rewards import STEP_SEPARATOR, completion_text, head_hidden, last_token_positions, step_boundary_tokens
+from posttrain.modeling import (
+    load_tokenizer,
+    resize_for_tokenizer,
+    resolve_device,
+    use_segment_attention,
+    varlen_kwargs,
+)
+from posttrain.rewards import STEP_SEPARATOR, completion_text, step_boundary_tokens
 from posttrain.runlog import MetricsLog
 from posttrain.training import (
     autocast,
@@ -202,6 +208,26 @@ def load_groups(path, tokenizer, config: RMConfig) -> tuple[list[Group], str]:
     return groups, report.summary()
 
 
+def head_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Backbone hidden states (1, N, H) of a flat, padding-free batch (see ``collate_flat``)."""
+    return model.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                            **varlen_kwargs(batch)).last_hidden_state
+
+
+def last_token_positions(batch: dict[str, torch.Tensor], pad_token_id: int | None) -> torch.Tensor:
+    """Per sequence of a flat batch, the index of its last token that is not padding: exactly the token that
+    ``AutoModelForSequenceClassification`` pools (the rightmost non-pad token), so scores agree with HF's."""
+    ids = batch["input_ids"][0]
+    ends = batch["cu_seq_lens"].tolist()
+    positions = []
+    for start, end in zip(ends[:-1], ends[1:]):
+        t = end - 1
+        while pad_token_id is not None and t > start and int(ids[t]) == pad_token_id:
+            t -= 1
+        positions.append(t)
+    return torch.tensor(positions, device=ids.device)
+
+
 def scalar_scores(model, examples: list[Example], pad_id: int, device) -> torch.Tensor:
     """Scores (S,) of a scalar RM for ``examples``, all in one padding-free forward."""
     batch = {k: v.to(device) for k, v in collate_flat(examples, pad_id).items()}
@@ -279,8 +305,7 @@ def _load_model(path: str, loss_type: RMLoss, tokenizer, device):
         model = AutoModelForTokenClassification.from_pretrained(
             path, num_labels=3, id2label={0: "incorrect", 1: "neutral", 2: "correct"},
             label2id={"incorrect": 0, "neutral": 1, "correct": 2}, **kwargs)
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
+    resize_for_tokenizer(model, tokenizer)
     return model.to(device)
 
 

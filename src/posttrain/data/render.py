@@ -111,6 +111,27 @@ def _trained_char_spans(tokenizer, messages, strategy, chat_template) -> tuple[s
     return full, spans
 
 
+def _render(tokenizer, messages, strategy: MultiTurnStrategy, chat_template):
+    """(input_ids, loss_mask, token character offsets, trained character spans) from one tokenization."""
+    if not messages:
+        raise ValueError("empty conversation")
+    full, spans = _trained_char_spans(tokenizer, messages, strategy, chat_template)
+    encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoding["input_ids"])
+    offsets = [tuple(o) for o in encoding["offset_mapping"]]
+    loss_mask = [0] * len(input_ids)
+    span_index = 0
+    for t, (start, end) in enumerate(offsets):
+        while span_index < len(spans) and spans[span_index][1] <= start:
+            span_index += 1
+        if span_index == len(spans):
+            break
+        span_start, span_end = spans[span_index]
+        if end > span_start and start < span_end:  # token overlaps the trained span
+            loss_mask[t] = 1
+    return input_ids, loss_mask, offsets, (full, spans)
+
+
 def render_conversation(
     tokenizer,
     messages: Sequence[Message],
@@ -125,22 +146,7 @@ def render_conversation(
     template scaffolding. ``strategy``: ``all_assistant_turns`` or ``final_turn_only``.
     Raises ``TemplateNotPrefixStableError`` when the template rewrites earlier turns as the conversation grows.
     """
-    strategy = MultiTurnStrategy(strategy)
-    if not messages:
-        raise ValueError("empty conversation")
-    full, spans = _trained_char_spans(tokenizer, messages, strategy, chat_template)
-    encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(encoding["input_ids"])
-    loss_mask = [0] * len(input_ids)
-    span_index = 0
-    for t, (start, end) in enumerate(encoding["offset_mapping"]):
-        while span_index < len(spans) and spans[span_index][1] <= start:
-            span_index += 1
-        if span_index == len(spans):
-            break
-        span_start, span_end = spans[span_index]
-        if end > span_start and start < span_end:  # token overlaps the trained span
-            loss_mask[t] = 1
+    input_ids, loss_mask, _, _ = _render(tokenizer, messages, MultiTurnStrategy(strategy), chat_template)
     return input_ids, loss_mask
 
 
@@ -148,11 +154,9 @@ def render_with_offsets(tokenizer, messages: Sequence[Message], *, chat_template
     """``(input_ids, loss_mask, offsets, reply_start)`` for a conversation ending in an assistant turn: the token
     character offsets into the rendered text and where the final reply's characters start (for process RMs, which
     need the token that ends each step of the reply)."""
-    full, spans = _trained_char_spans(tokenizer, messages, MultiTurnStrategy.final_turn_only, chat_template)
-    encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids, mask = render_conversation(tokenizer, messages, MultiTurnStrategy.final_turn_only, chat_template=chat_template)
+    ids, mask, offsets, (full, spans) = _render(tokenizer, messages, MultiTurnStrategy.final_turn_only, chat_template)
     reply_start = spans[-1][0] + max(0, full[spans[-1][0]:].find(str(messages[-1].get("content", ""))))
-    return ids, mask, [tuple(o) for o in encoding["offset_mapping"]], reply_start
+    return ids, mask, offsets, reply_start
 
 
 def render_prompt(tokenizer, messages: Sequence[Message], *, chat_template: str | None = None) -> list[int]:
