@@ -166,6 +166,15 @@ def test_world_build(tmp_path, world_paths):
     assert tokenizer.apply_chat_template(first["messages"], tokenize=False).startswith("<|im_start|>")
 
 
+def test_world_build_without_dir_fills_the_cache_only(tmp_path, world_paths):
+    """`posttrain world build` (what `make test` runs first) builds the cache and copies nothing."""
+    result = subprocess.run([sys.executable, "-m", "posttrain.cli", "world", "build"], capture_output=True, text=True,
+                            env=cli_env(), timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"tokenizer: {world_paths.tokenizer}" in result.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------------------------------------------
 # pretrain
 

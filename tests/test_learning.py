@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def demo_summary(world_with_base, tmp_path_factory):
-    """`posttrain demo` end to end: base model (cached) -> SFT -> evaluation of both on held-out prompts."""
+    """`posttrain demo` end to end: base model (cached) -> SFT -> evaluation of both on held-out prompts -> BT RM."""
     from posttrain.demo import DemoConfig, run_demo
 
     out = tmp_path_factory.mktemp("demo")
@@ -20,10 +20,11 @@ def demo_summary(world_with_base, tmp_path_factory):
 
 
 def test_base_model_is_pretrained(world_with_base):
-    """The base model learned the corpus: held-out LM loss well below uniform (ln 1024 = 6.9 nats)."""
+    """The base model learned the corpus, arithmetic included: held-out LM loss below 0.6 nats (uniform: ln 1024 =
+    6.9; measured 0.52 after 1500 steps, 0.69 after 500 when it could not yet copy operands)."""
     metrics = [json.loads(line) for line in (world_with_base.base_model / "pretrain_metrics.jsonl").read_text().splitlines()]
     eval_losses = [m["eval/loss"] for m in metrics if "eval/loss" in m]
-    assert eval_losses and eval_losses[-1] < 1.2
+    assert eval_losses and eval_losses[-1] < 0.6
 
 
 def test_sft_learns_format_and_stopping(demo_summary):
@@ -36,15 +37,28 @@ def test_sft_learns_format_and_stopping(demo_summary):
     assert sft["stop_rate"] >= 0.95
     assert sft["gold_reward"] > base["gold_reward"] + 0.3
     assert 0.0 <= sft["accuracy"] <= 1.0 and sft["accuracy"] > base["accuracy"]
+    assert sft["accuracy"] >= 0.4  # measured 0.655: the base model can do the arithmetic, SFT teaches the format
 
 
 def test_demo_writes_summary_and_runs(demo_summary):
     out, summary = demo_summary
     on_disk = json.loads((out / "summary.json").read_text())
     assert set(on_disk["stages"]) == {"base", "sft"}
+    assert on_disk["reward_model"]["pair_accuracy"] == summary["reward_model"]["pair_accuracy"]
     for stage in on_disk["stages"].values():
         assert {"format_rate", "accuracy", "gold_reward", "mean_length"} <= set(stage)
     assert (out / "sft" / "model" / "model.safetensors").exists()
     assert (out / "sft" / "plots" / "train.png").exists()
     samples = [json.loads(line) for line in (out / "samples_sft.jsonl").read_text().splitlines()]
     assert len(samples) == 200 and all("completion" in s for s in samples)
+
+
+def test_demo_reward_model_learns_surface_preferences(demo_summary):
+    """The demo's Bradley-Terry RM (one epoch from the SFT model) prefers the gold-preferred reply on >= 85 % of the
+    held-out pairs that do not need the answer checked (measured 0.93) and reports its length correlation. Pairs that
+    do need it checked stay near chance at this scale (docs/reward-models.md, Status)."""
+    _, summary = demo_summary
+    rm = summary["reward_model"]
+    assert rm["pair_accuracy_rest"] >= 0.85, rm
+    assert rm["pairs"] > 100 and rm["answer_check_pairs"] > 50
+    assert -1.0 <= rm["length_correlation"] <= 1.0

@@ -148,3 +148,62 @@ def test_bad_rm_rows_name_file_line_field(world_tokenizer, tmp_path):
         with pytest.raises(DataError) as err:
             parse_group(row, world_tokenizer, loss, 1.0)
         assert str(bad) in str(err.value) and line in str(err.value) and f"'{field}'" in str(err.value)
+
+
+def test_shared_prompt_forward_equals_separate_sequences(trained, world):
+    """The training forward holds each prompt once (collate_shared_prefix + segment masks); its scores AND its
+    gradients equal those of forwarding every (prompt + completion) as its own sequence, HF's padded way."""
+    from posttrain.data.packing import collate_padded, collate_shared_prefix
+    from posttrain.modeling import load_tokenizer, use_segment_attention
+    from posttrain.rm import RMLoss, _load_model, group_scores, load_groups
+
+    tokenizer = load_tokenizer(trained["kcomparisons"])
+    groups, _ = load_groups(world.data / "rankings_heldout.jsonl", tokenizer, RMConfig(loss="kcomparisons"))
+    groups = groups[:5]
+    batch = collate_shared_prefix([g.examples for g in groups])
+    tokens = sum(len(e) for g in groups for e in g.examples)
+    assert batch["input_ids"].shape[1] < tokens  # the prompts really are shared
+    assert batch["input_ids"].shape[1] == tokens - sum((len(g.examples) - 1) * batch["layout"][i * 4][1]
+                                                       for i, g in enumerate(groups))
+
+    def scores_and_grads(shared: bool):
+        model = _load_model(str(trained["kcomparisons"]), RMLoss.kcomparisons, tokenizer, "cpu")
+        if shared:
+            use_segment_attention(model)
+            scores = group_scores(model, groups, tokenizer.pad_token_id, "cpu")
+        else:
+            padded = collate_padded([e for g in groups for e in g.examples], tokenizer.pad_token_id)
+            scores = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits.view(5, -1)
+        (scores * torch.arange(1.0, 21.0).view(5, 4)).sum().backward()
+        return scores.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    shared_scores, shared_grads = scores_and_grads(True)
+    hf_scores, hf_grads = scores_and_grads(False)
+    assert shared_scores.shape == (5, 4)
+    torch.testing.assert_close(shared_scores, hf_scores, atol=1e-4, rtol=1e-4)
+    assert shared_grads.keys() == hf_grads.keys()
+    for name in hf_grads:
+        torch.testing.assert_close(shared_grads[name], hf_grads[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_shared_prefix_layout_by_hand():
+    from posttrain.data.packing import Example, collate_shared_prefix, flat_index, shared_prefix_length
+
+    a, b, c = Example([5, 6, 7, 8], [0, 0, 1, 1]), Example([5, 6, 9], [0, 0, 1]), Example([5, 6], [0, 1])
+    assert shared_prefix_length([a, b]) == 2
+    assert shared_prefix_length([a, c]) == 1  # each example keeps its own last token
+    batch = collate_shared_prefix([[a, b], [c]])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 5, 6]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2, 0, 1]]
+    assert batch["cu_seq_lens"].tolist() == [0, 5, 7]
+    assert batch["segment_masks"][1] is None
+    assert batch["segment_masks"][0].int().tolist() == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0],
+        [1, 1, 0, 0, 1],  # b's own token 9 sees the prompt 5 6, not a's 7 8
+    ]
+    assert [flat_index(batch["layout"][0], t) for t in range(4)] == [0, 1, 2, 3]
+    assert [flat_index(batch["layout"][1], t) for t in range(3)] == [0, 1, 4]
+    assert [flat_index(batch["layout"][2], t) for t in range(2)] == [5, 6]

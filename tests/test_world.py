@@ -275,6 +275,8 @@ def test_flaws_do_what_they_say():
         wrong_final = datagen.flawed_completion(rng, q, "wrong_final")
         assert follows_format(wrong_final) and parse_final_answer(wrong_final) != q.answer
         assert parse_final_answer(datagen.flawed_completion(rng, q, "no_answer")) is None
+        misread = datagen.flawed_completion(rng, q, "misread")
+        assert follows_format(misread) and parse_final_answer(misread) != q.answer
     with pytest.raises(ValueError):
         datagen.flawed_completion(rng, QUESTIONS[0], "typo")
 
@@ -389,6 +391,43 @@ def test_process_rows(rows):
         if -1 in signed:  # once wrong, every later dependent step is wrong
             first = signed.index(-1)
             assert all(label == -1 for label in signed[first:])
+
+
+def test_misread_is_true_arithmetic_on_a_miscopied_number():
+    """Every equation of a misread solution is arithmetically true and chains from the line before; exactly one
+    number (the start, an operand or a carried value) differs from the correct solution, by 1-3."""
+    rng = random.Random(2)
+    seen_carried = False
+    for q in QUESTIONS[::13]:
+        equations, value = datagen.misread_steps(rng, q)
+        parsed = [parse_step(equation) for equation in equations]
+        assert all(x >= 0 and result >= 0 and apply(x, op, n) == result for x, op, n, result in parsed)
+        assert value == parsed[-1][3] != q.answer
+        start, ops = step_operations(q.steps)
+        truth = [parse_step(text) for text, _ in q.steps]
+        carried = [previous[3] for previous in parsed[:-1]]  # what each later step should start from
+        left_diffs = [abs(p[0] - (start if i == 0 else carried[i - 1])) for i, p in enumerate(parsed)]
+        operand_diffs = [abs(p[2] - n) for p, (_, n) in zip(parsed, ops)]
+        changed = [d for d in left_diffs + operand_diffs if d]
+        assert len(changed) == 1 and 1 <= changed[0] <= 3, (q.text, equations)
+        seen_carried |= any(left_diffs[1:])
+        assert len(parsed) == len(truth)
+    assert seen_carried  # chains also miscopy the value carried between lines
+
+
+def test_misread_hand_checked():
+    q = parse_question("Start with 5, add 7, then double it.")
+    outcomes = {tuple(datagen.misread_steps(random.Random(seed), q)[0]) for seed in range(200)}
+    assert ("5 + 7 = 12", "13 * 2 = 26") in outcomes  # carried value 12 copied as 13
+    assert ("5 + 8 = 13", "13 * 2 = 26") in outcomes  # operand 7 read as 8
+    assert ("2 + 7 = 9", "9 * 2 = 18") in outcomes  # start 5 read as 2
+    assert ("5 + 7 = 12", "12 * 2 = 24") not in outcomes
+    steps, labels = datagen.process_example(random.Random(0), q, "misread")
+    assert labels[-1] == -1 and -1 in labels
+
+
+def apply(x: int, op: str, n: int) -> int:
+    return {"+": x + n, "-": x - n, "*": x * n}[op]
 
 
 def test_process_labels_hand_checked():

@@ -5,6 +5,9 @@ row with no padding at all; attention runs causally *within each example* (one `
 per example, ``is_causal=True``), so no dense block-diagonal mask over the whole row is built or multiplied.
 The example boundaries arrive as ``cu_seq_lens_q`` (cumulative lengths, the flash-attention varlen convention),
 which transformers forwards from the model call to every attention layer.
+
+A segment can also hold a prompt shared by several completions (``collate_shared_prefix``): then
+``segment_masks[i]`` is its (L, L) boolean mask (True = may attend) and replaces the plain causal mask.
 """
 
 from __future__ import annotations
@@ -26,10 +29,13 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
     gqa = query.shape[1] != key.shape[1]
     outputs = []
     cuts = boundaries.tolist()
-    for start, end in zip(cuts[:-1], cuts[1:]):
+    masks = kwargs.get("segment_masks") or [None] * (len(cuts) - 1)
+    for start, end, mask in zip(cuts[:-1], cuts[1:], masks):
+        if mask is not None:
+            mask = mask.to(query.device)
         outputs.append(F.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-            is_causal=True, scale=scaling, dropout_p=dropout if module.training else 0.0, enable_gqa=gqa))
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], attn_mask=mask,
+            is_causal=mask is None, scale=scaling, dropout_p=dropout if module.training else 0.0, enable_gqa=gqa))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 

@@ -12,7 +12,8 @@ The post-training pipeline of the RLHF book, on any local Hugging Face model or 
 
 commands:
   demo         the whole pipeline on the tiny world (offline, CPU, minutes); prints a before/after table
-  world build  write the tiny world (tokenizer, datasets; --base-model: the pretrained base model) to a directory
+  world build  build the tiny world (tokenizer, datasets; --base-model: the pretrained base model) in the cache
+               and optionally copy it to a directory
   pretrain     next-token pretraining on plain text (`text` rows)
   sft          instruction fine-tuning on conversations, loss on assistant turns only
   rm           reward models: --loss bt | margin | kcomparisons | plackett_luce | orm | prm
@@ -53,14 +54,19 @@ def _world(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="posttrain world", description="The tiny world.")
     sub = parser.add_subparsers(dest="action", required=True)
-    build = sub.add_parser("build", help="write tokenizer/, data/ (and base-model/) to DIR")
-    build.add_argument("dir", help="output directory")
+    build = sub.add_parser("build", help="build the cached world; with DIR, also write tokenizer/, data/ "
+                                         "(and base-model/) there")
+    build.add_argument("dir", nargs="?", default=None,
+                       help="output directory (omit to only fill the cache, $POSTTRAIN_CACHE or ~/.cache/posttrain)")
     build.add_argument("--base-model", "--base_model", action="store_true",
-                       help="also pretrain (or reuse the cached) base model and write it to DIR/base-model")
+                       help="also pretrain (or reuse the cached) base model")
     args = parser.parse_args(argv)
-    from posttrain.world.build import write_world
+    from posttrain.world.build import ensure_world, write_world
 
-    paths = write_world(args.dir, base_model=args.base_model)
+    if args.dir is None:
+        paths = ensure_world(base_model=args.base_model)
+    else:
+        paths = write_world(args.dir, base_model=args.base_model)
     print(f"tokenizer: {paths.tokenizer}\ndata:      {paths.data}")
     if args.base_model:
         print(f"base model: {paths.base_model}")

@@ -28,8 +28,8 @@ class DemoConfig:
     sft_steps: int = option(150, "SFT optimizer steps")
     sft_batch_size: int = option(16, "SFT conversations per step")
     sft_lr: float = option(1e-3, "SFT peak learning rate")
-    rm_steps: int = option(0, "reward-model optimizer steps (16 pairs each); 0 = skip the RM stage (off by default "
-                              "until the reward-model issue is finished)")
+    rm_steps: int = option(250, "Bradley-Terry reward-model optimizer steps (16 pairs each; 250 = one epoch of the "
+                                "world's preference pairs); 0 = skip the RM stage")
     eval_prompts: int = option(200, "held-out prompts to evaluate each stage on")
     max_new_tokens: int = option(48, "generation budget per reply")
     device: str = option("auto", "auto | cpu | cuda")
@@ -112,8 +112,9 @@ def run_demo(config: DemoConfig) -> dict:
     print()
     print(format_table(stages))
     if rm := summary.get("reward_model"):
-        print(f"\nreward model (bt): held-out pair accuracy {rm['pair_accuracy']:.3f}, top-1 selection "
-              f"{rm['top1_accuracy']:.3f} (random {rm['random_top1']:.3f}), length correlation "
+        print(f"\nreward model (bt): held-out pair accuracy {rm['pair_accuracy']:.3f} (pairs that need the answer "
+              f"checked: {rm['pair_accuracy_answer_check']:.3f}; the rest: {rm['pair_accuracy_rest']:.3f}), top-1 "
+              f"selection {rm['top1_accuracy']:.3f} (random {rm['random_top1']:.3f}), length correlation "
               f"{rm['length_correlation']:+.3f}")
     print(f"\nsummary: {out / 'summary.json'}   ({summary['seconds']} s)")
     return summary

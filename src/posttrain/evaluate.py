@@ -76,6 +76,9 @@ def evaluate_reward_on_world(reward, data_dir: str | Path, *, limit: int = 0) ->
     """A reward (any implementation of the reward interface) against the tiny world's gold reward.
 
     pair_accuracy      held-out preference pairs where reward(chosen) > reward(rejected) (ties count half)
+    pair_accuracy_answer_check   the same on the pairs where both replies give an answer and exactly one is right
+                       (the reward must check the answer; ``answer_check_pairs`` of them), and
+    pair_accuracy_rest on the others (format, verbosity, a missing answer tell them apart)
     top1_accuracy      held-out rankings: the completion the reward ranks first is correct
     random_top1        the same for a uniformly random pick (the fraction of correct completions)
     length_correlation Pearson correlation of the reward with the completion's length in words (length bias)
@@ -88,8 +91,18 @@ def evaluate_reward_on_world(reward, data_dir: str | Path, *, limit: int = 0) ->
     prompts = [p["prompt"] for p in pairs]
     chosen = reward(prompts, [p["chosen"] for p in pairs])
     rejected = reward(prompts, [p["rejected"] for p in pairs])
-    scored = [(c, r) for c, r in zip(chosen, rejected) if c is not None and r is not None]
-    pair_accuracy = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in scored) / max(1, len(scored))
+    def answer_check(pair: dict) -> bool:
+        gives_answer = [parse_final_answer(completion_text(pair[k])) is not None for k in ("chosen", "rejected")]
+        correct = [gold_components(pair["prompt"], pair[k])["correct"] for k in ("chosen", "rejected")]
+        return all(gives_answer) and correct[0] != correct[1]
+
+    def accuracy(items: list[tuple[float, float]]) -> float:
+        return sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in items) / max(1, len(items))
+
+    scored = [(c, r, answer_check(p)) for c, r, p in zip(chosen, rejected, pairs) if c is not None and r is not None]
+    pair_accuracy = accuracy([(c, r) for c, r, _ in scored])
+    checking = [(c, r) for c, r, check in scored if check]
+    rest = [(c, r) for c, r, check in scored if not check]
 
     rankings = _jsonl(data_dir / "rankings_heldout.jsonl", limit)
     flat_prompts = [r["prompt"] for r in rankings for _ in r["completions"]]
@@ -113,6 +126,8 @@ def evaluate_reward_on_world(reward, data_dir: str | Path, *, limit: int = 0) ->
         if score is not None:
             lengths.append(len(completion_text(completion).split()))
             values.append(score)
-    return {"pair_accuracy": pair_accuracy, "top1_accuracy": top1 / max(1, len(rankings)),
+    return {"pair_accuracy": pair_accuracy, "pair_accuracy_answer_check": accuracy(checking),
+            "pair_accuracy_rest": accuracy(rest), "answer_check_pairs": len(checking),
+            "top1_accuracy": top1 / max(1, len(rankings)),
             "random_top1": random_top1 / max(1, len(rankings)), "length_correlation": pearson(values, lengths),
             "pairs": len(scored), "rankings": len(rankings)}

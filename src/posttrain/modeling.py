@@ -76,7 +76,10 @@ def varlen_kwargs(batch: dict[str, torch.Tensor]) -> dict:
         return {}
     lengths = batch["cu_seq_lens"]
     longest = int((lengths[1:] - lengths[:-1]).max())
-    return dict(cu_seq_lens_q=lengths, cu_seq_lens_k=lengths, max_length_q=longest, max_length_k=longest)
+    kwargs = dict(cu_seq_lens_q=lengths, cu_seq_lens_k=lengths, max_length_q=longest, max_length_k=longest)
+    if "segment_masks" in batch:  # shared-prompt segments (collate_shared_prefix); segment attention only
+        kwargs["segment_masks"] = [m if m is None else m.to(lengths.device) for m in batch["segment_masks"]]
+    return kwargs
 
 
 def trained_token_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

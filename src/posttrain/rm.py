@@ -12,7 +12,8 @@ last non-padding token); ORM/PRM are ``AutoModelForTokenClassification`` (1 or 3
 a causal LM and saved with ``save_pretrained`` so the Auto classes reload them and give the same scores.
 
 Each step's sequences go through the model once, as one padding-free row with per-example attention: a K-wise
-ranking forwards K completions, not 2 per pair. Usually one epoch (reward models overfit fast).
+ranking forwards K completions, not 2 per pair, and (scalar RMs) the shared prompt once per ranking, not once per
+completion. Usually one epoch (reward models overfit fast).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from posttrain import losses
 from posttrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.config import option
 from posttrain.data.io import DataError, Row, as_messages, preference_pair, read_rows, require, validate_rows
-from posttrain.data.packing import Example, collate_flat
+from posttrain.data.packing import Example, collate_flat, collate_shared_prefix, flat_index
 from posttrain.data.render import RenderError, render_conversation
 from posttrain.modeling import (
     load_tokenizer,
@@ -235,11 +236,36 @@ def scalar_scores(model, examples: list[Example], pad_id: int, device) -> torch.
     return model.score(hidden[last_token_positions(batch, pad_id)]).squeeze(-1)
 
 
+def _last_non_pad(example: Example, pad_id: int | None) -> int:
+    t = len(example) - 1
+    while pad_id is not None and t > 0 and example.input_ids[t] == pad_id:
+        t -= 1
+    return t
+
+
+def group_scores(model, groups: list[Group], pad_id: int, device) -> torch.Tensor:
+    """Scores (B, K) of a scalar RM for B groups of K completions of one prompt each, in one padding-free forward.
+
+    With segment attention the prompt is forwarded once per group (``collate_shared_prefix``): a pair costs
+    prompt + chosen + rejected tokens instead of 2 x prompt + chosen + rejected. Other attention backends
+    (flash-attention) take the flat layout. Either way the scores equal HF's, which pool the last non-pad token.
+    """
+    from posttrain.attention import NAME as SEGMENT_ATTENTION
+
+    if getattr(model.config, "_attn_implementation", None) != SEGMENT_ATTENTION:
+        return scalar_scores(model, [e for g in groups for e in g.examples], pad_id, device).view(len(groups), -1)
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+             for k, v in collate_shared_prefix([g.examples for g in groups]).items()}
+    hidden = head_hidden(model, batch)[0]  # (N, H), N = the group's tokens with each prompt once
+    examples = [e for g in groups for e in g.examples]
+    pooled = [flat_index(layout, _last_non_pad(e, pad_id)) for layout, e in zip(batch["layout"], examples)]
+    return model.score(hidden[pooled]).squeeze(-1).view(len(groups), -1)
+
+
 def group_loss(model, groups: list[Group], loss_type: RMLoss, pad_id: int, device) -> tuple[torch.Tensor, dict, int]:
     """Loss of a micro-batch of groups (all sequences in one flat forward); returns (loss, metrics, unit count)."""
-    examples = [e for g in groups for e in g.examples]
     if loss_type.is_scalar:
-        scores = scalar_scores(model, examples, pad_id, device).view(len(groups), -1)  # (B, K), best-first
+        scores = group_scores(model, groups, pad_id, device)  # (B, K), best-first
         match loss_type:
             case RMLoss.bt:
                 loss, metrics = losses.bradley_terry_loss(scores[:, 0], scores[:, 1])
@@ -251,6 +277,7 @@ def group_loss(model, groups: list[Group], loss_type: RMLoss, pad_id: int, devic
             case RMLoss.plackett_luce:
                 loss, metrics = losses.plackett_luce_loss(scores)
         return loss, metrics, len(groups)
+    examples = [e for g in groups for e in g.examples]
     batch = {k: v.to(device) for k, v in collate_flat(examples, pad_id).items()}
     hidden = head_hidden(model, batch)[0]  # (N, H)
     if loss_type == RMLoss.orm:

@@ -116,3 +116,65 @@ def pack_batch(examples: list[Example], row_capacity: int, pad_token_id: int) ->
     capacity = max(row_capacity, max(len(e) for e in examples))
     bins = first_fit_decreasing([len(e) for e in examples], capacity)
     return collate_packed([[examples[i] for i in row] for row in bins], pad_token_id)
+
+
+def shared_prefix_length(examples: list[Example]) -> int:
+    """Tokens every example starts with (at most ``min(len) - 1``, so each keeps its own last token)."""
+    shortest = min(len(e) for e in examples)
+    n = 0
+    while n < shortest - 1 and all(e.input_ids[n] == examples[0].input_ids[n] for e in examples):
+        n += 1
+    return n
+
+
+def collate_shared_prefix(groups: list[list[Example]]) -> dict:
+    """Groups of examples that share a prompt -> ONE padding-free row that holds each prompt once.
+
+    Segment g is ``prefix_g | suffix_g1 | ... | suffix_gK``: the tokens the group's examples have in common (the
+    rendered prompt), then what is left of each example. Each suffix restarts its ``position_ids`` where the prefix
+    ends, and ``segment_masks[g]`` (L_g, L_g) lets a suffix token see the prefix and the earlier tokens of its own
+    suffix only, so every token computes exactly what it computes in its own full sequence: the prompt is forwarded
+    once per group instead of once per completion (the saving grows with prompt length and K).
+
+    Returns ``input_ids``/``position_ids`` (1, N), ``cu_seq_lens`` (G+1,) segment boundaries, ``segment_masks``
+    (list of G bool tensors, None for a group of one) and ``layout``: for each example, in order,
+    ``(prefix_start, prefix_length, suffix_start)`` — its token t sits at flat index ``prefix_start + t`` if
+    ``t < prefix_length``, else ``suffix_start + t - prefix_length`` (see :func:`flat_index`).
+    """
+    ids: list[int] = []
+    positions: list[int] = []
+    boundaries = [0]
+    masks: list[torch.Tensor | None] = []
+    layout: list[tuple[int, int, int]] = []
+    for examples in groups:
+        segment_start = len(ids)
+        prefix = shared_prefix_length(examples) if len(examples) > 1 else 0
+        ids += examples[0].input_ids[:prefix]
+        positions += list(range(prefix))
+        branch = [0] * prefix
+        for k, example in enumerate(examples, start=1):
+            suffix = example.input_ids[prefix:]
+            layout.append((segment_start, prefix, len(ids)))
+            ids += suffix
+            positions += list(range(prefix, len(example)))
+            branch += [k] * len(suffix)
+        boundaries.append(len(ids))
+        if len(examples) == 1:
+            masks.append(None)
+            continue
+        owner = torch.tensor(branch)
+        causal = torch.ones(len(owner), len(owner), dtype=torch.bool).tril()
+        masks.append(causal & ((owner[None, :] == 0) | (owner[None, :] == owner[:, None])))  # (L_g, L_g)
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "cu_seq_lens": torch.tensor(boundaries),
+        "segment_masks": masks,
+        "layout": layout,
+    }
+
+
+def flat_index(layout: tuple[int, int, int], t: int) -> int:
+    """Flat index, in a :func:`collate_shared_prefix` row, of token ``t`` of the example with this ``layout``."""
+    prefix_start, prefix_length, suffix_start = layout
+    return prefix_start + t if t < prefix_length else suffix_start + t - prefix_length

@@ -39,7 +39,7 @@ from .tasks import (
     step_operations,
 )
 
-FLAWS = ("wrong_arithmetic", "no_format", "verbose", "wrong_final", "no_answer")
+FLAWS = ("wrong_arithmetic", "misread", "no_format", "verbose", "wrong_final", "no_answer")
 
 SYSTEM_PROMPTS = (
     "You are a careful math tutor.",
@@ -155,6 +155,38 @@ def worked_steps(q: Question, wrong_at: int | None = None, error: int = 0) -> tu
     return equations, value
 
 
+def misread_steps(rng: random.Random, q: Question) -> tuple[list[str], int] | None:
+    """Equations computed correctly from one misread number, and the (wrong) last value.
+
+    The misread number is an operand of the question (off by 1-3) or, in a chain, the
+    value carried into a step (the previous result copied wrong). Every equation is
+    arithmetically true; only the comparison with the question or the previous line
+    shows the error. ``None`` if no misreading changes the answer and keeps every
+    value non-negative (e.g. ``0 * 0``).
+    """
+    start, ops = step_operations(q.steps)
+    # slot 0: the start value; slot 2i+1: operand of step i; slot 2i+2: value carried into step i+1
+    slots = [0] + [2 * i + 1 for i in range(len(ops))] + [2 * i + 2 for i in range(len(ops) - 1)]
+    for _ in range(20):
+        slot = rng.choice(slots)
+        offset = rng.choice((-3, -2, -1, 1, 2, 3))
+        value = start + (offset if slot == 0 else 0)
+        equations = []
+        ok = value >= 0
+        for index, (op, n) in enumerate(ops):
+            if slot == 2 * index + 1:
+                n += offset
+            if index > 0 and slot == 2 * index:
+                value += offset
+            result = apply_op(value, op, n)
+            ok = ok and n >= (1 if op == "*" else 0) and value >= 0 and result >= 0
+            equations.append(format_step(value, op, n, result))
+            value = result
+        if ok and value != q.answer:
+            return equations, value
+    return None
+
+
 def _sentences(equations: list[str]) -> str:
     """``["5 + 7 = 12", "12 * 2 = 24"]`` -> ``"5 + 7 = 12. 12 * 2 = 24."``"""
     return " ".join(f"{equation}." for equation in equations)
@@ -193,6 +225,9 @@ def flawed_completion(rng: random.Random, q: Question, flaw: str) -> str:
     """A completion with one flaw; its gold reward is strictly below :func:`good_completion`'s.
 
     * ``wrong_arithmetic``: one step result off by 1-3, propagated; formatted, wrong answer.
+    * ``misread``: one number of the question (or one carried value) copied off by 1-3, the
+      arithmetic done right from it (:func:`misread_steps`); formatted, wrong answer. Falls back
+      to ``wrong_arithmetic`` when no misreading changes the answer.
     * ``no_format``: correct work ending "So it is N." (no "The answer is N.").
     * ``verbose``: a 40-80 word rambling preamble, then the good completion.
     * ``wrong_final``: correct steps, but "The answer is M." with M != answer.
@@ -204,6 +239,11 @@ def flawed_completion(rng: random.Random, q: Question, flaw: str) -> str:
         error = _small_error(rng, q.steps[wrong_at][1])
         wrong_equations, value = worked_steps(q, wrong_at, error)
         return f"{_sentences(wrong_equations)} The answer is {value}."
+    if flaw == "misread" and (misread := misread_steps(rng, q)) is not None:
+        equations, value = misread
+        return f"{_sentences(equations)} The answer is {value}."
+    if flaw == "misread":  # no misreading changes the answer (e.g. 0 * 0)
+        return flawed_completion(rng, q, "wrong_arithmetic")
     if flaw == "no_format":
         ending = rng.choice(NO_FORMAT_ENDINGS).format(n=q.answer)
         return f"{_sentences(equations)} {ending}"
@@ -350,7 +390,7 @@ def rl_rows(n: int, seed: int, split: str = "train") -> list[dict]:
 
 def outcome_rows(n: int, seed: int, split: str = "train") -> list[dict]:
     """Outcome-reward data, about half correct: good / verbose / no_format completions
-    (label 1) vs. wrong_arithmetic / wrong_final / no_answer (label 0).
+    (label 1) vs. wrong_arithmetic / misread / wrong_final / no_answer (label 0).
 
     ``label = 1`` iff ``parse_final_answer(completion) == answer``.
     """
@@ -361,7 +401,7 @@ def outcome_rows(n: int, seed: int, split: str = "train") -> list[dict]:
         if rng.random() < 0.5:
             kind = rng.choice(("good", "verbose", "no_format"))
         else:
-            kind = rng.choice(("wrong_arithmetic", "wrong_final", "no_answer"))
+            kind = rng.choice(("wrong_arithmetic", "misread", "wrong_final", "no_answer"))
         completion = good_completion(q) if kind == "good" else flawed_completion(rng, q, kind)
         label = int(parse_final_answer(completion) == q.answer)
         rows.append({"prompt": [_user(q.text)], "completion": [_assistant(completion)], "label": label})
@@ -376,19 +416,26 @@ def process_example(rng: random.Random, q: Question, flaw: str | None) -> tuple[
     """Steps and per-step labels of one solution.
 
     ``flaw`` is None (all correct), ``"wrong_arithmetic"`` (one step off,
-    propagated) or ``"wrong_final"`` (correct steps, wrong final number).
+    propagated), ``"misread"`` (one number copied wrong, :func:`misread_steps`)
+    or ``"wrong_final"`` (correct steps, wrong final number).
     Labels: +1 correct step; -1 the first wrong step and every later step
     depending on it (all later equations and the final answer); 0 a neutral
     step (inserted at the start with probability 0.3 and after each
     equation with probability 0.15).
     """
-    wrong_at, error = None, 0
-    if flaw == "wrong_arithmetic":
-        wrong_at = rng.randrange(len(q.steps))
-        error = _small_error(rng, q.steps[wrong_at][1])
-    elif flaw not in (None, "wrong_final"):
+    if flaw not in (None, "wrong_arithmetic", "misread", "wrong_final"):
         raise ValueError(f"unsupported process flaw {flaw!r}")
-    equations, value = worked_steps(q, wrong_at, error)
+    misread = misread_steps(rng, q) if flaw == "misread" else None
+    if misread is not None:
+        equations, value = misread
+    else:
+        wrong_at, error = None, 0
+        if flaw in ("wrong_arithmetic", "misread"):
+            wrong_at = rng.randrange(len(q.steps))
+            error = _small_error(rng, q.steps[wrong_at][1])
+        equations, value = worked_steps(q, wrong_at, error)
+    correct = [text for text, _ in q.steps]
+    wrong_at = next((i for i, (eq, right) in enumerate(zip(equations, correct)) if eq != right), None)
     steps: list[str] = []
     labels: list[int] = []
     if rng.random() < 0.3:
@@ -414,7 +461,7 @@ def process_rows(n: int, seed: int, split: str = "train") -> list[dict]:
     """``{"prompt": question, "steps": [...], "labels": [...]}``.
 
     60 % level-3 (multi-step) questions, 40 % level 1-2; half the solutions
-    fully correct, the rest with a wrong_arithmetic (2/3) or wrong_final (1/3) flaw.
+    fully correct, the rest with a wrong_arithmetic, misread or wrong_final flaw (1/3 each).
     ``" ".join(steps)`` reads as a completion.
     """
     rng = _rng("process", seed, split)
@@ -424,7 +471,7 @@ def process_rows(n: int, seed: int, split: str = "train") -> list[dict]:
         q = draw_question(rng, split, levels)
         flaw = None
         if rng.random() < 0.5:
-            flaw = rng.choice(("wrong_arithmetic", "wrong_arithmetic", "wrong_final"))
+            flaw = rng.choice(("wrong_arithmetic", "misread", "wrong_final"))
         steps, labels = process_example(rng, q, flaw)
         rows.append({"prompt": q.text, "steps": steps, "labels": labels})
     return rows
