@@ -35,6 +35,7 @@ $(VENV)/.bench: $(VENV)/.installed
 bench: $(VENV)/.bench
 	$(PY) benchmarks/sft.py
 	$(PY) benchmarks/rm.py
+	$(PY) benchmarks/generate.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

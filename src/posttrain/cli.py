@@ -20,6 +20,12 @@ commands:
   chat         talk to a model (one-shot --prompt, or interactive)
   serve        an OpenAI-compatible chat-completions server for a local model (127.0.0.1 by default)
   label        AI-feedback preference labels: an LLM judge picks chosen/rejected from completion pairs
+  generate     N sampled completions per prompt (KV-cache engine; vLLM on a GPU when installed)
+  score        the reward matrix R of generated completions, with any reward (RM, verifier, judge, gold, sums)
+  select       rejection-sampling selection: top_per_prompt | top_k, or best-vs-worst preference pairs
+  bon          best-of-N at inference: generate, score and keep each prompt's best completion
+  rs           rejection-sampling fine-tuning: generate -> score -> select -> SFT, for R rounds
+  scaling      inference-time scaling: best-of-n reward, pass@n, maj@n and the best-of-n KL against log n
 
 Run `posttrain COMMAND --help` for the options of a command.
 """
@@ -103,6 +109,30 @@ def _dispatch(command: str, argv: list[str]) -> int:
             from posttrain.label import LabelConfig, run_label
 
             return _stage(LabelConfig, run_label, "posttrain label: preference labels from an LLM judge.", argv)
+        case "generate":
+            from posttrain.bestofn import GenerateConfig, run_generate
+
+            return _stage(GenerateConfig, run_generate, "posttrain generate: N completions per prompt.", argv)
+        case "score":
+            from posttrain.bestofn import ScoreConfig, run_score
+
+            return _stage(ScoreConfig, run_score, "posttrain score: the reward matrix of generated completions.", argv)
+        case "select":
+            from posttrain.bestofn import SelectConfig, run_select
+
+            return _stage(SelectConfig, run_select, "posttrain select: rejection-sampling selection rules.", argv)
+        case "bon":
+            from posttrain.bestofn import BonConfig, run_bon
+
+            return _stage(BonConfig, run_bon, "posttrain bon: best-of-N sampling with a reward.", argv)
+        case "rs":
+            from posttrain.rs import RSConfig, run_rs
+
+            return _stage(RSConfig, run_rs, "posttrain rs: rejection-sampling fine-tuning.", argv)
+        case "scaling":
+            from posttrain.scaling import ScalingConfig, run_scaling
+
+            return _stage(ScalingConfig, run_scaling, "posttrain scaling: the test-time-scaling plot.", argv)
         case "world":
             return _world(argv)
         case _:
@@ -129,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _dispatch(argv[0], argv[1:])
-    except (ConfigError, DataError, RenderError, TemplateNotPrefixStableError, FileNotFoundError, FileExistsError) as err:
+    except (ConfigError, DataError, RenderError, TemplateNotPrefixStableError, FileNotFoundError, FileExistsError,
+            ValueError) as err:
         print(f"posttrain {argv[0]}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,12 +1,23 @@
-"""Batched generation from chat prompts with the same rendering path as training (``render_prompt``).
+"""The generation engine: N sampled completions per chat prompt, with the same rendering path as training.
 
-Uses ``model.generate`` with a KV cache over left-padded prompt batches; stops at eos or the template's
-end-of-turn token. (The full engine with vLLM and per-token log-probs belongs to the sampling stage.)
+One interface, two backends:
+
+* :class:`HFEngine` — transformers' ``model.generate`` with a KV cache, on CPU or GPU. Prompts are rendered with
+  ``render_prompt`` (the prompt part of exactly what training renders), left-padded, longest first so a batch pads
+  little, and expanded to ``n`` samples each (``num_return_sequences``). Stops at the template's end-of-turn token
+  or EOS.
+* :class:`VLLMEngine` — vLLM, imported only when it is built. It receives the same rendered token ids (never the
+  raw text), so both backends see identical prompts.
+
+``load_engine(path, backend="auto")`` picks vLLM when it is installed and a GPU is present, else the built-in one.
+Per-token log-probs (``SamplingParams.logprobs``) are those of the unprocessed model distribution (raw logits, before
+temperature / top-p / top-k / min-p), which is what RL needs for importance ratios and KL terms.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -14,63 +25,154 @@ from posttrain.data.render import end_of_turn_token_ids, render_prompt
 
 
 @dataclass
+class SamplingParams:
+    n: int = 1  # completions per prompt
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # 0 = off
+    seed: int | None = None  # same seed + same inputs -> same completions
+    logprobs: bool = False  # per-token log-probs of the sampled tokens
+
+    def __post_init__(self):
+        if self.n < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"n and max_new_tokens must be >= 1, got n={self.n}, max_new_tokens={self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or not 0 <= self.min_p < 1:
+            raise ValueError(f"invalid sampling parameters: temperature={self.temperature} (>= 0), top_p={self.top_p} "
+                             f"(in (0, 1]), top_k={self.top_k} (>= 0), min_p={self.min_p} (in [0, 1))")
+
+
+@dataclass
 class Completion:
     text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" (end-of-turn/eos emitted) or "length"
+    token_ids: list[int]  # generated tokens, without the end-of-turn / EOS token that ended them
+    finish_reason: str  # "stop" (end-of-turn/EOS emitted) or "length"
+    logprobs: list[float] | None = field(default=None)  # one per token of token_ids (when asked for)
 
 
-@torch.no_grad()
-def generate(
-    model,
-    tokenizer,
-    prompts: list[list[dict]],
-    *,
-    max_new_tokens: int = 64,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    batch_size: int = 32,
-    seed: int | None = None,
-) -> list[Completion]:
-    """One completion per prompt (a list of chat messages). ``temperature=0`` is greedy decoding."""
-    from transformers import GenerationConfig
+class HFEngine:
+    """Batched sampling with transformers' ``generate`` (KV cache). ``batch_size`` counts sequences (prompts x n)."""
 
-    device = next(model.parameters()).device
-    stop_ids = end_of_turn_token_ids(tokenizer)
-    pad_id = tokenizer.pad_token_id
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=temperature > 0,
-        temperature=temperature if temperature > 0 else None,
-        top_p=top_p if temperature > 0 else None,
-        top_k=None,
-        eos_token_id=stop_ids,
-        pad_token_id=pad_id,
-    )
-    if seed is not None:
-        torch.manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    encoded = [render_prompt(tokenizer, messages) for messages in prompts]
-    # Longest first so each batch pads little; results are put back in the caller's order.
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-    results: list[Completion | None] = [None] * len(encoded)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in chunk)
-        input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):  # left padding: generation continues right after each prompt
-            input_ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-            attention_mask[row, width - len(encoded[i]) :] = 1
-        output = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+    def __init__(self, model, tokenizer, *, batch_size: int = 64):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_path(cls, path: str | Path, *, device: str = "auto", chat_template: str = "", **kwargs) -> "HFEngine":
+        from posttrain.modeling import load_causal_lm, load_tokenizer, resolve_device
+
+        tokenizer = load_tokenizer(path, chat_template or None)
+        return cls(load_causal_lm(path, device=resolve_device(device)).eval(), tokenizer, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[dict]], params: SamplingParams) -> list[list[Completion]]:
+        """``params.n`` completions for each prompt (a list of chat messages), in the caller's order."""
+        from transformers import GenerationConfig
+
+        tokenizer, model = self.tokenizer, self.model
+        device = next(model.parameters()).device
+        stop_ids = end_of_turn_token_ids(tokenizer)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+        sample = params.temperature > 0
+        copies = 1 if sample else params.n  # greedy: decode once, the n completions are identical
+        config = GenerationConfig(
+            max_new_tokens=params.max_new_tokens, do_sample=sample, num_return_sequences=params.n // copies,
+            temperature=params.temperature if sample else None, top_p=params.top_p if sample else None,
+            top_k=(params.top_k or None) if sample else None, min_p=(params.min_p or None) if sample else None,
+            eos_token_id=stop_ids, pad_token_id=pad_id,
+            return_dict_in_generate=True, output_logits=params.logprobs,
         )
-        for row, i in enumerate(chunk):
-            new = output[row, width:].tolist()
-            stopped = next((k for k, tok in enumerate(new) if tok in stop_ids), None)
-            ids = new[:stopped] if stopped is not None else [t for t in new if t != pad_id]
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            results[i] = Completion(text, ids, "stop" if stopped is not None else "length")
-    model.train(was_training)
-    return results  # type: ignore[return-value]
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        was_training = model.training
+        model.eval()
+        encoded = [render_prompt(tokenizer, messages) for messages in prompts]
+        order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))  # longest first: little padding
+        per_batch = max(1, self.batch_size // params.n)
+        results: list[list[Completion]] = [[] for _ in encoded]
+        for start in range(0, len(order), per_batch):
+            chunk = order[start : start + per_batch]
+            width = max(len(encoded[i]) for i in chunk)
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):  # left padding: generation continues right after each prompt
+                input_ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+                attention_mask[row, width - len(encoded[i]) :] = 1
+            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                    generation_config=config)
+            new_tokens = output.sequences[:, width:].tolist()  # (len(chunk) * n, T), prompt i's samples adjacent
+            token_logprobs = None
+            if params.logprobs:  # raw logits (T tensors of (rows, V)) -> log-prob of each sampled token
+                logits = torch.stack(output.logits, dim=1).float()  # (rows, T, V)
+                sampled = output.sequences[:, width:, None]
+                token_logprobs = logits.log_softmax(-1).gather(-1, sampled)[..., 0].tolist()
+            for row, tokens in enumerate(new_tokens):
+                stop = next((k for k, tok in enumerate(tokens) if tok in stop_ids), None)
+                ids = tokens[:stop] if stop is not None else tokens
+                completion = Completion(
+                    text=tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids,
+                    finish_reason="stop" if stop is not None else "length",
+                    logprobs=token_logprobs[row][: len(ids)] if token_logprobs is not None else None)
+                results[chunk[row // (params.n // copies)]].extend([completion] * copies)
+        model.train(was_training)
+        return results
+
+
+class VLLMEngine:
+    """vLLM backend (GPU). Takes posttrain-rendered prompt token ids, so prompts match the built-in engine's."""
+
+    def __init__(self, path: str | Path, *, chat_template: str = "", **llm_kwargs):
+        from vllm import LLM  # optional dependency: only imported here
+
+        from posttrain.modeling import load_tokenizer
+
+        self.tokenizer = load_tokenizer(path, chat_template or None)
+        self.llm = LLM(model=str(path), **llm_kwargs)
+
+    def generate(self, prompts: list[list[dict]], params: SamplingParams) -> list[list[Completion]]:
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        stop_ids = end_of_turn_token_ids(self.tokenizer)
+        vllm_params = VLLMSamplingParams(
+            n=params.n, max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
+            top_k=params.top_k if params.top_k > 0 else -1, min_p=params.min_p, seed=params.seed,
+            stop_token_ids=stop_ids, logprobs=0 if params.logprobs else None)
+        requests = [TokensPrompt(prompt_token_ids=render_prompt(self.tokenizer, messages)) for messages in prompts]
+        results = []
+        for request in self.llm.generate(requests, vllm_params, use_tqdm=False):
+            samples = []
+            for out in request.outputs:
+                ids = [t for t in out.token_ids if t not in stop_ids]
+                logprobs = None
+                if params.logprobs and out.logprobs is not None:
+                    logprobs = [step[t].logprob for t, step in zip(out.token_ids, out.logprobs)][: len(ids)]
+                samples.append(Completion(self.tokenizer.decode(ids, skip_special_tokens=True), ids,
+                                          "stop" if out.finish_reason == "stop" else "length", logprobs))
+            results.append(samples)
+        return results
+
+
+def vllm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def load_engine(path: str | Path, *, backend: str = "auto", device: str = "auto", chat_template: str = "",
+                batch_size: int = 64):
+    """``backend``: "hf" (built-in), "vllm", or "auto" (vLLM when installed and a GPU is present)."""
+    if backend not in ("auto", "hf", "vllm"):
+        raise ValueError(f"unknown backend {backend!r}: use auto, hf or vllm")
+    if backend == "vllm" or (backend == "auto" and device != "cpu" and vllm_available()):
+        return VLLMEngine(path, chat_template=chat_template)
+    return HFEngine.from_path(path, device=device, chat_template=chat_template, batch_size=batch_size)
+
+
+def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, batch_size: int = 32, seed: int | None = None) -> list[Completion]:
+    """One completion per prompt (greedy by default) with the built-in engine."""
+    params = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    return [samples[0] for samples in HFEngine(model, tokenizer, batch_size=batch_size).generate(prompts, params)]

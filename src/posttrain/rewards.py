@@ -289,3 +289,62 @@ class WeightedSum:
             values = [(w, scores[i]) for w, scores in parts]
             totals.append(None if any(v is None for _, v in values) else sum(w * v for w, v in values))
         return totals
+
+
+def reward_from_spec(spec: str, *, device: str = "auto") -> Reward:
+    """Build a reward from a command-line spec.
+
+    ``gold``                  the tiny world's gold reward
+    ``verifier:math``         math-verify against the row's ``answer`` column (see ``posttrain.verifiers``)
+    ``rm:DIR``                a trained reward model (scalar / ORM / PRM, from its saved config)
+    ``orm:DIR[:last|mean|min]`` / ``prm:DIR[:min|mean|last|product]``  with an explicit aggregation
+    ``judge:DIR``             a local model as a pointwise 1-10 judge
+    ``0.7*rm:DIR+0.3*gold``   a weighted sum of any of these (``+``-separated ``weight*spec`` terms)
+    """
+    spec = spec.strip()
+    if "+" in spec:
+        return WeightedSum([_weighted_term(term, device) for term in spec.split("+")])
+    if "*" in spec.split(":", 1)[0]:
+        return WeightedSum([_weighted_term(spec, device)])
+    kind, _, rest = spec.partition(":")
+    match kind:
+        case "gold":
+            return GoldReward()
+        case "verifier":
+            from posttrain.verifiers import VERIFIERS
+
+            if rest not in VERIFIERS:
+                raise ValueError(f"unknown verifier {rest!r} in reward {spec!r}; known: {sorted(VERIFIERS)}")
+            return VerifierReward(VERIFIERS[rest])
+        case "rm":
+            return load_reward_model(_existing_dir(rest, spec), device=device)
+        case "orm" | "prm":
+            path, _, aggregation = rest.rpartition(":") if rest.rsplit(":", 1)[-1] in AGGREGATIONS else (rest, "", "")
+            cls = OutcomeRewardModel if kind == "orm" else ProcessRewardModel
+            kwargs = {"aggregation": aggregation} if aggregation else {}
+            return cls(_existing_dir(path, spec), device=device, **kwargs)
+        case "judge":
+            from posttrain.judge import JudgeReward, LocalBackend
+
+            return JudgeReward(LocalBackend.from_dir(_existing_dir(rest, spec), device=device, max_new_tokens=64))
+    raise ValueError(f"unknown reward {spec!r}: use gold, verifier:math, rm:DIR, orm:DIR, prm:DIR, judge:DIR or "
+                     f"weighted sums like 0.5*rm:DIR+0.5*gold")
+
+
+AGGREGATIONS = ("last", "mean", "min", "product")
+
+
+def _existing_dir(path: str, spec: str) -> str:
+    if not path or not Path(path).is_dir():
+        raise FileNotFoundError(f"reward {spec!r}: no model directory {path!r}")
+    return path
+
+
+def _weighted_term(term: str, device: str) -> tuple[float, Reward]:
+    weight, star, rest = term.strip().partition("*")
+    if not star:
+        return 1.0, reward_from_spec(term, device=device)
+    try:
+        return float(weight), reward_from_spec(rest, device=device)
+    except ValueError as err:
+        raise ValueError(f"bad weighted reward term {term!r}: {err}") from None

@@ -1,0 +1,333 @@
+"""Sample, score, select: ``posttrain generate | score | select | bon``.
+
+The RLHF book's rejection-sampling pipeline as separate, inspectable steps on JSONL files:
+
+  generate   prompts -> N completions per prompt (the generation engine)         {prompt, completions, lengths, ...}
+  score      + a reward from the reward interface -> the reward matrix R (M x N)  ... + rewards
+  select     R -> the best completion per prompt (top_per_prompt), the K best pairs overall (top_k), or
+             best-vs-worst preference pairs (--pairs best_worst) for on-policy DPO data
+  bon        best-of-N at inference: generate + score + top_per_prompt in one command
+
+Other columns of the prompt rows (e.g. ``answer`` for a verifier) are carried through every step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from posttrain.checkpoint import atomic_write_text
+from posttrain.config import option
+from posttrain.data.io import DataError, Row, as_messages, check_messages, read_rows, require, validate_rows
+from posttrain.generation import SamplingParams, load_engine
+from posttrain.sampling import best_worst_pairs, select_top_k, select_top_per_prompt
+
+GENERATED_KEYS = ("prompt", "completions", "lengths", "finish_reasons", "logprobs", "rewards")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# files
+
+
+def prompt_messages(row: Row) -> list[dict]:
+    """The prompt of a row: ``prompt`` (text or messages), or ``messages`` without its final assistant turn."""
+    if "prompt" in row.data:
+        messages = as_messages(row, "prompt", "user")
+    else:
+        messages = check_messages(row, require(row, "messages"), "messages")
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+    if not messages or messages[-1]["role"] == "assistant":
+        raise row.error("prompt", "a prompt must end with a user (or system) turn for the model to answer")
+    return messages
+
+
+def load_prompt_rows(path: str, *, columns: dict | None = None, skip_invalid: bool = False,
+                     limit: int = 0) -> list[tuple[list[dict], dict]]:
+    """``(prompt messages, other columns)`` per valid row; bad rows raise (or are skipped and reported)."""
+    rows = read_rows(path, columns=columns or None)
+    kept, report = validate_rows(rows, prompt_messages, skip_invalid=skip_invalid, source=str(path))
+    if report.dropped:
+        print(report.summary())
+    out = [(messages, {k: v for k, v in row.data.items() if k not in ("prompt", "messages") + GENERATED_KEYS})
+           for row, messages in kept]
+    if not out:
+        raise DataError(str(path), "", None, "no usable prompt rows")
+    return out[:limit] if limit else out
+
+
+def load_generated(path: str, *, need_rewards: bool = False) -> list[dict]:
+    """Rows written by ``posttrain generate`` (and ``score``), checked: same N everywhere, rewards when needed."""
+    rows = read_rows(path)
+    checked = []
+    for row in rows:
+        completions = require(row, "completions")
+        if not isinstance(completions, list) or not completions or not all(isinstance(c, str) for c in completions):
+            raise row.error("completions", "expected a non-empty list of completion strings")
+        prompt_messages(row)
+        if need_rewards:
+            rewards = require(row, "rewards")
+            if not isinstance(rewards, list) or len(rewards) != len(completions):
+                raise row.error("rewards", f"expected {len(completions)} rewards (one per completion); run "
+                                           "`posttrain score` first")
+            if not all(r is None or isinstance(r, (int, float)) for r in rewards):
+                raise row.error("rewards", "rewards must be numbers or null")
+        checked.append(row.data)
+    if len({len(r["completions"]) for r in checked}) > 1:
+        raise DataError(path, "", "completions", "every prompt needs the same number N of completions")
+    if not checked:
+        raise DataError(path, "", None, "no rows")
+    return checked
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> Path:
+    """Write rows atomically (a crash never leaves a half-written file under the final name)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return path
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite=true to replace it")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generate
+
+
+@dataclass
+class GenerateConfig:
+    model: str = option("", "local model directory (required)")
+    prompts: str = option("", "prompt rows: `prompt` (text or messages) or `messages`; other columns are kept")
+    out: str = option("generations.jsonl", "output JSONL: prompt, completions, lengths, finish_reasons (+ logprobs)")
+    n: int = option(4, "completions per prompt")
+    max_new_tokens: int = option(128, "generation budget per completion")
+    temperature: float = option(1.0, "sampling temperature; 0 = greedy")
+    top_p: float = option(1.0, "nucleus sampling; 1 = off")
+    top_k: int = option(0, "top-k sampling; 0 = off")
+    min_p: float = option(0.0, "min-p sampling; 0 = off")
+    seed: int = option(0, "sampling seed (same seed and inputs -> same completions)")
+    logprobs: bool = option(False, "also write per-token log-probs of the sampled tokens")
+    limit: int = option(0, "use only the first N prompts; 0 = all")
+    batch_size: int = option(64, "sequences (prompts x n) per generate call (built-in engine)")
+    backend: str = option("auto", "auto | hf | vllm (auto: vLLM when installed and on a GPU)",
+                          choices=("auto", "hf", "vllm"))
+    chat_template: str = option("", "chatml | zephyr | tulu | Jinja; empty = the tokenizer's own")
+    columns: dict = option({}, "rename columns, e.g. {question: prompt}")
+    skip_invalid: bool = option(False, "drop malformed rows (reported) instead of stopping")
+    device: str = option("auto", "auto | cpu | cuda")
+    overwrite: bool = option(False, "replace an existing output file")
+
+
+def sample(engine, prompt_rows: list[tuple[list[dict], dict]], params: SamplingParams) -> list[dict]:
+    """Generated rows for ``prompt_rows`` (see the module docstring)."""
+    outputs = engine.generate([messages for messages, _ in prompt_rows], params)
+    rows = []
+    for (messages, extra), samples in zip(prompt_rows, outputs):
+        row = {"prompt": messages, **extra, "completions": [c.text for c in samples],
+               "lengths": [len(c.token_ids) for c in samples], "finish_reasons": [c.finish_reason for c in samples]}
+        if params.logprobs:
+            row["logprobs"] = [c.logprobs for c in samples]
+        rows.append(row)
+    return rows
+
+
+def sampling_params(config) -> SamplingParams:
+    return SamplingParams(n=config.n, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                          top_p=config.top_p, top_k=config.top_k, min_p=config.min_p, seed=config.seed,
+                          logprobs=getattr(config, "logprobs", False))
+
+
+def run_generate(config: GenerateConfig) -> Path:
+    if not config.model or not config.prompts:
+        raise ValueError("posttrain generate needs --model=DIR and --prompts=FILE")
+    _check_out(config.out, config.overwrite)
+    params = sampling_params(config)
+    prompt_rows = load_prompt_rows(config.prompts, columns=config.columns, skip_invalid=config.skip_invalid,
+                                   limit=config.limit)
+    engine = load_engine(config.model, backend=config.backend, device=config.device,
+                         chat_template=config.chat_template, batch_size=config.batch_size)
+    rows = sample(engine, prompt_rows, params)
+    path = write_jsonl(rows, config.out)
+    lengths = [n for r in rows for n in r["lengths"]]
+    stopped = sum(f == "stop" for r in rows for f in r["finish_reasons"])
+    print(f"{path}: {len(rows)} prompts x {params.n} completions, mean length {statistics.mean(lengths):.1f} "
+          f"tokens, {stopped / len(lengths):.1%} stopped at end-of-turn")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# score
+
+
+@dataclass
+class ScoreConfig:
+    data: str = option("", "rows written by `posttrain generate`")
+    reward: str = option("gold", "gold | verifier:math | rm:DIR | orm:DIR[:agg] | prm:DIR[:agg] | judge:DIR | "
+                                 "weighted sums like 0.5*rm:DIR+0.5*gold")
+    out: str = option("scored.jsonl", "output JSONL: the input rows plus `rewards` (the reward matrix R, row by row)")
+    device: str = option("auto", "auto | cpu | cuda")
+    overwrite: bool = option(False, "replace an existing output file")
+
+
+def reward_matrix(reward, rows: list[dict]) -> list[list[float | None]]:
+    """R (M x N): every completion of every row scored in one call to the reward (which batches and length-sorts)."""
+    n = len(rows[0]["completions"])
+    prompts = [r["prompt"] for r in rows for _ in range(n)]
+    completions = [c for r in rows for c in r["completions"]]
+    extra_keys = sorted({k for r in rows for k in r} - set(GENERATED_KEYS))
+    columns = {k: [r.get(k) for r in rows for _ in range(n)] for k in extra_keys}
+    flat = reward(prompts, completions, **columns)
+    return [flat[i * n : (i + 1) * n] for i in range(len(rows))]
+
+
+def run_score(config: ScoreConfig) -> Path:
+    from posttrain.rewards import reward_from_spec
+
+    if not config.data:
+        raise ValueError("posttrain score needs --data=FILE (from posttrain generate)")
+    _check_out(config.out, config.overwrite)
+    rows = load_generated(config.data)
+    R = reward_matrix(reward_from_spec(config.reward, device=config.device), rows)
+    for row, rewards in zip(rows, R):
+        row["rewards"] = rewards
+    path = write_jsonl(rows, config.out)
+    scored = [x for r in R for x in r if x is not None]
+    unscored = sum(x is None for r in R for x in r)
+    print(f"{path}: reward {config.reward!r} on {len(rows)} x {len(R[0])} completions; mean "
+          f"{statistics.mean(scored) if scored else float('nan'):.4f}; unscored {unscored}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# select
+
+
+@dataclass
+class SelectConfig:
+    data: str = option("", "rows written by `posttrain score` (with `rewards`)")
+    strategy: str = option("top_per_prompt", "top_per_prompt (best completion of each prompt) | top_k (the K best "
+                                              "prompt-completion pairs overall)", choices=("top_per_prompt", "top_k"))
+    k: int = option(0, "top_k: how many pairs to keep (required)")
+    pairs: str = option("", "best_worst: write prompt/chosen/rejected pairs (best vs worst completion of each "
+                            "prompt, prompts without a strict preference skipped) instead of SFT rows",
+                        choices=("", "best_worst"))
+    out: str = option("selected.jsonl", "output JSONL: SFT `messages` rows (+ reward), or preference pairs")
+    overwrite: bool = option(False, "replace an existing output file")
+
+
+def select_rows(rows: list[dict], strategy: str, k: int = 0, pairs: str = "") -> list[dict]:
+    """SFT rows (``messages`` = prompt + chosen completion) or preference rows, from scored rows."""
+    R = [r["rewards"] for r in rows]
+    extra = [{key: v for key, v in r.items() if key not in GENERATED_KEYS} for r in rows]
+    if pairs == "best_worst":
+        return [{"prompt": rows[i]["prompt"], **extra[i],
+                 "chosen": [{"role": "assistant", "content": rows[i]["completions"][best]}],
+                 "rejected": [{"role": "assistant", "content": rows[i]["completions"][worst]}],
+                 "reward_chosen": R[i][best], "reward_rejected": R[i][worst]}
+                for i, best, worst in best_worst_pairs(R)]
+    if strategy == "top_per_prompt":
+        picks = [(i, j) for i, j in enumerate(select_top_per_prompt(R)) if j >= 0]
+    elif strategy == "top_k":
+        if k < 1:
+            raise ValueError("--strategy=top_k needs --k >= 1")
+        n = len(R[0])
+        picks = [divmod(index, n) for index in select_top_k(R, k)]
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    return [{"messages": rows[i]["prompt"] + [{"role": "assistant", "content": rows[i]["completions"][j]}],
+             **extra[i], "reward": R[i][j]} for i, j in picks]
+
+
+def run_select(config: SelectConfig) -> Path:
+    if not config.data:
+        raise ValueError("posttrain select needs --data=FILE (from posttrain score)")
+    _check_out(config.out, config.overwrite)
+    rows = load_generated(config.data, need_rewards=True)
+    selected = select_rows(rows, config.strategy, config.k, config.pairs)
+    path = write_jsonl(selected, config.out)
+    what = "preference pairs (best vs worst)" if config.pairs else f"SFT rows ({config.strategy})"
+    print(f"{path}: {len(selected)} {what} from {len(rows)} prompts")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# best-of-N
+
+
+@dataclass
+class BonConfig:
+    model: str = option("", "policy model directory (required)")
+    prompts: str = option("", "prompt rows (as for `posttrain generate`)")
+    reward: str = option("gold", "the selector: any `posttrain score` reward spec (RM, verifier, judge, ...)")
+    report_reward: str = option("", "optionally also score the picks with this reward (e.g. gold) in the summary")
+    out: str = option("bon.jsonl", "output JSONL: prompt, completion (the pick), reward, index, n (+ report_reward)")
+    n: int = option(16, "samples per prompt")
+    max_new_tokens: int = option(128, "generation budget per completion")
+    temperature: float = option(1.0, "sampling temperature")
+    top_p: float = option(1.0, "nucleus sampling; 1 = off")
+    top_k: int = option(0, "top-k sampling; 0 = off")
+    min_p: float = option(0.0, "min-p sampling; 0 = off")
+    seed: int = option(0, "sampling seed")
+    limit: int = option(0, "use only the first N prompts; 0 = all")
+    batch_size: int = option(64, "sequences per generate call (built-in engine)")
+    backend: str = option("auto", "auto | hf | vllm", choices=("auto", "hf", "vllm"))
+    chat_template: str = option("", "chatml | zephyr | tulu | Jinja; empty = the tokenizer's own")
+    columns: dict = option({}, "rename columns")
+    skip_invalid: bool = option(False, "drop malformed rows (reported) instead of stopping")
+    device: str = option("auto", "auto | cpu | cuda")
+    overwrite: bool = option(False, "replace an existing output file")
+
+
+def best_of_n(engine, reward, prompt_rows, params: SamplingParams) -> tuple[list[dict], list[dict]]:
+    """Sample ``params.n`` completions per prompt, score them, keep each prompt's best.
+
+    Returns (picks, scored rows); a pick is ``{prompt, ..., completion, reward, index, n}`` (completion None when
+    nothing could be scored)."""
+    rows = sample(engine, prompt_rows, params)
+    for row, rewards in zip(rows, reward_matrix(reward, rows)):
+        row["rewards"] = rewards
+    picks = []
+    for row, j in zip(rows, select_top_per_prompt([r["rewards"] for r in rows])):
+        extra = {k: v for k, v in row.items() if k not in GENERATED_KEYS}
+        picks.append({"prompt": row["prompt"], **extra, "completion": row["completions"][j] if j >= 0 else None,
+                      "reward": row["rewards"][j] if j >= 0 else None, "index": j, "n": params.n})
+    return picks, rows
+
+
+def run_bon(config: BonConfig) -> Path:
+    from posttrain.rewards import reward_from_spec
+
+    if not config.model or not config.prompts:
+        raise ValueError("posttrain bon needs --model=DIR and --prompts=FILE")
+    _check_out(config.out, config.overwrite)
+    reward = reward_from_spec(config.reward, device=config.device)
+    prompt_rows = load_prompt_rows(config.prompts, columns=config.columns, skip_invalid=config.skip_invalid,
+                                   limit=config.limit)
+    engine = load_engine(config.model, backend=config.backend, device=config.device,
+                         chat_template=config.chat_template, batch_size=config.batch_size)
+    picks, rows = best_of_n(engine, reward, prompt_rows, sampling_params(config))
+    path = write_jsonl(picks, config.out)
+    single = [x for r in rows for x in r["rewards"] if x is not None]
+    best = [p["reward"] for p in picks if p["reward"] is not None]
+    print(f"{path}: best-of-{config.n} by {config.reward!r}: mean selector reward {_mean(best):.4f} "
+          f"(single samples {_mean(single):.4f})")
+    if config.report_reward:
+        report = reward_matrix(reward_from_spec(config.report_reward, device=config.device), rows)
+        on_picks = [report[i][p["index"]] for i, p in enumerate(picks) if p["index"] >= 0]
+        for i, pick in enumerate(picks):
+            pick["report_reward"] = report[i][pick["index"]] if pick["index"] >= 0 else None
+        write_jsonl(picks, config.out)
+        print(f"  {config.report_reward!r}: best-of-{config.n} picks {_mean([x for x in on_picks if x is not None]):.4f}"
+              f" vs single samples {_mean([x for r in report for x in r if x is not None]):.4f}")
+    return path
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.mean(values) if values else float("nan")

@@ -1,0 +1,139 @@
+"""Rejection-sampling fine-tuning: ``posttrain rs`` (RLHF book, rejection sampling).
+
+For each round r = 1..R, starting from the previous round's model:
+
+  1. generate  N completions for every training prompt           out/round_r/generations.jsonl
+  2. score     the reward matrix R with the chosen reward          out/round_r/scored.jsonl
+  3. select    top_per_prompt (best per prompt) or top_k (K best)  out/round_r/selected.jsonl
+  4. SFT       on the selected completions                         out/round_r/sft/ (model in sft/model)
+  5. log       mean reward of the samples and of the selection (and, with --eval_prompts, of the new policy's
+               samples on held-out prompts) to out/rounds.jsonl
+
+A finished round is skipped when the command is run again, so an interrupted run resumes at the round it was in
+(and SFT itself resumes from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from posttrain.bestofn import load_generated, load_prompt_rows, reward_matrix, sample, sampling_params, select_rows
+from posttrain.bestofn import write_jsonl
+from posttrain.config import option
+from posttrain.generation import SamplingParams, load_engine
+from posttrain.training import is_complete
+
+
+@dataclass
+class RSConfig:
+    model: str = option("", "starting policy (local directory; required)")
+    prompts: str = option("", "training prompts (`prompt` or `messages` rows; other columns go to the reward)")
+    reward: str = option("gold", "the selector: any `posttrain score` reward spec (rm:DIR, verifier:math, ...)")
+    out: str = option("runs/rs", "run directory: round_1/, round_2/, ... and rounds.jsonl")
+    rounds: int = option(1, "rejection-sampling rounds")
+    n: int = option(8, "samples per prompt per round")
+    max_new_tokens: int = option(64, "generation budget per completion")
+    temperature: float = option(1.0, "sampling temperature")
+    top_p: float = option(1.0, "nucleus sampling; 1 = off")
+    top_k: int = option(0, "top-k sampling; 0 = off")
+    min_p: float = option(0.0, "min-p sampling; 0 = off")
+    seed: int = option(0, "sampling seed (round r samples with seed + r)")
+    strategy: str = option("top_per_prompt", "top_per_prompt | top_k", choices=("top_per_prompt", "top_k"))
+    k: int = option(0, "top_k: completions kept per round")
+    limit: int = option(0, "use only the first N training prompts; 0 = all")
+    sft_epochs: float = option(2.0, "SFT passes over each round's selection")
+    sft_lr: float = option(1e-4, "SFT peak learning rate")
+    sft_batch_size: int = option(16, "SFT examples per step")
+    eval_prompts: str = option("", "held-out prompts: after each round, the mean --eval_reward of the policy's samples")
+    eval_reward: str = option("", "reward for --eval_prompts; empty = --reward")
+    eval_n: int = option(4, "samples per held-out prompt")
+    eval_limit: int = option(200, "held-out prompts used; 0 = all")
+    batch_size: int = option(64, "sequences per generate call")
+    backend: str = option("auto", "auto | hf | vllm", choices=("auto", "hf", "vllm"))
+    chat_template: str = option("", "chatml | zephyr | tulu | Jinja; empty = the tokenizer's own")
+    device: str = option("auto", "auto | cpu | cuda")
+    progress: bool = option(True, "show progress bars")
+
+
+def policy_reward(model: str | Path, prompt_rows, reward, params: SamplingParams, config: RSConfig) -> float:
+    """Mean reward of the policy's samples on ``prompt_rows`` (the quantity rejection sampling improves)."""
+    engine = load_engine(model, backend=config.backend, device=config.device, chat_template=config.chat_template,
+                         batch_size=config.batch_size)
+    R = reward_matrix(reward, sample(engine, prompt_rows, params))
+    values = [x for row in R for x in row if x is not None]
+    return statistics.mean(values) if values else float("nan")
+
+
+def run_rs(config: RSConfig) -> Path:
+    from posttrain.rewards import reward_from_spec
+    from posttrain.sft import SFTConfig, train_sft
+
+    if not config.model or not config.prompts:
+        raise ValueError("posttrain rs needs --model=DIR and --prompts=FILE")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    reward = reward_from_spec(config.reward, device=config.device)
+    prompt_rows = load_prompt_rows(config.prompts, limit=config.limit)
+    eval_rows, eval_reward = None, None
+    if config.eval_prompts:
+        eval_rows = load_prompt_rows(config.eval_prompts, limit=config.eval_limit)
+        eval_reward = reward_from_spec(config.eval_reward, device=config.device) if config.eval_reward else reward
+    eval_params = SamplingParams(n=config.eval_n, max_new_tokens=config.max_new_tokens,
+                                 temperature=config.temperature, top_p=config.top_p, seed=10_000 + config.seed)
+    log_path = out / "rounds.jsonl"
+    done = {r["round"]: r for r in map(json.loads, log_path.read_text().splitlines())} if log_path.exists() else {}
+
+    policy = Path(config.model)
+    if eval_rows is not None and 0 not in done:
+        record = {"round": 0, "model": str(policy),
+                  "eval_reward": policy_reward(policy, eval_rows, eval_reward, eval_params, config)}
+        _append(log_path, record)
+        print(f"round 0 (start): held-out {config.eval_reward or config.reward} {record['eval_reward']:.4f}")
+    for r in range(1, config.rounds + 1):
+        round_dir = out / f"round_{r}"
+        sft_dir = round_dir / "sft"
+        if r in done and is_complete(sft_dir):
+            policy = sft_dir / "model"
+            continue
+        round_dir.mkdir(parents=True, exist_ok=True)
+        params = sampling_params(config)
+        params.seed = config.seed + r
+        scored_path = round_dir / "scored.jsonl"
+        if not scored_path.exists():
+            engine = load_engine(policy, backend=config.backend, device=config.device,
+                                 chat_template=config.chat_template, batch_size=config.batch_size)
+            rows = sample(engine, prompt_rows, params)
+            write_jsonl(rows, round_dir / "generations.jsonl")
+            for row, rewards in zip(rows, reward_matrix(reward, rows)):
+                row["rewards"] = rewards
+            write_jsonl(rows, scored_path)
+            del engine
+        rows = load_generated(str(scored_path), need_rewards=True)
+        selected = select_rows(rows, config.strategy, config.k)
+        write_jsonl(selected, round_dir / "selected.jsonl")
+        steps = max(1, round(config.sft_epochs * len(selected) / config.sft_batch_size))
+        sft_model = train_sft(SFTConfig(
+            model=str(policy), data=str(round_dir / "selected.jsonl"), out=str(sft_dir), max_steps=steps,
+            batch_size=config.sft_batch_size, lr=config.sft_lr, warmup_steps=min(10, steps // 10),
+            chat_template=config.chat_template, strategy="final_turn_only", save_every=50, device=config.device,
+            progress=config.progress, resume=True, log_every=5))
+        samples = [x for row in rows for x in row["rewards"] if x is not None]
+        record = {"round": r, "model": str(sft_model), "prompts": len(rows), "selected": len(selected),
+                  "sample_reward": statistics.mean(samples) if samples else float("nan"),
+                  "selected_reward": statistics.mean(s["reward"] for s in selected) if selected else float("nan"),
+                  "sft_steps": steps}
+        if eval_rows is not None:
+            record["eval_reward"] = policy_reward(sft_model, eval_rows, eval_reward, eval_params, config)
+        _append(log_path, record)
+        print(f"round {r}: samples {record['sample_reward']:.4f} -> selected {record['selected_reward']:.4f}"
+              + (f"; held-out policy {record['eval_reward']:.4f}" if "eval_reward" in record else ""))
+        policy = sft_model
+    return policy
+
+
+def _append(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -1,0 +1,115 @@
+"""Selection rules and inference-time-scaling metrics over a reward matrix (pure Python, no torch).
+
+R is the reward matrix of M prompts x N completions (RLHF book, rejection sampling): ``R[i][j]`` is the reward of
+completion j of prompt i; ``None`` means "could not score" and is never selected. Ties are broken towards the lower
+index (the earlier completion, the earlier prompt), so every rule is deterministic.
+
+* :func:`select_top_per_prompt` — the book's first rule: the best completion of each prompt.
+* :func:`select_top_k` — the book's second rule: the K best (prompt, completion) pairs over the whole matrix.
+* :func:`best_worst_pairs` — on-policy preference pairs (best vs worst completion of each prompt), as in Tülu 3.
+* :func:`pass_at_k` — the unbiased estimator 1 - C(n-c, k) / C(n, k) (Chen et al., 2021).
+* :func:`majority_vote` / :func:`maj_at_k` — self-consistency voting over final answers.
+* :func:`best_of_n_kl` — the analytic KL of best-of-n sampling from the base policy, log n - (n-1)/n.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Hashable, Sequence
+
+Matrix = Sequence[Sequence[float | None]]
+
+
+def _value(x: float | None) -> float:
+    return -math.inf if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def select_top_per_prompt(R: Matrix) -> list[int]:
+    """0-indexed best completion of each prompt (the first one on ties); -1 for a row with nothing scored.
+
+    Book example: R = [[.7,.3,.5,.2],[.4,.8,.6,.5],[.9,.3,.4,.7],[.2,.5,.8,.6],[.5,.4,.3,.6]] -> [0, 1, 0, 2, 3].
+    """
+    picks = []
+    for row in R:
+        values = [_value(x) for x in row]
+        best = max(range(len(values)), key=lambda j: (values[j], -j), default=-1)
+        picks.append(best if best >= 0 and values[best] > -math.inf else -1)
+    return picks
+
+
+def select_top_k(R: Matrix, k: int) -> list[int]:
+    """0-indexed flat (row-major, ``i * N + j``) indices of the ``k`` highest rewards, best first.
+
+    Equal rewards keep row-major order. Unscored entries are never selected, so fewer than ``k`` may come back.
+    Book example (R above, k = 5) -> [8, 5, 14, 0, 11].
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    flat = [(_value(x), i * len(row) + j) for i, row in enumerate(R) for j, x in enumerate(row)]
+    if len({len(row) for row in R}) > 1:
+        raise ValueError("every prompt needs the same number of completions for flat indices")
+    ranked = sorted((item for item in flat if item[0] > -math.inf), key=lambda item: (-item[0], item[1]))
+    return [index for _, index in ranked[:k]]
+
+
+def best_worst_pairs(R: Matrix) -> list[tuple[int, int, int]]:
+    """``(prompt, best, worst)`` per prompt whose best reward is strictly above its worst (ties: lowest index)."""
+    pairs = []
+    for i, row in enumerate(R):
+        scored = [(float(x), j) for j, x in enumerate(row) if _value(x) > -math.inf]
+        if len(scored) < 2:
+            continue
+        best = min(scored, key=lambda item: (-item[0], item[1]))
+        worst = min(scored, key=lambda item: (item[0], item[1]))
+        if best[0] > worst[0]:
+            pairs.append((i, best[1], worst[1]))
+    return pairs
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Probability that at least one of k samples drawn without replacement from n (c of them correct) is correct:
+    1 - C(n-c, k) / C(n, k), computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i) to stay exact in floating point."""
+    if not (0 <= c <= n and 1 <= k <= n):
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    product = 1.0
+    for i in range(n - c + 1, n + 1):
+        product *= 1.0 - k / i
+    return 1.0 - product
+
+
+def majority_vote(answers: Sequence[Hashable | None]) -> Hashable | None:
+    """The most common non-None answer. Tie rule: among equally common answers, the one that appears first.
+    None if no answer was given."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    top = max(counts.values())
+    return next(a for a in answers if a is not None and counts[a] == top)
+
+
+def maj_at_k(answers: Sequence[Hashable | None], truth: Hashable, k: int) -> float:
+    """1.0 if the majority vote over the first ``k`` sampled answers equals ``truth`` (samples are i.i.d., so the
+    first k are a random draw of k), else 0.0. Ties follow :func:`majority_vote`."""
+    if not 1 <= k <= len(answers):
+        raise ValueError(f"k must be in 1..{len(answers)}, got {k}")
+    return float(majority_vote(answers[:k]) == truth)
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n || base policy) = log n - (n - 1) / n (an upper bound for discrete policies; Beirami et al.)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    return math.log(n) - (n - 1) / n
+
+
+def powers_of_two(limit: int) -> list[int]:
+    """1, 2, 4, ... up to ``limit``, with ``limit`` itself last if it is not a power of two."""
+    ns = []
+    n = 1
+    while n < limit:
+        ns.append(n)
+        n *= 2
+    return ns + [limit]

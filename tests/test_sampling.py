@@ -1,0 +1,109 @@
+"""Selection rules and inference-time-scaling metrics (posttrain.sampling) against the book and brute force."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+
+from posttrain.sampling import (
+    best_of_n_kl,
+    best_worst_pairs,
+    maj_at_k,
+    majority_vote,
+    pass_at_k,
+    powers_of_two,
+    select_top_k,
+    select_top_per_prompt,
+)
+
+BOOK_R = [[.7, .3, .5, .2], [.4, .8, .6, .5], [.9, .3, .4, .7], [.2, .5, .8, .6], [.5, .4, .3, .6]]
+
+
+def test_book_worked_example():
+    """RLHF book, rejection sampling: per-prompt picks [1,2,1,3,4] (1-indexed), global top-5 [8,5,14,0,11]."""
+    assert [j + 1 for j in select_top_per_prompt(BOOK_R)] == [1, 2, 1, 3, 4]
+    assert select_top_k(BOOK_R, 5) == [8, 5, 14, 0, 11]
+
+
+def test_ties_and_unscored_entries_are_deterministic():
+    R = [[0.5, 0.5, None], [None, None, None], [0.1, float("nan"), 0.1]]
+    assert select_top_per_prompt(R) == [0, -1, 0]
+    assert select_top_k(R, 10) == [0, 1, 6, 8]  # ties in row-major order; None/NaN never selected
+    assert select_top_k(R, 0) == []
+    with pytest.raises(ValueError):
+        select_top_k([[1.0], [1.0, 2.0]], 1)
+
+
+def test_best_worst_pairs():
+    assert best_worst_pairs(BOOK_R) == [(0, 0, 3), (1, 1, 0), (2, 0, 1), (3, 2, 0), (4, 3, 2)]
+    assert best_worst_pairs([[0.3, 0.3], [None, 0.2], [0.1, 0.9, 0.1]]) == [(2, 1, 0)]  # no preference, one scored
+
+
+def _brute_force_pass_at_k(n: int, c: int, k: int) -> float:
+    samples = [1] * c + [0] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    return sum(any(samples[i] for i in subset) for subset in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_pass_at_k_equals_enumeration(n):
+    for c in range(n + 1):
+        for k in range(1, n + 1):
+            assert pass_at_k(n, c, k) == pytest.approx(_brute_force_pass_at_k(n, c, k), abs=1e-12)
+
+
+def test_pass_at_k_hand_values():
+    """n=4, c=1, k=2: 1 - C(3,2)/C(4,2) = 1 - 3/6 = 0.5. n=10, c=3, k=1: c/n = 0.3. Large n stays finite."""
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert pass_at_k(10, 0, 5) == 0.0 and pass_at_k(10, 6, 5) == 1.0
+    assert 0.0 < pass_at_k(1000, 1, 10) == pytest.approx(0.01)
+    for bad in [(3, 4, 1), (3, 1, 0), (3, 1, 4)]:
+        with pytest.raises(ValueError):
+            pass_at_k(*bad)
+
+
+def test_majority_vote_tie_rule():
+    """The most common answer wins; on a tie the answer that appears first wins; None answers do not vote."""
+    assert majority_vote([3, 5, 5, 3, 7]) == 3  # 3 and 5 both twice; 3 came first
+    assert majority_vote([None, 5, None, 4, 4]) == 4
+    assert majority_vote([None, None]) is None
+    assert maj_at_k([3, 5, 5, 3, 7], truth=5, k=3) == 1.0  # first three: 3, 5, 5
+    assert maj_at_k([3, 5, 5, 3, 7], truth=5, k=4) == 0.0  # 3 and 5 tie, 3 first
+    assert maj_at_k([3, 5, 5, 3, 7], truth=3, k=1) == 1.0
+    with pytest.raises(ValueError):
+        maj_at_k([1, 2], truth=1, k=3)
+
+
+def test_majority_vote_matches_counting_on_random_lists():
+    rng = random.Random(0)
+    for _ in range(200):
+        answers = [rng.choice([None, 1, 2, 3]) for _ in range(rng.randint(1, 9))]
+        voted = majority_vote(answers)
+        given = [a for a in answers if a is not None]
+        if not given:
+            assert voted is None
+            continue
+        top = max(given.count(a) for a in set(given))
+        assert given.count(voted) == top
+        assert answers.index(voted) == min(answers.index(a) for a in set(given) if given.count(a) == top)
+
+
+def test_best_of_n_kl():
+    """log n - (n-1)/n: 0 at n=1, log 2 - 1/2 at n=2, increasing and below log n."""
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
+    values = [best_of_n_kl(n) for n in range(1, 65)]
+    assert all(a < b for a, b in zip(values, values[1:]))
+    assert all(v <= math.log(n) for n, v in enumerate(values, start=1))
+    with pytest.raises(ValueError):
+        best_of_n_kl(0)
+
+
+def test_powers_of_two():
+    assert powers_of_two(16) == [1, 2, 4, 8, 16]
+    assert powers_of_two(12) == [1, 2, 4, 8, 12]
+    assert powers_of_two(1) == [1]
