@@ -215,6 +215,8 @@ class SelectConfig:
     strategy: str = option("top_per_prompt", "top_per_prompt (best completion of each prompt) | top_k (the K best "
                                               "prompt-completion pairs overall)", choices=("top_per_prompt", "top_k"))
     k: int = option(0, "top_k: how many pairs to keep (required)")
+    min_reward: float = option(float("-inf"), "drop picks whose reward is below this (e.g. 1 with a verifier: keep "
+                                             "only correct completions, as in rejection-sampling fine-tuning)")
     pairs: str = option("", "best_worst: write prompt/chosen/rejected pairs (best vs worst completion of each "
                             "prompt, prompts without a strict preference skipped) instead of SFT rows",
                         choices=("", "best_worst"))
@@ -222,8 +224,10 @@ class SelectConfig:
     overwrite: bool = option(False, "replace an existing output file")
 
 
-def select_rows(rows: list[dict], strategy: str, k: int = 0, pairs: str = "") -> list[dict]:
-    """SFT rows (``messages`` = prompt + chosen completion) or preference rows, from scored rows."""
+def select_rows(rows: list[dict], strategy: str, k: int = 0, pairs: str = "",
+                min_reward: float = float("-inf")) -> list[dict]:
+    """SFT rows (``messages`` = prompt + chosen completion) or preference rows, from scored rows; SFT picks with a
+    reward below ``min_reward`` are dropped."""
     R = [r["rewards"] for r in rows]
     extra = [{key: v for key, v in r.items() if key not in GENERATED_KEYS} for r in rows]
     if pairs == "best_worst":
@@ -242,7 +246,7 @@ def select_rows(rows: list[dict], strategy: str, k: int = 0, pairs: str = "") ->
     else:
         raise ValueError(f"unknown strategy {strategy!r}")
     return [{"messages": rows[i]["prompt"] + [{"role": "assistant", "content": rows[i]["completions"][j]}],
-             **extra[i], "reward": R[i][j]} for i, j in picks]
+             **extra[i], "reward": R[i][j]} for i, j in picks if R[i][j] >= min_reward]
 
 
 def run_select(config: SelectConfig) -> Path:
@@ -250,7 +254,7 @@ def run_select(config: SelectConfig) -> Path:
         raise ValueError("posttrain select needs --data=FILE (from posttrain score)")
     _check_out(config.out, config.overwrite)
     rows = load_generated(config.data, need_rewards=True)
-    selected = select_rows(rows, config.strategy, config.k, config.pairs)
+    selected = select_rows(rows, config.strategy, config.k, config.pairs, config.min_reward)
     path = write_jsonl(selected, config.out)
     what = "preference pairs (best vs worst)" if config.pairs else f"SFT rows ({config.strategy})"
     print(f"{path}: {len(selected)} {what} from {len(rows)} prompts")

@@ -2,9 +2,13 @@
 
 Stages so far: build the world (cached) -> pretrain the base model (cached) -> SFT -> evaluate both on held-out
 prompts against the gold reward -> a Bradley-Terry reward model from the SFT model, measured against the gold
-preferences. Every stage's run directory lives under ``--out``; ``summary.json`` holds
-``{"stages": {"base": {...}, "sft": {...}}, "reward_model": {...}}``: per policy format_rate, accuracy,
-gold_reward, mean_length, stop_rate; for the RM held-out pair accuracy, top-1 selection and length correlation.
+preferences -> best-of-N on held-out prompts with the RM and with a verifier -> one round of rejection-sampling
+fine-tuning (verifier-selected samples, SFT) from the SFT model. Every stage's run directory lives under ``--out``;
+``summary.json`` holds ``{"stages": {"base": {...}, "sft": {...}, "rs": {...}}, "reward_model": {...},
+"best_of_n": {...}, "rejection_sampling": {...}}``: per policy format_rate, accuracy, gold_reward, mean_length,
+stop_rate (greedy); for the RM held-out pair accuracy, top-1 selection and length correlation; for best-of-N the
+gold reward of single samples and of each selector's picks; for rejection sampling the held-out gold reward of the
+policy's samples before and after the round.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ class DemoConfig:
     sft_lr: float = option(1e-3, "SFT peak learning rate")
     rm_steps: int = option(250, "Bradley-Terry reward-model optimizer steps (16 pairs each; 250 = one epoch of the "
                                 "world's preference pairs); 0 = skip the RM stage")
+    bon_n: int = option(16, "best-of-N: samples per held-out prompt; 0 = skip the stage")
+    bon_prompts: int = option(100, "best-of-N: held-out prompts")
+    rs_prompts: int = option(600, "rejection sampling: training prompts sampled (8 samples each); 0 = skip the stage")
     eval_prompts: int = option(200, "held-out prompts to evaluate each stage on")
     max_new_tokens: int = option(48, "generation budget per reply")
     device: str = option("auto", "auto | cpu | cuda")
@@ -71,6 +78,51 @@ def _reward_model_stage(config: DemoConfig, paths, sft_model: Path, out: Path) -
     return {"loss": "bt", "model": str(rm_model), **report}
 
 
+def _best_of_n_stage(config: DemoConfig, paths, sft_model: Path, rm_model: Path | None) -> dict:
+    """Sample N per held-out prompt once; pick by the BT RM and by the math verifier; report the picks' gold."""
+    from posttrain.bestofn import load_prompt_rows, reward_matrix, sample
+    from posttrain.generation import SamplingParams, load_engine
+    from posttrain.rewards import reward_from_spec
+    from posttrain.sampling import pass_at_k, select_top_per_prompt
+
+    prompt_rows = load_prompt_rows(str(paths.data / "rl_heldout.jsonl"), limit=config.bon_prompts)
+    engine = load_engine(sft_model, backend="hf", device=config.device)
+    params = SamplingParams(n=config.bon_n, max_new_tokens=config.max_new_tokens, temperature=1.0, seed=0)
+    rows = sample(engine, prompt_rows, params)
+    gold = reward_matrix(reward_from_spec("gold"), rows)
+    correct = reward_matrix(reward_from_spec("verifier:math"), rows)
+    selectors = {"verifier": correct}
+    if rm_model is not None:
+        selectors["reward_model"] = reward_matrix(reward_from_spec(f"rm:{rm_model}", device=config.device), rows)
+    report = {"n": config.bon_n, "prompts": len(rows), "single_gold": _mean([g for row in gold for g in row]),
+              "pass_at_n": _mean([pass_at_k(config.bon_n, int(sum(c)), config.bon_n) for c in correct])}
+    for name, R in selectors.items():
+        report[f"{name}_pick_gold"] = _mean([gold[i][j] for i, j in enumerate(select_top_per_prompt(R)) if j >= 0])
+    return report
+
+
+def _rejection_sampling_stage(config: DemoConfig, paths, sft_model: Path, out: Path) -> tuple[dict, Path]:
+    """One round: 8 samples per training prompt, keep each prompt's verified-correct best, SFT on them."""
+    from posttrain.rs import RSConfig, run_rs
+
+    rs_config = RSConfig(
+        model=str(sft_model), prompts=str(paths.data / "rl_train.jsonl"), limit=config.rs_prompts,
+        reward="verifier:math", min_reward=1.0, out=str(out / "rs"), rounds=1, n=8,
+        max_new_tokens=config.max_new_tokens, sft_lr=3e-4, sft_epochs=3.0, eval_prompts=str(
+            paths.data / "rl_heldout.jsonl"), eval_reward="gold", eval_limit=config.eval_prompts, eval_n=4,
+        backend="hf", device=config.device, progress=config.progress)
+    _discard_if_config_changed(out / "rs", rs_config)
+    model = run_rs(rs_config)
+    rounds = {r["round"]: r for r in map(json.loads, (out / "rs" / "rounds.jsonl").read_text().splitlines())}
+    return {"selector": "verifier:math (correct only)", "prompts": rounds[1]["prompts"],
+            "selected": rounds[1]["selected"], "eval_gold_before": rounds[0]["eval_reward"],
+            "eval_gold_after": rounds[1]["eval_reward"]}, model
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
 def run_demo(config: DemoConfig) -> dict:
     from posttrain.evaluate import evaluate_model
     from posttrain.sft import SFTConfig, train_sft
@@ -79,7 +131,7 @@ def run_demo(config: DemoConfig) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    stage_count = 4 if config.rm_steps else 3
+    stage_count = 3 + bool(config.rm_steps) + bool(config.bon_n) + bool(config.rs_prompts)
     print(f"[1/{stage_count}] tiny world: tokenizer, datasets, base model (cached after the first run)")
     paths = build.ensure_world(base_model=True, progress=config.progress)
     prompts = paths.data / "rl_heldout.jsonl"
@@ -104,9 +156,21 @@ def run_demo(config: DemoConfig) -> dict:
     stages["sft"] = evaluate(sft_model, "sft")
 
     summary = {"stages": stages}
+    stage = 3
     if config.rm_steps:
-        print(f"[4/{stage_count}] Bradley-Terry reward model from the SFT model ({config.rm_steps} steps)")
+        stage += 1
+        print(f"[{stage}/{stage_count}] Bradley-Terry reward model from the SFT model ({config.rm_steps} steps)")
         summary["reward_model"] = _reward_model_stage(config, paths, sft_model, out)
+    if config.bon_n:
+        stage += 1
+        print(f"[{stage}/{stage_count}] best-of-{config.bon_n} on {config.bon_prompts} held-out prompts")
+        rm_model = Path(summary["reward_model"]["model"]) if "reward_model" in summary else None
+        summary["best_of_n"] = _best_of_n_stage(config, paths, sft_model, rm_model)
+    if config.rs_prompts:
+        stage += 1
+        print(f"[{stage}/{stage_count}] one round of rejection-sampling fine-tuning ({config.rs_prompts} prompts)")
+        summary["rejection_sampling"], rs_model = _rejection_sampling_stage(config, paths, sft_model, out)
+        stages["rs"] = evaluate(rs_model, "rs")
     summary.update(world=str(paths.root), seconds=round(time.time() - started, 1))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print()
@@ -116,5 +180,13 @@ def run_demo(config: DemoConfig) -> dict:
               f"checked: {rm['pair_accuracy_answer_check']:.3f}; the rest: {rm['pair_accuracy_rest']:.3f}), top-1 "
               f"selection {rm['top1_accuracy']:.3f} (random {rm['random_top1']:.3f}), length correlation "
               f"{rm['length_correlation']:+.3f}")
+    if bon := summary.get("best_of_n"):
+        picks = ", ".join(f"{name[:-10].replace('_', ' ')} picks {value:.3f}" for name, value in bon.items()
+                          if name.endswith("_pick_gold"))
+        print(f"best-of-{bon['n']} (held-out, T=1): gold of single samples {bon['single_gold']:.3f}; {picks}; "
+              f"pass@{bon['n']} {bon['pass_at_n']:.3f}")
+    if rs := summary.get("rejection_sampling"):
+        print(f"rejection sampling, 1 round ({rs['selected']} verified samples): held-out gold of the policy's "
+              f"samples {rs['eval_gold_before']:.3f} -> {rs['eval_gold_after']:.3f}")
     print(f"\nsummary: {out / 'summary.json'}   ({summary['seconds']} s)")
     return summary

@@ -20,9 +20,16 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.bestofn import load_generated, load_prompt_rows, reward_matrix, sample, sampling_params, select_rows
-from posttrain.bestofn import write_jsonl
-from posttrain.config import option
+from posttrain.bestofn import (
+    load_generated,
+    load_prompt_rows,
+    reward_matrix,
+    sample,
+    sampling_params,
+    select_rows,
+    write_jsonl,
+)
+from posttrain.config import option, save_config
 from posttrain.generation import SamplingParams, load_engine
 from posttrain.training import is_complete
 
@@ -43,6 +50,8 @@ class RSConfig:
     seed: int = option(0, "sampling seed (round r samples with seed + r)")
     strategy: str = option("top_per_prompt", "top_per_prompt | top_k", choices=("top_per_prompt", "top_k"))
     k: int = option(0, "top_k: completions kept per round")
+    min_reward: float = option(float("-inf"), "drop picks below this reward (e.g. 1 with verifier:math: only correct "
+                                             "completions, as in RFT / STaR)")
     limit: int = option(0, "use only the first N training prompts; 0 = all")
     sft_epochs: float = option(2.0, "SFT passes over each round's selection")
     sft_lr: float = option(1e-4, "SFT peak learning rate")
@@ -75,6 +84,8 @@ def run_rs(config: RSConfig) -> Path:
         raise ValueError("posttrain rs needs --model=DIR and --prompts=FILE")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / "config.yaml").exists():
+        save_config(config, out / "config.yaml")
     reward = reward_from_spec(config.reward, device=config.device)
     prompt_rows = load_prompt_rows(config.prompts, limit=config.limit)
     eval_rows, eval_reward = None, None
@@ -112,7 +123,7 @@ def run_rs(config: RSConfig) -> Path:
             write_jsonl(rows, scored_path)
             del engine
         rows = load_generated(str(scored_path), need_rewards=True)
-        selected = select_rows(rows, config.strategy, config.k)
+        selected = select_rows(rows, config.strategy, config.k, min_reward=config.min_reward)
         write_jsonl(selected, round_dir / "selected.jsonl")
         steps = max(1, round(config.sft_epochs * len(selected) / config.sft_batch_size))
         sft_model = train_sft(SFTConfig(
