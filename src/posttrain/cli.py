@@ -17,6 +17,7 @@ commands:
   pretrain     next-token pretraining on plain text (`text` rows)
   sft          instruction fine-tuning on conversations, loss on assistant turns only
   rm           reward models: --loss bt | margin | kcomparisons | plackett_luce | orm | prm
+  dpo          direct alignment: --loss dpo | cdpo | robust | ipo | dpo_nll | simpo | orpo
   chat         talk to a model (one-shot --prompt, or interactive)
   serve        an OpenAI-compatible chat-completions server for a local model (127.0.0.1 by default)
   label        AI-feedback preference labels: an LLM judge picks chosen/rejected from completion pairs
@@ -89,6 +90,10 @@ def _dispatch(command: str, argv: list[str]) -> int:
             from posttrain.rm import RMConfig, train_rm
 
             return _stage(RMConfig, train_rm, "posttrain rm: train a reward model (see --loss).", argv)
+        case "dpo":
+            from posttrain.dpo import DPOConfig, train_dpo
+
+            return _stage(DPOConfig, train_dpo, "posttrain dpo: direct alignment from preference pairs.", argv)
         case "pretrain":
             from posttrain.pretrain import PretrainConfig, train_pretrain
 

@@ -1,0 +1,378 @@
+"""Direct alignment: ``posttrain dpo --loss dpo | cdpo | robust | ipo | dpo_nll | simpo | orpo``.
+
+Each step, for B preference pairs:
+  1. chosen and rejected go through the policy in ONE forward: a padding-free row where each pair's prompt appears
+     once, followed by both completions (``collate_shared_prefix``; masks keep the completions apart);
+  2. the LM head runs only at the positions that predict a completion token; their log-probs are summed per
+     sequence -> log pi(y_c|x), log pi(y_r|x) (B,) and the completion lengths;
+  3. the reference log-probs log pi_ref(y|x) were computed ONCE before training, by the frozen reference model, and
+     cached on disk (keyed by the reference model's files, the data file and the rendering settings), so training
+     holds only the policy in memory (the book's ~50 % peak-memory tip). ``--precompute_ref=false`` keeps the
+     reference model and runs it live each step (same numbers; tested);
+  4. ``posttrain.losses.dpo_loss`` -> backward -> clip -> AdamW.
+Reference-free losses (simpo, orpo) never load a reference model. KTO (unpaired data) has its loss in
+``posttrain.losses.kto_loss``; its trainer is not built yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from posttrain import losses
+from posttrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from posttrain.config import option
+from posttrain.data.io import DataError, Row, as_messages, check_messages, read_rows, validate_rows
+from posttrain.data.packing import Example, collate_shared_prefix, flat_index
+from posttrain.data.render import RenderError, render_conversation
+from posttrain.modeling import load_causal_lm, load_tokenizer, resolve_device, use_segment_attention, varlen_kwargs
+from posttrain.runlog import MetricsLog
+from posttrain.training import (
+    autocast,
+    batch_indices,
+    build_optimizer,
+    build_scheduler,
+    grad_norm_and_clip,
+    is_complete,
+    prepare_run_dir,
+    save_final_model,
+    seed_everything,
+    stop_at_step_boundary,
+)
+
+
+@dataclass
+class DPOConfig:
+    loss: str = option("dpo", "dpo | cdpo | robust | ipo | dpo_nll | simpo | orpo",
+                       choices=tuple(t.value for t in losses.DPOLoss if t != losses.DPOLoss.kto))
+    model: str = option("", "policy to start from (local directory; usually an SFT model); required")
+    ref_model: str = option("", "frozen reference model; empty = the starting policy")
+    data: str = option("", "preference pairs: prompt/chosen/rejected (text or messages), or chosen/rejected "
+                           "conversations sharing all but the last turn; empty = the tiny world's preference set")
+    eval_data: str = option("", "held-out pairs of the same format; empty = none (the world's held-out set when data "
+                                "is empty)")
+    out: str = option("runs/dpo", "run directory; the final policy goes to out/model")
+    chat_template: str = option("", "chatml | zephyr | tulu | Jinja; empty = the tokenizer's own")
+    columns: dict = option({}, "rename columns, e.g. {question: prompt}")
+    skip_invalid: bool = option(False, "drop malformed rows (reported) instead of stopping")
+    max_length: int = option(512, "longest prompt + completion in tokens; longer pairs are dropped (counted)")
+    beta: float = option(0.1, "KL strength beta (simpo: reward scale)")
+    label_smoothing: float = option(0.0, "cdpo / robust: assumed fraction of flipped labels")
+    gamma: float = option(0.5, "simpo: target reward margin")
+    alpha: float = option(-1.0, "dpo_nll: NLL weight (default 1); orpo: odds-ratio weight (default 0.1); -1 = default")
+    precompute_ref: bool = option(True, "compute reference log-probs once before training and cache them on disk")
+    batch_size: int = option(8, "pairs per micro-batch")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    epochs: float = option(1.0, "passes over the data (ignored when max_steps > 0)")
+    max_steps: int = option(0, "optimizer steps; 0 = from epochs")
+    lr: float = option(5e-7, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_steps: int = option(10, "linear warm-up steps")
+    lr_schedule: str = option("linear", "constant | linear | cosine", choices=("constant", "linear", "cosine"))
+    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 = off")
+    shuffle: bool = option(True, "shuffle every epoch (seeded); false = file order")
+    seed: int = option(0, "seed for the batch order")
+    precision: str = option("auto", "auto | bf16 | fp32", choices=("auto", "bf16", "fp32"))
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    device: str = option("auto", "auto | cpu | cuda")
+    log_every: int = option(5, "log every N steps")
+    save_every: int = option(100, "checkpoint every N steps; 0 = only at the end")
+    keep_last: int = option(2, "checkpoints to keep")
+    resume: bool = option(False, "continue from the latest checkpoint in out")
+    progress: bool = option(True, "show a progress bar")
+
+
+@dataclass
+class Pair:
+    chosen: Example
+    rejected: Example
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+
+
+def pair_messages(row: Row) -> tuple[list[dict], list[dict], list[dict]]:
+    """(prompt, chosen, rejected) from an explicit-prompt row, or from two conversations that differ only in their
+    final assistant turn (TRL's implicit-prompt format)."""
+    if "prompt" in row.data:
+        prompt = as_messages(row, "prompt", "user")
+        chosen, rejected = as_messages(row, "chosen", "assistant"), as_messages(row, "rejected", "assistant")
+    else:
+        chosen_all = check_messages(row, row.data.get("chosen"), "chosen")
+        rejected_all = check_messages(row, row.data.get("rejected"), "rejected")
+        if chosen_all[:-1] != rejected_all[:-1] or len(chosen_all) < 2:
+            raise row.error("rejected", "without a `prompt` column, chosen and rejected must be conversations that "
+                                        "differ only in their final assistant turn")
+        prompt, chosen, rejected = chosen_all[:-1], chosen_all[-1:], rejected_all[-1:]
+    for name, completion in (("chosen", chosen), ("rejected", rejected)):
+        if completion[-1]["role"] != "assistant":
+            raise row.error(name, f"the {name} completion must end with an assistant turn")
+    if chosen == rejected:
+        raise row.error("chosen", "chosen and rejected are identical")
+    return prompt, chosen, rejected
+
+
+def parse_pair(row: Row, tokenizer) -> Pair:
+    prompt, chosen, rejected = pair_messages(row)
+    examples = []
+    for name, completion in (("chosen", chosen), ("rejected", rejected)):
+        try:
+            ids, mask = render_conversation(tokenizer, prompt + completion, "final_turn_only")
+        except RenderError as err:
+            raise row.error(name, str(err)) from None
+        examples.append(Example(ids, mask))
+    return Pair(*examples)
+
+
+def load_pairs(path: str, tokenizer, config: DPOConfig) -> list[Pair]:
+    rows = read_rows(path, columns=config.columns or None)
+    kept, report = validate_rows(rows, lambda row: parse_pair(row, tokenizer), skip_invalid=config.skip_invalid,
+                                 source=str(path))
+    pairs = []
+    for _, pair in kept:
+        if max(len(pair.chosen), len(pair.rejected)) > config.max_length:
+            report.drop(f"longer than max_length={config.max_length}")
+        else:
+            pairs.append(pair)
+    report.kept = len(pairs)
+    print(report.summary())
+    if not pairs:
+        raise DataError(str(path), "", None, f"no usable pairs ({report.summary()})")
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# log-probs
+
+
+def sequence_logps(model, pairs: list[Pair], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log pi(y_c|x), log pi(y_r|x) summed over each completion's trained tokens, and their counts: 4 x (B,).
+
+    One forward of every pair: with segment attention each prompt once (shared-prefix row), otherwise each sequence
+    as its own segment. The LM head runs only at the positions that predict a trained token.
+    """
+    from posttrain.attention import NAME as SEGMENT_ATTENTION
+
+    shared = getattr(model.config, "_attn_implementation", None) == SEGMENT_ATTENTION
+    groups = [[p.chosen, p.rejected] for p in pairs] if shared else [[e] for p in pairs for e in (p.chosen, p.rejected)]
+    batch = collate_shared_prefix(groups)
+    examples = [e for group in groups for e in group]
+    predictors, targets, owners = [], [], []
+    for k, (layout, example) in enumerate(zip(batch["layout"], examples)):
+        for t in range(1, len(example)):
+            if example.loss_mask[t]:
+                predictors.append(flat_index(layout, t - 1))  # the position whose output predicts token t
+                targets.append(example.input_ids[t])
+                owners.append(k)
+    kwargs = varlen_kwargs({"cu_seq_lens": batch["cu_seq_lens"].to(device), "segment_masks": batch["segment_masks"]})
+    hidden = model.base_model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                              use_cache=False, **kwargs).last_hidden_state[0]  # (N, H)
+    logits = model.get_output_embeddings()(hidden[torch.tensor(predictors, device=device)]).float()  # (n, V)
+    token_logps = logits.log_softmax(-1).gather(-1, torch.tensor(targets, device=device)[:, None])[:, 0]
+    owner = torch.tensor(owners, device=device)
+    sums = torch.zeros(len(examples), device=device, dtype=token_logps.dtype).index_add(0, owner, token_logps)
+    counts = torch.zeros(len(examples), device=device).index_add(0, owner, torch.ones_like(token_logps))
+    return sums[0::2], sums[1::2], counts[0::2], counts[1::2]
+
+
+def _file_fingerprint(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def reference_cache_key(ref_model: str, data: str, config: DPOConfig) -> str:
+    """Hash of what the reference log-probs depend on: the reference model's files, the data file, the rendering."""
+    model_dir = Path(ref_model)
+    files = sorted(p for p in model_dir.iterdir() if p.suffix in (".safetensors", ".bin", ".json", ".jinja"))
+    digest = hashlib.sha256()
+    for part in [str(model_dir.resolve())] + [_file_fingerprint(p) for p in files] + [
+            str(Path(data).resolve()), _file_fingerprint(Path(data)), config.chat_template, json.dumps(config.columns),
+            str(config.max_length), str(config.skip_invalid)]:
+        digest.update(part.encode())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def reference_logps(ref_model, pairs: list[Pair], device, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi_ref(y_c|x), log pi_ref(y_r|x) for every pair (P,), in batches."""
+    ref_model.eval()
+    chosen, rejected = [], []
+    for start in range(0, len(pairs), batch_size):
+        c, r, _, _ = sequence_logps(ref_model, pairs[start : start + batch_size], device)
+        chosen.append(c.cpu())
+        rejected.append(r.cpu())
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def cached_reference_logps(cache_dir: Path, key: str, compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]):
+    """Load ``cache_dir/ref_logps-{key}.pt`` or compute and write it atomically."""
+    path = cache_dir / f"ref_logps-{key}.pt"
+    if path.exists():
+        saved = torch.load(path)
+        return saved["chosen"], saved["rejected"]
+    chosen, rejected = compute()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"chosen": chosen, "rejected": rejected}, tmp)
+    os.replace(tmp, path)
+    return chosen, rejected
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training
+
+
+def _fill_world_defaults(config: DPOConfig) -> DPOConfig:
+    if not config.model:
+        raise ValueError("posttrain dpo needs --model=DIR (usually an SFT model)")
+    if not config.data:
+        from posttrain.world import build
+
+        paths = build.ensure_world(base_model=False, progress=config.progress)
+        config.data = str(paths.data / "preference_train.jsonl")
+        config.eval_data = config.eval_data or str(paths.data / "preference_heldout.jsonl")
+    return config
+
+
+def pair_loss(model, pairs: list[Pair], ref: tuple[torch.Tensor, torch.Tensor] | None, config: DPOConfig, device):
+    """(loss, metrics) of a micro-batch; ``ref`` = the pairs' reference log-probs (None for reference-free types)."""
+    chosen, rejected, chosen_len, rejected_len = sequence_logps(model, pairs, device)
+    ref_chosen, ref_rejected = (None, None) if ref is None else (ref[0].to(device), ref[1].to(device))
+    return losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=config.beta, loss_type=config.loss,
+                           label_smoothing=config.label_smoothing, chosen_lengths=chosen_len,
+                           rejected_lengths=rejected_len, gamma=config.gamma,
+                           alpha=None if config.alpha < 0 else config.alpha)
+
+
+def train_dpo(config: DPOConfig, *, on_step_end: Callable[[int, dict], None] | None = None) -> Path:
+    """Run direct-alignment training; returns the final policy directory (``out/model``)."""
+    config = _fill_world_defaults(config)
+    loss_type = losses.DPOLoss(config.loss)
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    run_dir, start_step = prepare_run_dir(config.out, config, resume=config.resume)
+    if config.resume and (done := is_complete(run_dir)):
+        print(f"{run_dir}: run already complete ({done['steps']} steps); policy in {run_dir / 'model'}. Nothing to do.")
+        return run_dir / "model"
+
+    tokenizer = load_tokenizer(config.model, config.chat_template or None)
+    pairs = load_pairs(config.data, tokenizer, config)
+    eval_pairs = load_pairs(config.eval_data, tokenizer, config) if config.eval_data else []
+
+    ref_model_path = config.ref_model or config.model
+    live_ref = None
+    ref_train = ref_eval = None
+    if loss_type.needs_reference:
+        if config.precompute_ref:  # the frozen reference is run once, then dropped: training holds only the policy
+            ref_model = load_causal_lm(ref_model_path, device=device)
+            use_segment_attention(ref_model)
+            compute = lambda data: lambda: reference_logps(ref_model, data, device, config.batch_size)  # noqa: E731
+            ref_train = cached_reference_logps(run_dir / "reference", reference_cache_key(
+                ref_model_path, config.data, config), compute(pairs))
+            if eval_pairs:
+                ref_eval = cached_reference_logps(run_dir / "reference", reference_cache_key(
+                    ref_model_path, config.eval_data, config), compute(eval_pairs))
+            del ref_model, compute
+        else:
+            live_ref = load_causal_lm(ref_model_path, device=device).eval()
+            use_segment_attention(live_ref)
+
+    def reference(indices: list[int], cached, data) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not loss_type.needs_reference:
+            return None
+        if live_ref is not None:
+            return reference_logps(live_ref, [data[i] for i in indices], device, len(indices))
+        return cached[0][indices], cached[1][indices]
+
+    step_size = config.batch_size * config.grad_accum
+    steps_per_epoch = max(1, len(pairs) // step_size)
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    model = load_causal_lm(config.model, device=device)
+    use_segment_attention(model)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    model.train()
+    optimizer = build_optimizer(model, config.lr, config.weight_decay)
+    scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=total_steps,
+                                schedule=config.lr_schedule)
+    if start_step:
+        load_checkpoint(latest_checkpoint(run_dir), model=model, optimizer=optimizer, scheduler=scheduler)
+        print(f"resumed from step {start_step} of {total_steps}")
+    log = MetricsLog(run_dir, resume_step=start_step)
+    batches = batch_indices(len(pairs), step_size, config.seed, shuffle=config.shuffle, start_batch=start_step)
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(run_dir, step, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                        extra={"total_steps": total_steps}, keep_last=config.keep_last)
+
+    bar = tqdm(total=total_steps, initial=start_step, desc=f"dpo:{loss_type}", disable=not config.progress,
+               dynamic_ncols=True)
+    step = start_step
+    with stop_at_step_boundary() as stop_requested:
+        while step < total_steps:
+            started = time.perf_counter()
+            indices = list(next(batches))
+            per_micro = math.ceil(len(indices) / config.grad_accum)
+            sums: dict[str, float] = {}
+            for start in range(0, len(indices), per_micro):
+                chunk = indices[start : start + per_micro]
+                share = len(chunk) / len(indices)  # each micro-batch's share of the step's pairs
+                with autocast(device, config.precision):
+                    loss, metrics = pair_loss(model, [pairs[i] for i in chunk], reference(chunk, ref_train, pairs),
+                                              config, device)
+                (loss * share).backward()
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) * share
+            grad_norm = grad_norm_and_clip(model, config.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens = sum(len(pairs[i].chosen) + len(pairs[i].rejected) for i in indices)
+            if step % config.log_every == 0 or step == total_steps:
+                log.log(step, {"train/loss": sums.pop("loss"), "train/lr": lr, "train/grad_norm": grad_norm,
+                               "train/tokens_per_s": tokens / (time.perf_counter() - started), **sums})
+            if config.save_every and step % config.save_every == 0 and step < total_steps:
+                checkpoint(step)
+            bar.update(1)
+            if on_step_end is not None:
+                on_step_end(step, {"tokens": tokens, "pairs": len(indices)})
+            if stop_requested:
+                bar.close()
+                checkpoint(step)
+                print(f"interrupted: checkpoint saved at step {step}; continue with --resume")
+                raise KeyboardInterrupt
+    bar.close()
+    report = evaluate_pairs(model, eval_pairs, ref_eval, config, device, reference) if eval_pairs else {}
+    if report:
+        log.log(step, {f"eval/{k}": v for k, v in report.items()})
+    checkpoint(step)
+    log.close()
+    return save_final_model(run_dir, model, tokenizer, {"steps": step, "stage": "dpo", "loss": loss_type.value,
+                                                        "eval": report})
+
+
+@torch.no_grad()
+def evaluate_pairs(model, pairs: list[Pair], cached, config: DPOConfig, device, reference) -> dict[str, float]:
+    """Pair-weighted means of the loss metrics over held-out pairs."""
+    model.eval()
+    totals: dict[str, float] = {}
+    for start in range(0, len(pairs), config.batch_size):
+        chunk = list(range(start, min(start + config.batch_size, len(pairs))))
+        _, metrics = pair_loss(model, [pairs[i] for i in chunk], reference(chunk, cached, pairs), config, device)
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0.0) + float(value) * len(chunk)
+    model.train()
+    return {key: value / len(pairs) for key, value in totals.items()}

@@ -1,0 +1,103 @@
+"""posttrain dpo: the one-forward log-probs, cached vs live reference, every loss type, data formats, bad rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from posttrain.data.io import DataError
+from posttrain.dpo import DPOConfig, load_pairs, sequence_logps, train_dpo
+from posttrain.modeling import load_causal_lm, load_tokenizer, use_segment_attention
+
+
+def _small_copy(src, dst, n):
+    dst.write_text("\n".join(src.read_text().splitlines()[:n]) + "\n")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def data(world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo")
+    return (_small_copy(world.data / "preference_train.jsonl", root / "train.jsonl", 24),
+            _small_copy(world.data / "preference_heldout.jsonl", root / "eval.jsonl", 8))
+
+
+def _config(tiny_model_dir, data, out, **overrides):
+    train, held = data
+    return DPOConfig(**{**dict(model=str(tiny_model_dir), data=str(train), eval_data=str(held), out=str(out),
+                               max_steps=3, batch_size=4, lr=1e-4, warmup_steps=0, progress=False, device="cpu",
+                               log_every=1, shuffle=False), **overrides})
+
+
+def test_sequence_logps_equal_separate_hf_forwards(tiny_model_dir, data):
+    """One shared-prompt forward gives, per completion, the sum of log pi over its trained tokens, exactly as a plain
+    HF forward of each full sequence on its own."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    pairs = load_pairs(str(data[0]), tokenizer, DPOConfig(max_length=512))[:5]
+    model = load_causal_lm(tiny_model_dir, device="cpu")
+    expected = []
+    with torch.no_grad():
+        for pair in pairs:
+            for example in (pair.chosen, pair.rejected):
+                ids = torch.tensor([example.input_ids])
+                logps = model(ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+                expected.append(float((logps * torch.tensor(example.loss_mask[1:])).sum()))
+        use_segment_attention(model)
+        chosen, rejected, chosen_len, rejected_len = sequence_logps(model, pairs, "cpu")
+    got = torch.stack([chosen, rejected], dim=1).flatten().tolist()
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert chosen_len.tolist() == [sum(p.chosen.loss_mask[1:]) for p in pairs]
+
+
+def test_cached_reference_equals_live_reference(tiny_model_dir, data, tmp_path):
+    cached = train_dpo(_config(tiny_model_dir, data, tmp_path / "cached"))
+    live = train_dpo(_config(tiny_model_dir, data, tmp_path / "live", precompute_ref=False))
+    read = lambda run: [json.loads(line) for line in (run.parent / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    a, b = read(cached), read(live)
+    assert [r.get("train/loss") for r in a] == pytest.approx([r.get("train/loss") for r in b], abs=1e-6)
+    assert a[-1]["eval/rewards/margin"] == pytest.approx(b[-1]["eval/rewards/margin"], abs=1e-6)
+    assert list((cached.parent / "reference").glob("ref_logps-*.pt"))  # cached on disk
+    assert not (live.parent / "reference").exists()
+    # at step 1 the policy IS the reference: every implicit reward is 0 and the DPO loss is log 2
+    assert a[0]["train/loss"] == pytest.approx(0.693147, abs=1e-4)
+    assert a[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["cdpo", "robust", "ipo", "dpo_nll", "simpo", "orpo"])
+def test_every_loss_type_trains_and_logs(tiny_model_dir, data, tmp_path, loss):
+    model = train_dpo(_config(tiny_model_dir, data, tmp_path / loss, loss=loss, label_smoothing=0.1))
+    records = [json.loads(line) for line in (model.parent / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3] and all(torch.isfinite(torch.tensor(r["train/loss"])) for r in train)
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "logps/chosen",
+            "logps/rejected"} <= set(train[-1])
+    reference_free = loss in ("simpo", "orpo")
+    assert (model.parent / "reference").exists() != reference_free  # reference-free losses never load one
+    assert json.loads((model / "complete.json").read_text())["loss"] == loss
+
+
+def test_dpo_moves_the_implicit_margin(tiny_model_dir, data, tmp_path):
+    """A few steps at a high learning rate on the same pairs raise the training reward margin above 0."""
+    model = train_dpo(_config(tiny_model_dir, data, tmp_path / "margin", max_steps=12, lr=1e-3, beta=0.5))
+    records = [json.loads(line) for line in (model.parent / "metrics.jsonl").read_text().splitlines()]
+    margins = [r["rewards/margin"] for r in records if "rewards/margin" in r]
+    assert margins[0] == pytest.approx(0.0, abs=1e-5) and max(margins[-3:]) > 0.05
+
+
+def test_implicit_prompt_pairs_and_bad_rows(tiny_model_dir, tmp_path):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    user = {"role": "user", "content": "What is 1 + 1?"}
+    good = {"chosen": [user, {"role": "assistant", "content": "The answer is 2."}],
+            "rejected": [user, {"role": "assistant", "content": "The answer is 3."}]}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"chosen": good["chosen"], "rejected": [
+        {"role": "user", "content": "Other?"}, {"role": "assistant", "content": "x"}]}) + "\n")
+    with pytest.raises(DataError) as err:
+        load_pairs(str(path), tokenizer, DPOConfig())
+    assert "pairs.jsonl" in str(err.value) and "line 2" in str(err.value) and "'rejected'" in str(err.value)
+    pairs = load_pairs(str(path), tokenizer, DPOConfig(skip_invalid=True))
+    assert len(pairs) == 1
+    prompt_ids = pairs[0].chosen.input_ids[: pairs[0].chosen.loss_mask.index(1)]
+    assert pairs[0].rejected.input_ids[: len(prompt_ids)] == prompt_ids
