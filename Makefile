@@ -36,6 +36,7 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/sft.py
 	$(PY) benchmarks/rm.py
 	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/dpo.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
