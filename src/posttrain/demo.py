@@ -3,9 +3,10 @@
 Stages so far: build the world (cached) -> pretrain the base model (cached) -> SFT -> evaluate both on held-out
 prompts against the gold reward -> a Bradley-Terry reward model from the SFT model, measured against the gold
 preferences -> best-of-N on held-out prompts with the RM and with a verifier -> one round of rejection-sampling
-fine-tuning (verifier-selected samples, SFT) from the SFT model. Every stage's run directory lives under ``--out``;
-``summary.json`` holds ``{"stages": {"base": {...}, "sft": {...}, "rs": {...}}, "reward_model": {...},
-"best_of_n": {...}, "rejection_sampling": {...}}``: per policy format_rate, accuracy, gold_reward, mean_length,
+fine-tuning (verifier-selected samples, SFT) from the SFT model -> DPO from the SFT model on gold-labelled pairs
+(win-rate against the SFT model under the gold reward, KL to it). Every stage's run directory lives under ``--out``;
+``summary.json`` holds ``{"stages": {"base": {...}, "sft": {...}, "rs": {...}, "dpo": {...}}, "reward_model": {...},
+"best_of_n": {...}, "rejection_sampling": {...}, "dpo": {...}}``: per policy format_rate, accuracy, gold_reward, mean_length,
 stop_rate (greedy); for the RM held-out pair accuracy, top-1 selection and length correlation; for best-of-N the
 gold reward of single samples and of each selector's picks; for rejection sampling the held-out gold reward of the
 policy's samples before and after the round.
@@ -37,6 +38,7 @@ class DemoConfig:
     bon_n: int = option(16, "best-of-N: samples per held-out prompt; 0 = skip the stage")
     bon_prompts: int = option(100, "best-of-N: held-out prompts")
     rs_prompts: int = option(600, "rejection sampling: training prompts sampled (8 samples each); 0 = skip the stage")
+    dpo_steps: int = option(250, "DPO optimizer steps from the SFT model (16 gold-labelled pairs each); 0 = skip")
     eval_prompts: int = option(200, "held-out prompts to evaluate each stage on")
     max_new_tokens: int = option(48, "generation budget per reply")
     device: str = option("auto", "auto | cpu | cuda")
@@ -119,6 +121,30 @@ def _rejection_sampling_stage(config: DemoConfig, paths, sft_model: Path, out: P
             "eval_gold_after": rounds[1]["eval_reward"]}, model
 
 
+def _dpo_stage(config: DemoConfig, paths, sft_model: Path, out: Path) -> tuple[dict, Path]:
+    """DPO from the SFT model on the world's gold-labelled pairs; win-rate and KL against the SFT model come later."""
+    from posttrain.dpo import DPOConfig, train_dpo
+
+    dpo_config = DPOConfig(
+        loss="dpo", model=str(sft_model), data=str(paths.data / "preference_train.jsonl"),
+        eval_data=str(paths.data / "preference_heldout.jsonl"), out=str(out / "dpo"), max_steps=config.dpo_steps,
+        batch_size=16, lr=1e-5, beta=0.1, warmup_steps=10, save_every=100, device=config.device,
+        progress=config.progress, resume=True)
+    _discard_if_config_changed(out / "dpo", dpo_config)
+    model = out / "dpo" / "model" if is_complete(out / "dpo") else train_dpo(dpo_config)
+    held_out = json.loads((model / "complete.json").read_text())["eval"]
+    return {"loss": "dpo", "beta": 0.1, "steps": config.dpo_steps,
+            "implicit_reward_accuracy": held_out["rewards/accuracy"],
+            "implicit_reward_margin": held_out["rewards/margin"]}, model
+
+
+def _greedy_gold(samples_path: Path) -> list[float]:
+    from posttrain.world.gold import gold_reward
+
+    rows = [json.loads(line) for line in samples_path.read_text().splitlines()]
+    return [gold_reward(row["prompt"], row["completion"]) for row in rows]
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
@@ -131,7 +157,7 @@ def run_demo(config: DemoConfig) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    stage_count = 3 + bool(config.rm_steps) + bool(config.bon_n) + bool(config.rs_prompts)
+    stage_count = 3 + bool(config.rm_steps) + bool(config.bon_n) + bool(config.rs_prompts) + bool(config.dpo_steps)
     print(f"[1/{stage_count}] tiny world: tokenizer, datasets, base model (cached after the first run)")
     paths = build.ensure_world(base_model=True, progress=config.progress)
     prompts = paths.data / "rl_heldout.jsonl"
@@ -171,6 +197,18 @@ def run_demo(config: DemoConfig) -> dict:
         print(f"[{stage}/{stage_count}] one round of rejection-sampling fine-tuning ({config.rs_prompts} prompts)")
         summary["rejection_sampling"], rs_model = _rejection_sampling_stage(config, paths, sft_model, out)
         stages["rs"] = evaluate(rs_model, "rs")
+    if config.dpo_steps:
+        from posttrain.evaluate import load_eval_prompts, policy_kl, win_rate
+
+        stage += 1
+        print(f"[{stage}/{stage_count}] DPO from the SFT model ({config.dpo_steps} steps on gold-labelled pairs)")
+        summary["dpo"], dpo_model = _dpo_stage(config, paths, sft_model, out)
+        stages["dpo"] = evaluate(dpo_model, "dpo")
+        summary["dpo"]["win_rate_vs_sft"] = win_rate(_greedy_gold(out / "samples_dpo.jsonl"),
+                                                     _greedy_gold(out / "samples_sft.jsonl"))
+        kl_prompts = [row["prompt"] for row in load_eval_prompts(prompts, 100)]
+        summary["dpo"]["kl_to_reference"] = policy_kl(dpo_model, sft_model, kl_prompts, n=4,
+                                                      max_new_tokens=config.max_new_tokens, device=config.device)
     summary.update(world=str(paths.root), seconds=round(time.time() - started, 1))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print()
@@ -188,5 +226,9 @@ def run_demo(config: DemoConfig) -> dict:
     if rs := summary.get("rejection_sampling"):
         print(f"rejection sampling, 1 round ({rs['selected']} verified samples): held-out gold of the policy's "
               f"samples {rs['eval_gold_before']:.3f} -> {rs['eval_gold_after']:.3f}")
+    if dpo := summary.get("dpo"):
+        print(f"DPO ({dpo['steps']} steps, beta {dpo['beta']}): win-rate vs SFT under the gold reward "
+              f"{dpo['win_rate_vs_sft']:.3f} (ties half), KL to the SFT reference {dpo['kl_to_reference']:.3f} nats, "
+              f"held-out implicit-reward pair accuracy {dpo['implicit_reward_accuracy']:.3f}")
     print(f"\nsummary: {out / 'summary.json'}   ({summary['seconds']} s)")
     return summary

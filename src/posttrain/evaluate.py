@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from posttrain.generation import generate
 from posttrain.modeling import load_causal_lm, load_tokenizer, resolve_device
 from posttrain.world.gold import follows_format, gold_reward, parse_final_answer
@@ -131,3 +133,38 @@ def evaluate_reward_on_world(reward, data_dir: str | Path, *, limit: int = 0) ->
             "top1_accuracy": top1 / max(1, len(rankings)),
             "random_top1": random_top1 / max(1, len(rankings)), "length_correlation": pearson(values, lengths),
             "pairs": len(scored), "rankings": len(rankings)}
+
+
+def win_rate(rewards_a: list[float], rewards_b: list[float]) -> float:
+    """Share of prompts where A's reward beats B's, ties counted half (AlpacaEval-style)."""
+    if len(rewards_a) != len(rewards_b) or not rewards_a:
+        raise ValueError("win_rate needs two equally long, non-empty reward lists")
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards_a, rewards_b)) / len(rewards_a)
+
+
+@torch.no_grad()
+def policy_kl(policy_dir: str | Path, reference_dir: str | Path, prompts: list[list[dict]], *, n: int = 4,
+              max_new_tokens: int = 64, seed: int = 0, device: str = "auto") -> float:
+    """Monte-Carlo KL(pi || pi_ref) per completion: the mean over samples y ~ pi (temperature 1) of
+    sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)] (nats). The policy's log-probs come from the engine
+    (raw logits), the reference's from one teacher-forced forward per sample."""
+    from posttrain.data.render import render_prompt
+    from posttrain.generation import HFEngine, SamplingParams
+
+    engine = HFEngine.from_path(policy_dir, device=device)
+    samples = engine.generate(prompts, SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=1.0,
+                                                      seed=seed, logprobs=True))
+    reference = load_causal_lm(reference_dir, device=resolve_device(device)).eval()
+    ref_device = next(reference.parameters()).device
+    total, count = 0.0, 0
+    for prompt, completions in zip(prompts, samples):
+        prompt_ids = render_prompt(engine.tokenizer, prompt)
+        for completion in completions:
+            if not completion.token_ids:
+                continue
+            ids = torch.tensor([prompt_ids + completion.token_ids], device=ref_device)
+            logits = reference(ids).logits[0, len(prompt_ids) - 1 : -1].float()  # predicts each completion token
+            ref_logps = logits.log_softmax(-1).gather(-1, ids[0, len(prompt_ids):, None])[:, 0]
+            total += sum(completion.logprobs) - float(ref_logps.sum())
+            count += 1
+    return total / max(count, 1)
