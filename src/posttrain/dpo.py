@@ -34,7 +34,13 @@ from posttrain.config import option
 from posttrain.data.io import DataError, Row, as_messages, check_messages, read_rows, validate_rows
 from posttrain.data.packing import Example, collate_shared_prefix, flat_index
 from posttrain.data.render import RenderError, render_conversation
-from posttrain.modeling import load_causal_lm, load_tokenizer, resolve_device, use_segment_attention, varlen_kwargs
+from posttrain.modeling import (
+    flat_hidden_states,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device,
+    use_segment_attention,
+)
 from posttrain.runlog import MetricsLog
 from posttrain.training import (
     autocast,
@@ -174,9 +180,7 @@ def sequence_logps(model, pairs: list[Pair], device) -> tuple[torch.Tensor, torc
                 predictors.append(flat_index(layout, t - 1))  # the position whose output predicts token t
                 targets.append(example.input_ids[t])
                 owners.append(k)
-    kwargs = varlen_kwargs({"cu_seq_lens": batch["cu_seq_lens"].to(device), "segment_masks": batch["segment_masks"]})
-    hidden = model.base_model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                              use_cache=False, **kwargs).last_hidden_state[0]  # (N, H)
+    hidden = flat_hidden_states(model, batch)  # (N, H)
     logits = model.get_output_embeddings()(hidden[torch.tensor(predictors, device=device)]).float()  # (n, V)
     token_logps = logits.log_softmax(-1).gather(-1, torch.tensor(targets, device=device)[:, None])[:, 0]
     owner = torch.tensor(owners, device=device)

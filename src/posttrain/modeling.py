@@ -82,6 +82,15 @@ def varlen_kwargs(batch: dict[str, torch.Tensor]) -> dict:
     return kwargs
 
 
+def flat_hidden_states(model, batch: dict) -> torch.Tensor:
+    """Backbone hidden states (N, H) of a one-row padding-free batch (``collate_flat`` or ``collate_shared_prefix``),
+    its tensors moved to the model's device; segment boundaries and masks go to the attention via ``varlen_kwargs``."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return model.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                            **varlen_kwargs(batch)).last_hidden_state[0]
+
+
 def trained_token_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (N, V) and targets (N,) at just the N positions that have a trained next token.
 

@@ -38,8 +38,8 @@ from posttrain.modeling import (
     load_tokenizer,
     resize_for_tokenizer,
     resolve_device,
+    flat_hidden_states,
     use_segment_attention,
-    varlen_kwargs,
 )
 from posttrain.rewards import STEP_SEPARATOR, completion_text, step_boundary_tokens
 from posttrain.runlog import MetricsLog
@@ -209,12 +209,6 @@ def load_groups(path, tokenizer, config: RMConfig) -> tuple[list[Group], str]:
     return groups, report.summary()
 
 
-def head_hidden(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Backbone hidden states (1, N, H) of a flat, padding-free batch (see ``collate_flat``)."""
-    return model.base_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                            **varlen_kwargs(batch)).last_hidden_state
-
-
 def last_token_positions(batch: dict[str, torch.Tensor], pad_token_id: int | None) -> torch.Tensor:
     """Per sequence of a flat batch, the index of its last token that is not padding: exactly the token that
     ``AutoModelForSequenceClassification`` pools (the rightmost non-pad token), so scores agree with HF's."""
@@ -231,9 +225,9 @@ def last_token_positions(batch: dict[str, torch.Tensor], pad_token_id: int | Non
 
 def scalar_scores(model, examples: list[Example], pad_id: int, device) -> torch.Tensor:
     """Scores (S,) of a scalar RM for ``examples``, all in one padding-free forward."""
-    batch = {k: v.to(device) for k, v in collate_flat(examples, pad_id).items()}
-    hidden = head_hidden(model, batch)[0]  # (N, H)
-    return model.score(hidden[last_token_positions(batch, pad_id)]).squeeze(-1)
+    batch = collate_flat(examples, pad_id)
+    hidden = flat_hidden_states(model, batch)  # (N, H)
+    return model.score(hidden[last_token_positions(batch, pad_id).to(hidden.device)]).squeeze(-1)
 
 
 def _last_non_pad(example: Example, pad_id: int | None) -> int:
@@ -254,9 +248,8 @@ def group_scores(model, groups: list[Group], pad_id: int, device) -> torch.Tenso
 
     if getattr(model.config, "_attn_implementation", None) != SEGMENT_ATTENTION:
         return scalar_scores(model, [e for g in groups for e in g.examples], pad_id, device).view(len(groups), -1)
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
-             for k, v in collate_shared_prefix([g.examples for g in groups]).items()}
-    hidden = head_hidden(model, batch)[0]  # (N, H), N = the group's tokens with each prompt once
+    batch = collate_shared_prefix([g.examples for g in groups])
+    hidden = flat_hidden_states(model, batch)  # (N, H), N = the group's tokens with each prompt once
     examples = [e for g in groups for e in g.examples]
     pooled = [flat_index(layout, _last_non_pad(e, pad_id)) for layout, e in zip(batch["layout"], examples)]
     return model.score(hidden[pooled]).squeeze(-1).view(len(groups), -1)
@@ -279,7 +272,7 @@ def group_loss(model, groups: list[Group], loss_type: RMLoss, pad_id: int, devic
         return loss, metrics, len(groups)
     examples = [e for g in groups for e in g.examples]
     batch = {k: v.to(device) for k, v in collate_flat(examples, pad_id).items()}
-    hidden = head_hidden(model, batch)[0]  # (N, H)
+    hidden = flat_hidden_states(model, batch)  # (N, H)
     if loss_type == RMLoss.orm:
         completion = batch["labels"][0] != -100  # (N,) the completions' tokens (+ end-of-turn)
         logits = model.score(hidden[completion]).squeeze(-1)  # (n,)
