@@ -37,6 +37,7 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/rm.py
 	$(PY) benchmarks/generate.py
 	$(PY) benchmarks/dpo.py
+	$(PY) -m pytest -q tests/test_trl_parity.py  # loss parity with TRL (needs the bench extra's trl)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

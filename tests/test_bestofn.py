@@ -76,6 +76,13 @@ def test_score_select_pairs(generated, tmp_path):
     for pair in _rows(pairs):
         assert pair["reward_chosen"] > pair["reward_rejected"]
         assert set(pair) >= {"prompt", "chosen", "rejected", "answer"}
+    every = tmp_path / "every.jsonl"
+    assert main(["select", f"--data={scored}", "--pairs=all", "--pairs_per_prompt=2", f"--out={every}"]) == 0
+    by_prompt: dict[str, list[dict]] = {}
+    for pair in _rows(every):
+        assert pair["reward_chosen"] > pair["reward_rejected"] and pair["chosen"] != pair["rejected"]
+        by_prompt.setdefault(json.dumps(pair["prompt"]), []).append(pair)
+    assert len(_rows(every)) >= len(_rows(pairs)) and max(len(v) for v in by_prompt.values()) <= 2
 
 
 def test_select_needs_rewards(generated, tmp_path, capsys):

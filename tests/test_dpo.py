@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from posttrain.data.io import DataError
-from posttrain.dpo import DPOConfig, load_pairs, sequence_logps, train_dpo
+from posttrain.dpo import DPOConfig, load_pairs, load_unpaired, sequence_logps, train_dpo
 from posttrain.modeling import load_causal_lm, load_tokenizer, use_segment_attention
 
 
@@ -113,3 +113,60 @@ def test_win_rate_and_policy_kl(tiny_model_dir, world):
     # a policy against itself: every sampled token has the same log-prob under both, so the estimate is 0
     assert policy_kl(tiny_model_dir, tiny_model_dir, prompts, n=2, max_new_tokens=6, device="cpu") == pytest.approx(
         0.0, abs=1e-4)
+
+
+def _unpaired_rows(world, path, n_pairs):
+    """KTO rows from the world's first preference pairs: one desirable and one undesirable row per pair, reordered so
+    that rows of the same prompt are not neighbours."""
+    pairs = [json.loads(line) for line in (world.data / "preference_train.jsonl").read_text().splitlines()[:n_pairs]]
+    rows = [{"prompt": p["prompt"], "completion": p["chosen"], "label": True} for p in pairs]
+    rows += [{"prompt": p["prompt"], "completion": p["rejected"], "label": False} for p in pairs]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_kto_mismatched_completions_and_bad_rows(tiny_model_dir, world, tmp_path):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    examples = load_unpaired(str(_unpaired_rows(world, tmp_path / "kto.jsonl", 6)), tokenizer, DPOConfig(loss="kto"))
+    assert [e.desirable for e in examples] == [True] * 6 + [False] * 6
+    completions = {tuple(e.example.input_ids[e.example.loss_mask.index(1):]) for e in examples}
+    for e in examples:
+        prompt_len = e.example.loss_mask.index(1)
+        # the KL twin keeps the example's prompt and takes a completion of an example with another prompt
+        assert e.kl_example.input_ids[:prompt_len] == e.example.input_ids[:prompt_len]
+        assert e.kl_example.loss_mask.index(1) == prompt_len
+        kl_completion = tuple(e.kl_example.input_ids[prompt_len:])
+        assert kl_completion in completions and kl_completion != tuple(e.example.input_ids[prompt_len:])
+    # paired data is split into a desirable and an undesirable example; same-prompt neighbours are skipped
+    paired = load_unpaired(str(world.data / "preference_heldout.jsonl"), tokenizer, DPOConfig(loss="kto"))
+    assert len(paired) == 1000 and [e.desirable for e in paired[:4]] == [True, False, True, False]
+    assert paired[1].kl_example.input_ids != paired[0].example.input_ids
+
+    bad = tmp_path / "bad.jsonl"
+    row = {"prompt": "What is 1 + 1?", "completion": "The answer is 2.", "label": True}
+    bad.write_text(json.dumps(row) + "\n" + json.dumps({**row, "label": "yes"}) + "\n")
+    with pytest.raises(DataError) as err:
+        load_unpaired(str(bad), tokenizer, DPOConfig(loss="kto"))
+    assert "bad.jsonl" in str(err.value) and "line 2" in str(err.value) and "'label'" in str(err.value)
+    with pytest.raises(DataError, match="two different prompts"):  # no other prompt to borrow a completion from
+        load_unpaired(str(bad), tokenizer, DPOConfig(loss="kto", skip_invalid=True))
+
+
+def test_kto_trains_with_cached_or_live_reference(tiny_model_dir, world, data, tmp_path):
+    train = _unpaired_rows(world, tmp_path / "kto.jsonl", 12)
+    runs = {}
+    for name, precompute in (("cached", True), ("live", False)):
+        model = train_dpo(_config(tiny_model_dir, (train, data[1]), tmp_path / name, loss="kto",
+                                  precompute_ref=precompute, desirable_weight=1.2))
+        runs[name] = [json.loads(line) for line in (model.parent / "metrics.jsonl").read_text().splitlines()]
+    cached, live = runs["cached"], runs["live"]
+    assert [r.get("train/loss") for r in cached] == pytest.approx([r.get("train/loss") for r in live], abs=1e-6)
+    first = cached[0]
+    # step 1: policy = reference, so every r and z0 are 0 and each example's loss is lambda * (1 - sigma(0))
+    # and shuffle=False puts the 4 first rows, all desirable, in it: 1.2 * (1 - 1/2)
+    assert first["kl"] == pytest.approx(0.0, abs=1e-5) and first["rewards/chosen"] == pytest.approx(0, abs=1e-5)
+    assert first["train/loss"] == pytest.approx(0.6, abs=1e-5)
+    assert "rewards/rejected" not in first  # no undesirable example in the batch: left out, not logged as NaN
+    assert {"eval/kl", "eval/rewards/chosen", "eval/rewards/rejected", "eval/logps/chosen"} <= set(cached[-1])
+    assert cached[-1]["eval/rewards/margin"] == pytest.approx(
+        cached[-1]["eval/rewards/chosen"] - cached[-1]["eval/rewards/rejected"], abs=1e-4)

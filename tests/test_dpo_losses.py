@@ -166,11 +166,14 @@ def test_kto_hand_values():
                              _t(-1.3, -3.1), beta=1.0)
     assert float(loss) == pytest.approx(0.320919, abs=1e-6)
     assert float(metrics["kl"]) == pytest.approx(0.2)
+    assert float(metrics["rewards/chosen"]) == pytest.approx(1.0) and float(metrics["rewards/rejected"]) == -0.5
+    assert float(metrics["rewards/margin"]) == pytest.approx(1.5) and float(metrics["logps/rejected"]) == -2.5
     # the KL baseline is clamped at 0 and carries no gradient
     policy_kl = _t(-5.0, -5.0).requires_grad_()
     policy = _t(-1.0).requires_grad_()
     loss, metrics = kto_loss(policy, _t(-1.0), torch.tensor([True]), policy_kl, _t(-1.0, -1.0), beta=1.0)
     assert float(metrics["kl"]) == 0.0 and float(loss.detach()) == pytest.approx(0.5)
+    assert math.isnan(float(metrics["rewards/rejected"]))  # no undesirable example in the batch
     loss.backward()
     assert float(policy.grad) == pytest.approx(-0.25)  # d/dr (1 - sigma(r)) at r = 0
     assert policy_kl.grad is None or float(policy_kl.grad.abs().sum()) == 0.0

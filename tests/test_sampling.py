@@ -13,6 +13,7 @@ from posttrain.sampling import (
     best_worst_pairs,
     maj_at_k,
     majority_vote,
+    ordered_pairs,
     pass_at_k,
     powers_of_two,
     select_top_k,
@@ -40,6 +41,20 @@ def test_ties_and_unscored_entries_are_deterministic():
 def test_best_worst_pairs():
     assert best_worst_pairs(BOOK_R) == [(0, 0, 3), (1, 1, 0), (2, 0, 1), (3, 2, 0), (4, 3, 2)]
     assert best_worst_pairs([[0.3, 0.3], [None, 0.2], [0.1, 0.9, 0.1]]) == [(2, 1, 0)]  # no preference, one scored
+
+
+def test_ordered_pairs_all_capped_and_deduplicated():
+    # row 0: 0.7 > 0.5 > 0.3 > 0.2 -> all 6 ordered pairs; row 1: ties give none; None is never paired
+    every = ordered_pairs([[.7, .3, .5, .2], [.4, .4], [.9, None, .1]], 0)
+    assert sorted(every) == [(0, 0, 1), (0, 0, 2), (0, 0, 3), (0, 1, 3), (0, 2, 1), (0, 2, 3), (2, 0, 2)]
+    capped = ordered_pairs([[.7, .3, .5, .2]] * 3, 2, seed=1)
+    assert len(capped) == 6 and all(len([p for p in capped if p[0] == i]) == 2 for i in range(3))
+    assert set(capped) <= {(i, a, b) for i in range(3) for (_, a, b) in every if _ == 0}
+    assert ordered_pairs([[.7, .3, .5, .2]] * 3, 2, seed=1) == capped  # seeded
+    # four samples that are two copies of two answers: one distinct pair, not four
+    assert ordered_pairs([[1.0, 1.0, 0.0, 0.0]], 0, keys=[["a", "a", "b", "b"]]) == [(0, 0, 2)]
+    with pytest.raises(ValueError):
+        ordered_pairs([[1.0]], -1)
 
 
 def _brute_force_pass_at_k(n: int, c: int, k: int) -> float:

@@ -24,7 +24,7 @@ from posttrain.checkpoint import atomic_write_text
 from posttrain.config import option
 from posttrain.data.io import DataError, Row, as_messages, check_messages, read_rows, require, validate_rows
 from posttrain.generation import SamplingParams, load_engine
-from posttrain.sampling import best_worst_pairs, select_top_k, select_top_per_prompt
+from posttrain.sampling import best_worst_pairs, ordered_pairs, select_top_k, select_top_per_prompt
 
 GENERATED_KEYS = ("prompt", "completions", "lengths", "finish_reasons", "logprobs", "rewards")
 
@@ -217,25 +217,34 @@ class SelectConfig:
     k: int = option(0, "top_k: how many pairs to keep (required)")
     min_reward: float = option(float("-inf"), "drop picks whose reward is below this (e.g. 1 with a verifier: keep "
                                              "only correct completions, as in rejection-sampling fine-tuning)")
-    pairs: str = option("", "best_worst: write prompt/chosen/rejected pairs (best vs worst completion of each "
-                            "prompt, prompts without a strict preference skipped) instead of SFT rows",
-                        choices=("", "best_worst"))
+    pairs: str = option("", "write prompt/chosen/rejected pairs instead of SFT rows: best_worst (best vs worst "
+                            "completion of each prompt, prompts without a strict preference skipped) | all (every "
+                            "pair of distinct completions with different rewards, up to --pairs_per_prompt)",
+                        choices=("", "best_worst", "all"))
+    pairs_per_prompt: int = option(4, "--pairs all: at most this many pairs per prompt (seeded draw); 0 = every pair")
+    seed: int = option(0, "--pairs all: seed of the draw")
     out: str = option("selected.jsonl", "output JSONL: SFT `messages` rows (+ reward), or preference pairs")
     overwrite: bool = option(False, "replace an existing output file")
 
 
 def select_rows(rows: list[dict], strategy: str, k: int = 0, pairs: str = "",
-                min_reward: float = float("-inf")) -> list[dict]:
+                min_reward: float = float("-inf"), pairs_per_prompt: int = 4, seed: int = 0) -> list[dict]:
     """SFT rows (``messages`` = prompt + chosen completion) or preference rows, from scored rows; SFT picks with a
     reward below ``min_reward`` are dropped."""
     R = [r["rewards"] for r in rows]
     extra = [{key: v for key, v in r.items() if key not in GENERATED_KEYS} for r in rows]
-    if pairs == "best_worst":
+    if pairs:
+        if pairs == "best_worst":
+            chosen_pairs = best_worst_pairs(R)
+        elif pairs == "all":
+            chosen_pairs = ordered_pairs(R, pairs_per_prompt, keys=[r["completions"] for r in rows], seed=seed)
+        else:
+            raise ValueError(f"unknown pairs rule {pairs!r} (best_worst | all)")
         return [{"prompt": rows[i]["prompt"], **extra[i],
-                 "chosen": [{"role": "assistant", "content": rows[i]["completions"][best]}],
-                 "rejected": [{"role": "assistant", "content": rows[i]["completions"][worst]}],
-                 "reward_chosen": R[i][best], "reward_rejected": R[i][worst]}
-                for i, best, worst in best_worst_pairs(R)]
+                 "chosen": [{"role": "assistant", "content": rows[i]["completions"][better]}],
+                 "rejected": [{"role": "assistant", "content": rows[i]["completions"][worse]}],
+                 "reward_chosen": R[i][better], "reward_rejected": R[i][worse]}
+                for i, better, worse in chosen_pairs]
     if strategy == "top_per_prompt":
         picks = [(i, j) for i, j in enumerate(select_top_per_prompt(R)) if j >= 0]
     elif strategy == "top_k":
@@ -254,9 +263,10 @@ def run_select(config: SelectConfig) -> Path:
         raise ValueError("posttrain select needs --data=FILE (from posttrain score)")
     _check_out(config.out, config.overwrite)
     rows = load_generated(config.data, need_rewards=True)
-    selected = select_rows(rows, config.strategy, config.k, config.pairs, config.min_reward)
+    selected = select_rows(rows, config.strategy, config.k, config.pairs, config.min_reward,
+                           config.pairs_per_prompt, config.seed)
     path = write_jsonl(selected, config.out)
-    what = "preference pairs (best vs worst)" if config.pairs else f"SFT rows ({config.strategy})"
+    what = f"preference pairs ({config.pairs})" if config.pairs else f"SFT rows ({config.strategy})"
     print(f"{path}: {len(selected)} {what} from {len(rows)} prompts")
     return path
 

@@ -17,7 +17,7 @@ commands:
   pretrain     next-token pretraining on plain text (`text` rows)
   sft          instruction fine-tuning on conversations, loss on assistant turns only
   rm           reward models: --loss bt | margin | kcomparisons | plackett_luce | orm | prm
-  dpo          direct alignment: --loss dpo | cdpo | robust | ipo | dpo_nll | simpo | orpo
+  dpo          direct alignment: --loss dpo | cdpo | robust | ipo | dpo_nll | simpo | orpo | kto
   chat         talk to a model (one-shot --prompt, or interactive)
   serve        an OpenAI-compatible chat-completions server for a local model (127.0.0.1 by default)
   label        AI-feedback preference labels: an LLM judge picks chosen/rejected from completion pairs
@@ -93,7 +93,7 @@ def _dispatch(command: str, argv: list[str]) -> int:
         case "dpo":
             from posttrain.dpo import DPOConfig, train_dpo
 
-            return _stage(DPOConfig, train_dpo, "posttrain dpo: direct alignment from preference pairs.", argv)
+            return _stage(DPOConfig, train_dpo, "posttrain dpo: direct alignment from preference pairs (kto: unpaired examples).", argv)
         case "pretrain":
             from posttrain.pretrain import PretrainConfig, train_pretrain
 

@@ -3,8 +3,8 @@
 Stages so far: build the world (cached) -> pretrain the base model (cached) -> SFT -> evaluate both on held-out
 prompts against the gold reward -> a Bradley-Terry reward model from the SFT model, measured against the gold
 preferences -> best-of-N on held-out prompts with the RM and with a verifier -> one round of rejection-sampling
-fine-tuning (verifier-selected samples, SFT) from the SFT model -> DPO from the SFT model on gold-labelled pairs
-(win-rate against the SFT model under the gold reward, KL to it). Every stage's run directory lives under ``--out``;
+fine-tuning (verifier-selected samples, SFT) from the SFT model -> on-policy DPO from the SFT model on pairs of its
+own replies labelled by the gold reward (win-rate against the SFT model under the gold reward, KL to it). Every stage's run directory lives under ``--out``;
 ``summary.json`` holds ``{"stages": {"base": {...}, "sft": {...}, "rs": {...}, "dpo": {...}}, "reward_model": {...},
 "best_of_n": {...}, "rejection_sampling": {...}, "dpo": {...}}``: per policy format_rate, accuracy, gold_reward, mean_length,
 stop_rate (greedy); for the RM held-out pair accuracy, top-1 selection and length correlation; for best-of-N the
@@ -38,7 +38,9 @@ class DemoConfig:
     bon_n: int = option(16, "best-of-N: samples per held-out prompt; 0 = skip the stage")
     bon_prompts: int = option(100, "best-of-N: held-out prompts")
     rs_prompts: int = option(600, "rejection sampling: training prompts sampled (8 samples each); 0 = skip the stage")
-    dpo_steps: int = option(250, "DPO optimizer steps from the SFT model (16 gold-labelled pairs each); 0 = skip")
+    dpo_prompts: int = option(2000, "on-policy DPO: training prompts sampled from the SFT model (8 replies each, "
+                                    "gold-labelled, up to 4 pairs per prompt); 0 = skip the stage")
+    dpo_eval_samples: int = option(32, "DPO win-rate: samples per held-out prompt for each policy's expected gold")
     eval_prompts: int = option(200, "held-out prompts to evaluate each stage on")
     max_new_tokens: int = option(48, "generation budget per reply")
     device: str = option("auto", "auto | cpu | cuda")
@@ -122,20 +124,38 @@ def _rejection_sampling_stage(config: DemoConfig, paths, sft_model: Path, out: P
 
 
 def _dpo_stage(config: DemoConfig, paths, sft_model: Path, out: Path) -> tuple[dict, Path]:
-    """DPO from the SFT model on the world's gold-labelled pairs; win-rate and KL against the SFT model come later."""
+    """On-policy DPO from the SFT model (Tülu 3 / Iterative RPO style): sample 8 replies per training prompt from the
+    SFT model, label them with the gold reward, pair better with worse replies (up to 4 distinct pairs per prompt),
+    train dpo_nll (DPO + NLL on the chosen reply) for one epoch."""
+    from posttrain.bestofn import load_prompt_rows, reward_matrix, sample, select_rows, write_jsonl
     from posttrain.dpo import DPOConfig, train_dpo
+    from posttrain.generation import SamplingParams, load_engine
+    from posttrain.rewards import reward_from_spec
 
+    pairs_path = out / "dpo_pairs.jsonl"
+    settings = {"model": str(sft_model), "prompts": config.dpo_prompts, "n": 8, "pairs_per_prompt": 4}
+    settings_path = out / "dpo_pairs.settings.json"
+    if not pairs_path.exists() or not settings_path.exists() or json.loads(settings_path.read_text()) != settings:
+        prompt_rows = load_prompt_rows(str(paths.data / "rl_train.jsonl"), limit=config.dpo_prompts)
+        engine = load_engine(sft_model, backend="hf", device=config.device)
+        rows = sample(engine, prompt_rows, SamplingParams(n=8, max_new_tokens=config.max_new_tokens,
+                                                          temperature=1.0, seed=1))
+        for row, rewards in zip(rows, reward_matrix(reward_from_spec("gold"), rows)):
+            row["rewards"] = rewards
+        write_jsonl(select_rows(rows, "top_per_prompt", pairs="all", pairs_per_prompt=4), pairs_path)
+        settings_path.write_text(json.dumps(settings))
+    n_pairs = len(pairs_path.read_text().splitlines())
     dpo_config = DPOConfig(
-        loss="dpo", model=str(sft_model), data=str(paths.data / "preference_train.jsonl"),
-        eval_data=str(paths.data / "preference_heldout.jsonl"), out=str(out / "dpo"), max_steps=config.dpo_steps,
-        batch_size=16, lr=1e-5, beta=0.1, warmup_steps=10, save_every=100, device=config.device,
-        progress=config.progress, resume=True)
+        loss="dpo_nll", model=str(sft_model), data=str(pairs_path),
+        eval_data=str(paths.data / "preference_heldout.jsonl"), out=str(out / "dpo"), epochs=1.0, batch_size=16,
+        lr=5e-5, beta=0.1, warmup_steps=10, save_every=100, device=config.device, progress=config.progress,
+        resume=True)
     _discard_if_config_changed(out / "dpo", dpo_config)
     model = out / "dpo" / "model" if is_complete(out / "dpo") else train_dpo(dpo_config)
-    held_out = json.loads((model / "complete.json").read_text())["eval"]
-    return {"loss": "dpo", "beta": 0.1, "steps": config.dpo_steps,
-            "implicit_reward_accuracy": held_out["rewards/accuracy"],
-            "implicit_reward_margin": held_out["rewards/margin"]}, model
+    done = json.loads((model / "complete.json").read_text())
+    return {"loss": "dpo_nll", "beta": 0.1, "prompts": config.dpo_prompts, "pairs": n_pairs, "steps": done["steps"],
+            "implicit_reward_accuracy": done["eval"]["rewards/accuracy"],
+            "implicit_reward_margin": done["eval"]["rewards/margin"]}, model
 
 
 def _greedy_gold(samples_path: Path) -> list[float]:
@@ -157,7 +177,7 @@ def run_demo(config: DemoConfig) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    stage_count = 3 + bool(config.rm_steps) + bool(config.bon_n) + bool(config.rs_prompts) + bool(config.dpo_steps)
+    stage_count = 3 + bool(config.rm_steps) + bool(config.bon_n) + bool(config.rs_prompts) + bool(config.dpo_prompts)
     print(f"[1/{stage_count}] tiny world: tokenizer, datasets, base model (cached after the first run)")
     paths = build.ensure_world(base_model=True, progress=config.progress)
     prompts = paths.data / "rl_heldout.jsonl"
@@ -197,18 +217,25 @@ def run_demo(config: DemoConfig) -> dict:
         print(f"[{stage}/{stage_count}] one round of rejection-sampling fine-tuning ({config.rs_prompts} prompts)")
         summary["rejection_sampling"], rs_model = _rejection_sampling_stage(config, paths, sft_model, out)
         stages["rs"] = evaluate(rs_model, "rs")
-    if config.dpo_steps:
-        from posttrain.evaluate import load_eval_prompts, policy_kl, win_rate
+    if config.dpo_prompts:
+        from posttrain.evaluate import load_eval_prompts, policy_kl, sampled_gold_per_prompt, win_rate
 
         stage += 1
-        print(f"[{stage}/{stage_count}] DPO from the SFT model ({config.dpo_steps} steps on gold-labelled pairs)")
+        print(f"[{stage}/{stage_count}] on-policy DPO from the SFT model ({config.dpo_prompts} prompts x 8 "
+              f"gold-labelled samples)")
         summary["dpo"], dpo_model = _dpo_stage(config, paths, sft_model, out)
         stages["dpo"] = evaluate(dpo_model, "dpo")
-        summary["dpo"]["win_rate_vs_sft"] = win_rate(_greedy_gold(out / "samples_dpo.jsonl"),
-                                                     _greedy_gold(out / "samples_sft.jsonl"))
-        kl_prompts = [row["prompt"] for row in load_eval_prompts(prompts, 100)]
-        summary["dpo"]["kl_to_reference"] = policy_kl(dpo_model, sft_model, kl_prompts, n=4,
-                                                      max_new_tokens=config.max_new_tokens, device=config.device)
+        eval_prompts = [row["prompt"] for row in load_eval_prompts(prompts, config.eval_prompts)]
+        expected = {name: sampled_gold_per_prompt(model, eval_prompts, n=config.dpo_eval_samples,
+                                                  max_new_tokens=config.max_new_tokens, seed=2, device=config.device)
+                    for name, model in (("dpo", dpo_model), ("sft", sft_model))}
+        summary["dpo"].update(
+            win_rate_vs_sft=win_rate(expected["dpo"], expected["sft"]),
+            win_rate_vs_sft_greedy=win_rate(_greedy_gold(out / "samples_dpo.jsonl"),
+                                            _greedy_gold(out / "samples_sft.jsonl")),
+            sampled_gold_dpo=_mean(expected["dpo"]), sampled_gold_sft=_mean(expected["sft"]),
+            kl_to_reference=policy_kl(dpo_model, sft_model, eval_prompts[:100], n=4,
+                                      max_new_tokens=config.max_new_tokens, device=config.device))
     summary.update(world=str(paths.root), seconds=round(time.time() - started, 1))
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print()
@@ -227,8 +254,11 @@ def run_demo(config: DemoConfig) -> dict:
         print(f"rejection sampling, 1 round ({rs['selected']} verified samples): held-out gold of the policy's "
               f"samples {rs['eval_gold_before']:.3f} -> {rs['eval_gold_after']:.3f}")
     if dpo := summary.get("dpo"):
-        print(f"DPO ({dpo['steps']} steps, beta {dpo['beta']}): win-rate vs SFT under the gold reward "
-              f"{dpo['win_rate_vs_sft']:.3f} (ties half), KL to the SFT reference {dpo['kl_to_reference']:.3f} nats, "
-              f"held-out implicit-reward pair accuracy {dpo['implicit_reward_accuracy']:.3f}")
+        print(f"on-policy DPO ({dpo['loss']}, {dpo['pairs']} pairs, {dpo['steps']} steps, beta {dpo['beta']}): "
+              f"win-rate vs SFT under the gold reward {dpo['win_rate_vs_sft']:.3f} of held-out prompts (expected "
+              f"gold from {config.dpo_eval_samples} samples each; ties half; greedy replies: "
+              f"{dpo['win_rate_vs_sft_greedy']:.3f}), sampled gold {dpo['sampled_gold_sft']:.3f} -> "
+              f"{dpo['sampled_gold_dpo']:.3f}, KL to the SFT reference {dpo['kl_to_reference']:.3f} nats, held-out "
+              f"implicit-reward pair accuracy {dpo['implicit_reward_accuracy']:.3f}")
     print(f"\nsummary: {out / 'summary.json'}   ({summary['seconds']} s)")
     return summary

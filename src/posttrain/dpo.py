@@ -1,4 +1,4 @@
-"""Direct alignment: ``posttrain dpo --loss dpo | cdpo | robust | ipo | dpo_nll | simpo | orpo``.
+"""Direct alignment: ``posttrain dpo --loss dpo | cdpo | robust | ipo | dpo_nll | simpo | orpo | kto``.
 
 Each step, for B preference pairs:
   1. chosen and rejected go through the policy in ONE forward: a padding-free row where each pair's prompt appears
@@ -10,8 +10,13 @@ Each step, for B preference pairs:
      holds only the policy in memory (the book's ~50 % peak-memory tip). ``--precompute_ref=false`` keeps the
      reference model and runs it live each step (same numbers; tested);
   4. ``posttrain.losses.dpo_loss`` -> backward -> clip -> AdamW.
-Reference-free losses (simpo, orpo) never load a reference model. KTO (unpaired data) has its loss in
-``posttrain.losses.kto_loss``; its trainer is not built yet.
+Reference-free losses (simpo, orpo) never load a reference model.
+
+KTO trains on unpaired examples (``prompt``/``completion``/``label``; paired data is split into a desirable and an
+undesirable example per pair). Its reference point z0 estimates KL(pi || pi_ref) from *mismatched* pairs: example i's
+prompt with the completion of another example (the nearest earlier one in file order with a different prompt, fixed
+when the data is loaded, so its reference log-probs are cached like the rest). Each example and its mismatched
+completion share the prompt, so they go through the model together, exactly like a chosen/rejected pair.
 """
 
 from __future__ import annotations
@@ -58,12 +63,13 @@ from posttrain.training import (
 
 @dataclass
 class DPOConfig:
-    loss: str = option("dpo", "dpo | cdpo | robust | ipo | dpo_nll | simpo | orpo",
-                       choices=tuple(t.value for t in losses.DPOLoss if t != losses.DPOLoss.kto))
+    loss: str = option("dpo", "dpo | cdpo | robust | ipo | dpo_nll | simpo | orpo | kto",
+                       choices=tuple(t.value for t in losses.DPOLoss))
     model: str = option("", "policy to start from (local directory; usually an SFT model); required")
     ref_model: str = option("", "frozen reference model; empty = the starting policy")
     data: str = option("", "preference pairs: prompt/chosen/rejected (text or messages), or chosen/rejected "
-                           "conversations sharing all but the last turn; empty = the tiny world's preference set")
+                           "conversations sharing all but the last turn; kto also takes unpaired prompt/completion/"
+                           "label (bool) rows; empty = the tiny world's preference set")
     eval_data: str = option("", "held-out pairs of the same format; empty = none (the world's held-out set when data "
                                 "is empty)")
     out: str = option("runs/dpo", "run directory; the final policy goes to out/model")
@@ -75,8 +81,11 @@ class DPOConfig:
     label_smoothing: float = option(0.0, "cdpo / robust: assumed fraction of flipped labels")
     gamma: float = option(0.5, "simpo: target reward margin")
     alpha: float = option(-1.0, "dpo_nll: NLL weight (default 1); orpo: odds-ratio weight (default 0.1); -1 = default")
+    desirable_weight: float = option(1.0, "kto: weight lambda_D of desirable examples")
+    undesirable_weight: float = option(1.0, "kto: weight lambda_U of undesirable examples (KTO paper: keep "
+                                            "lambda_D n_D / (lambda_U n_U) in [1, 4/3])")
     precompute_ref: bool = option(True, "compute reference log-probs once before training and cache them on disk")
-    batch_size: int = option(8, "pairs per micro-batch")
+    batch_size: int = option(8, "pairs (kto: examples) per micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     epochs: float = option(1.0, "passes over the data (ignored when max_steps > 0)")
     max_steps: int = option(0, "optimizer steps; 0 = from epochs")
@@ -101,6 +110,21 @@ class DPOConfig:
 class Pair:
     chosen: Example
     rejected: Example
+
+    def examples(self) -> tuple[Example, Example]:
+        return self.chosen, self.rejected
+
+
+@dataclass
+class Unpaired:
+    """A KTO example and its mismatched twin: the same prompt with another example's completion (for z0)."""
+
+    example: Example
+    kl_example: Example
+    desirable: bool
+
+    def examples(self) -> tuple[Example, Example]:
+        return self.example, self.kl_example
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -157,12 +181,88 @@ def load_pairs(path: str, tokenizer, config: DPOConfig) -> list[Pair]:
     return pairs
 
 
+def unpaired_messages(row: Row) -> list[tuple[list[dict], list[dict], bool]]:
+    """[(prompt, completion, desirable)]: one example from a ``prompt``/``completion``/``label`` row, two (chosen
+    desirable, rejected undesirable) from a preference pair."""
+    if "label" not in row.data and "completion" not in row.data:
+        prompt, chosen, rejected = pair_messages(row)
+        return [(prompt, chosen, True), (prompt, rejected, False)]
+    prompt, completion = as_messages(row, "prompt", "user"), as_messages(row, "completion", "assistant")
+    label = row.data.get("label")
+    if isinstance(label, int) and not isinstance(label, bool) and label in (0, 1):
+        label = bool(label)
+    if not isinstance(label, bool):
+        raise row.error("label", f"expected true (desirable) or false (undesirable), got {label!r}")
+    if completion[-1]["role"] != "assistant":
+        raise row.error("completion", "the completion must end with an assistant turn")
+    return [(prompt, completion, label)]
+
+
+def load_unpaired(path: str, tokenizer, config: DPOConfig) -> list[Unpaired]:
+    """KTO examples, each with its mismatched completion: that of the nearest earlier example (cyclically, in file
+    order) whose prompt differs. Fixed at load time, so the reference log-probs of both can be cached."""
+    rows = read_rows(path, columns=config.columns or None)
+
+    def parse(row: Row):
+        items = []
+        for prompt, completion, desirable in unpaired_messages(row):
+            try:
+                ids, mask = render_conversation(tokenizer, prompt + completion, "final_turn_only")
+            except RenderError as err:
+                raise row.error("completion" if "completion" in row.data else
+                                ("chosen" if desirable else "rejected"), str(err)) from None
+            items.append((prompt, completion, desirable, Example(ids, mask)))
+        return items
+
+    kept, report = validate_rows(rows, parse, skip_invalid=config.skip_invalid, source=str(path))
+    items = []
+    for row, parsed in kept:
+        for prompt, completion, desirable, example in parsed:
+            if len(example) > config.max_length:
+                report.drop(f"longer than max_length={config.max_length}")
+            else:
+                items.append((row, prompt, completion, desirable, example))
+    keys = [json.dumps(prompt, sort_keys=True) for _, prompt, _, _, _ in items]
+    if len(set(keys)) < 2:
+        raise DataError(str(path), "", None, "kto needs examples from at least two different prompts (the KL "
+                                             "baseline pairs each prompt with another prompt's completion)")
+    examples = []
+    for i, (row, prompt, _, desirable, example) in enumerate(items):
+        j = next((i - k) % len(items) for k in range(1, len(items)) if keys[(i - k) % len(items)] != keys[i])
+        try:
+            ids, mask = render_conversation(tokenizer, prompt + items[j][2], "final_turn_only")
+        except RenderError as err:
+            raise row.error("prompt", f"with the completion of {items[j][0].where} (KL baseline): {err}") from None
+        if len(ids) > config.max_length:  # a longer completion than the row's own: cut it, the prompt is the same
+            ids, mask = ids[: config.max_length], mask[: config.max_length]
+        examples.append(Unpaired(example, Example(ids, mask), desirable))
+    report.kept = len(kept)
+    desirable = sum(e.desirable for e in examples)
+    print(f"{report.summary()}; {desirable} desirable and {len(examples) - desirable} undesirable examples")
+    return examples
+
+
+def check_kto_balance(examples: list[Unpaired], config: DPOConfig) -> None:
+    """The KTO paper's advice: lambda_D n_D / (lambda_U n_U) in [1, 4/3]; say so when outside."""
+    n_desirable = sum(e.desirable for e in examples)
+    n_undesirable = len(examples) - n_desirable
+    if not n_desirable or not n_undesirable:
+        print(f"note: kto data has only {'desirable' if n_desirable else 'undesirable'} examples")
+        return
+    ratio = config.desirable_weight * n_desirable / (config.undesirable_weight * n_undesirable)
+    if not 1.0 <= ratio <= 4 / 3:
+        print(f"note: desirable_weight * n_desirable / (undesirable_weight * n_undesirable) = {ratio:.2f}; the KTO "
+              f"paper recommends [1, 4/3] (set --desirable_weight / --undesirable_weight)")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # log-probs
 
 
-def sequence_logps(model, pairs: list[Pair], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """log pi(y_c|x), log pi(y_r|x) summed over each completion's trained tokens, and their counts: 4 x (B,).
+def sequence_logps(model, pairs: list[Pair] | list[Unpaired], device
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """log pi(y_c|x), log pi(y_r|x) summed over each completion's trained tokens, and their counts: 4 x (B,)
+    (for KTO: the example and its mismatched completion).
 
     One forward of every pair: with segment attention each prompt once (shared-prefix row), otherwise each sequence
     as its own segment. The LM head runs only at the positions that predict a trained token.
@@ -170,7 +270,7 @@ def sequence_logps(model, pairs: list[Pair], device) -> tuple[torch.Tensor, torc
     from posttrain.attention import NAME as SEGMENT_ATTENTION
 
     shared = getattr(model.config, "_attn_implementation", None) == SEGMENT_ATTENTION
-    groups = [[p.chosen, p.rejected] for p in pairs] if shared else [[e] for p in pairs for e in (p.chosen, p.rejected)]
+    groups = [list(p.examples()) for p in pairs] if shared else [[e] for p in pairs for e in p.examples()]
     batch = collate_shared_prefix(groups)
     examples = [e for group in groups for e in group]
     predictors, targets, owners = [], [], []
@@ -201,14 +301,15 @@ def reference_cache_key(ref_model: str, data: str, config: DPOConfig) -> str:
     digest = hashlib.sha256()
     for part in [str(model_dir.resolve())] + [_file_fingerprint(p) for p in files] + [
             str(Path(data).resolve()), _file_fingerprint(Path(data)), config.chat_template, json.dumps(config.columns),
-            str(config.max_length), str(config.skip_invalid)]:
+            str(config.max_length), str(config.skip_invalid), "unpaired" if config.loss == "kto" else "pairs"]:
         digest.update(part.encode())
     return digest.hexdigest()[:16]
 
 
 @torch.no_grad()
-def reference_logps(ref_model, pairs: list[Pair], device, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi_ref(y_c|x), log pi_ref(y_r|x) for every pair (P,), in batches."""
+def reference_logps(ref_model, pairs: list[Pair] | list[Unpaired], device, batch_size: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi_ref(y_c|x), log pi_ref(y_r|x) for every pair (P,), in batches (KTO: example, mismatched completion)."""
     ref_model.eval()
     chosen, rejected = [], []
     for start in range(0, len(pairs), batch_size):
@@ -248,10 +349,16 @@ def _fill_world_defaults(config: DPOConfig) -> DPOConfig:
     return config
 
 
-def pair_loss(model, pairs: list[Pair], ref: tuple[torch.Tensor, torch.Tensor] | None, config: DPOConfig, device):
+def pair_loss(model, pairs: list[Pair] | list[Unpaired], ref: tuple[torch.Tensor, torch.Tensor] | None,
+              config: DPOConfig, device):
     """(loss, metrics) of a micro-batch; ``ref`` = the pairs' reference log-probs (None for reference-free types)."""
     chosen, rejected, chosen_len, rejected_len = sequence_logps(model, pairs, device)
     ref_chosen, ref_rejected = (None, None) if ref is None else (ref[0].to(device), ref[1].to(device))
+    if config.loss == losses.DPOLoss.kto:  # chosen = the examples, rejected = their mismatched completions
+        desirable = torch.tensor([p.desirable for p in pairs], device=device)
+        return losses.kto_loss(chosen, ref_chosen, desirable, rejected, ref_rejected, beta=config.beta,
+                               desirable_weight=config.desirable_weight,
+                               undesirable_weight=config.undesirable_weight)
     return losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=config.beta, loss_type=config.loss,
                            label_smoothing=config.label_smoothing, chosen_lengths=chosen_len,
                            rejected_lengths=rejected_len, gamma=config.gamma,
@@ -270,8 +377,11 @@ def train_dpo(config: DPOConfig, *, on_step_end: Callable[[int, dict], None] | N
         return run_dir / "model"
 
     tokenizer = load_tokenizer(config.model, config.chat_template or None)
-    pairs = load_pairs(config.data, tokenizer, config)
-    eval_pairs = load_pairs(config.eval_data, tokenizer, config) if config.eval_data else []
+    load = load_unpaired if loss_type == losses.DPOLoss.kto else load_pairs
+    pairs = load(config.data, tokenizer, config)
+    eval_pairs = load(config.eval_data, tokenizer, config) if config.eval_data else []
+    if loss_type == losses.DPOLoss.kto:
+        check_kto_balance(pairs, config)
 
     ref_model_path = config.ref_model or config.model
     live_ref = None
@@ -328,7 +438,7 @@ def train_dpo(config: DPOConfig, *, on_step_end: Callable[[int, dict], None] | N
             started = time.perf_counter()
             indices = list(next(batches))
             per_micro = math.ceil(len(indices) / config.grad_accum)
-            sums: dict[str, float] = {}
+            sums: dict[str, list[float]] = {}
             for start in range(0, len(indices), per_micro):
                 chunk = indices[start : start + per_micro]
                 share = len(chunk) / len(indices)  # each micro-batch's share of the step's pairs
@@ -336,18 +446,18 @@ def train_dpo(config: DPOConfig, *, on_step_end: Callable[[int, dict], None] | N
                     loss, metrics = pair_loss(model, [pairs[i] for i in chunk], reference(chunk, ref_train, pairs),
                                               config, device)
                 (loss * share).backward()
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) * share
+                accumulate(sums, metrics, share)
             grad_norm = grad_norm_and_clip(model, config.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens = sum(len(pairs[i].chosen) + len(pairs[i].rejected) for i in indices)
+            tokens = sum(len(e) for i in indices for e in pairs[i].examples())
             if step % config.log_every == 0 or step == total_steps:
-                log.log(step, {"train/loss": sums.pop("loss"), "train/lr": lr, "train/grad_norm": grad_norm,
-                               "train/tokens_per_s": tokens / (time.perf_counter() - started), **sums})
+                means = weighted_means(sums)
+                log.log(step, {"train/loss": means.pop("loss"), "train/lr": lr, "train/grad_norm": grad_norm,
+                               "train/tokens_per_s": tokens / (time.perf_counter() - started), **means})
             if config.save_every and step % config.save_every == 0 and step < total_steps:
                 checkpoint(step)
             bar.update(1)
@@ -368,15 +478,30 @@ def train_dpo(config: DPOConfig, *, on_step_end: Callable[[int, dict], None] | N
                                                         "eval": report})
 
 
+def accumulate(totals: dict[str, list[float]], metrics: dict[str, torch.Tensor], weight: float) -> None:
+    """Add ``weight * value`` of each metric to ``totals[key] = [weighted sum, weight]``; NaN (a KTO micro-batch with
+    no desirable or no undesirable example) is left out rather than spoiling the mean."""
+    for key, value in metrics.items():
+        value = float(value)
+        if not math.isnan(value):
+            total = totals.setdefault(key, [0.0, 0.0])
+            total[0] += value * weight
+            total[1] += weight
+
+
+def weighted_means(totals: dict[str, list[float]]) -> dict[str, float]:
+    return {key: total / weight for key, (total, weight) in totals.items()}
+
+
 @torch.no_grad()
-def evaluate_pairs(model, pairs: list[Pair], cached, config: DPOConfig, device, reference) -> dict[str, float]:
-    """Pair-weighted means of the loss metrics over held-out pairs."""
+def evaluate_pairs(model, pairs: list[Pair] | list[Unpaired], cached, config: DPOConfig, device, reference
+                   ) -> dict[str, float]:
+    """Pair-weighted means of the loss metrics over held-out pairs (KTO: examples)."""
     model.eval()
-    totals: dict[str, float] = {}
+    totals: dict[str, list[float]] = {}
     for start in range(0, len(pairs), config.batch_size):
         chunk = list(range(start, min(start + config.batch_size, len(pairs))))
         _, metrics = pair_loss(model, [pairs[i] for i in chunk], reference(chunk, cached, pairs), config, device)
-        for key, value in metrics.items():
-            totals[key] = totals.get(key, 0.0) + float(value) * len(chunk)
+        accumulate(totals, metrics, len(chunk))
     model.train()
-    return {key: value / len(pairs) for key, value in totals.items()}
+    return weighted_means(totals)

@@ -142,6 +142,18 @@ def win_rate(rewards_a: list[float], rewards_b: list[float]) -> float:
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards_a, rewards_b)) / len(rewards_a)
 
 
+def sampled_gold_per_prompt(model_dir: str | Path, prompts: list[list[dict]], *, n: int, max_new_tokens: int = 64,
+                            seed: int = 0, device: str = "auto") -> list[float]:
+    """Per prompt, the mean gold reward of ``n`` samples at temperature 1: an estimate of the policy's expected gold
+    reward on that prompt, E_{y ~ pi(.|x)} gold(x, y)."""
+    from posttrain.generation import HFEngine, SamplingParams
+
+    engine = HFEngine.from_path(model_dir, device=device)
+    samples = engine.generate(prompts, SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed))
+    return [sum(gold_reward(prompt, c.text) for c in completions) / n
+            for prompt, completions in zip(prompts, samples)]
+
+
 @torch.no_grad()
 def policy_kl(policy_dir: str | Path, reference_dir: str | Path, prompts: list[list[dict]], *, n: int = 4,
               max_new_tokens: int = 64, seed: int = 0, device: str = "auto") -> float:

@@ -295,6 +295,9 @@ def kto_loss(
     the batch estimate of KL(pi || pi_ref) from completions paired with *other* prompts (mismatched pairs), detached.
       desirable:   lambda_D * (1 - sigma(beta (r - z0)))
       undesirable: lambda_U * (1 - sigma(beta (z0 - r)))
+    Metrics (detached): kl = z0; rewards/chosen and rewards/rejected = mean beta * r over the desirable and the
+    undesirable examples, rewards/margin their difference, logps/chosen and logps/rejected the policy's mean
+    log pi(y|x) over each (NaN when the batch has none of that kind).
     """
     z0 = (kl_policy_logps - kl_ref_logps).mean().clamp(min=0).detach()
     ratio = policy_logps - ref_logps
@@ -302,11 +305,19 @@ def kto_loss(
     losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - z0))),
                          undesirable_weight * (1 - torch.sigmoid(beta * (z0 - ratio))))
     loss = losses.mean()
-    rewards = beta * ratio.detach()
-    zero = rewards.new_tensor(float("nan"))
+    rewards, logps = beta * ratio.detach(), policy_logps.detach()
+    nan = rewards.new_tensor(float("nan"))  # a batch without desirable (or undesirable) examples has no mean
+
+    def mean_over(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return values[mask].mean() if mask.any() else nan
+
+    chosen, rejected = mean_over(rewards, desirable), mean_over(rewards, ~desirable)
     return loss, {
         "loss": loss.detach(),
         "kl": z0,
-        "rewards/chosen": rewards[desirable].mean() if desirable.any() else zero,
-        "rewards/rejected": rewards[~desirable].mean() if (~desirable).any() else zero,
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/margin": chosen - rejected,
+        "logps/chosen": mean_over(logps, desirable),
+        "logps/rejected": mean_over(logps, ~desirable),
     }

@@ -7,6 +7,8 @@ index (the earlier completion, the earlier prompt), so every rule is determinist
 * :func:`select_top_per_prompt` — the book's first rule: the best completion of each prompt.
 * :func:`select_top_k` — the book's second rule: the K best (prompt, completion) pairs over the whole matrix.
 * :func:`best_worst_pairs` — on-policy preference pairs (best vs worst completion of each prompt), as in Tülu 3.
+* :func:`ordered_pairs` — every strictly ordered pair of a prompt's completions, distinct texts, up to K per prompt
+  (more pairs from the same samples; Iterative RPO pairs correct with incorrect answers this way).
 * :func:`pass_at_k` — the unbiased estimator 1 - C(n-c, k) / C(n, k) (Chen et al., 2021).
 * :func:`majority_vote` / :func:`maj_at_k` — self-consistency voting over final answers.
 * :func:`best_of_n_kl` — the analytic KL of best-of-n sampling from the base policy, log n - (n-1)/n.
@@ -64,6 +66,36 @@ def best_worst_pairs(R: Matrix) -> list[tuple[int, int, int]]:
         worst = min(scored, key=lambda item: (item[0], item[1]))
         if best[0] > worst[0]:
             pairs.append((i, best[1], worst[1]))
+    return pairs
+
+
+def ordered_pairs(R: Matrix, max_per_prompt: int, *, keys: Sequence[Sequence[Hashable]] | None = None,
+                  seed: int = 0) -> list[tuple[int, int, int]]:
+    """``(prompt, better, worse)`` for pairs of a prompt's completions with strictly different rewards, at most
+    ``max_per_prompt`` per prompt (0 = all), drawn uniformly (seeded) from that prompt's candidates.
+
+    ``keys`` (M x N, e.g. the completion texts) drops repeats: a (better, worse) pair of keys already taken for that
+    prompt is skipped, so eight samples that are four copies of two answers give one pair, not sixteen. Pairs come
+    out in prompt order; within a prompt in the random draw's order.
+    """
+    import random
+
+    if max_per_prompt < 0:
+        raise ValueError(f"max_per_prompt must be >= 0, got {max_per_prompt}")
+    rng = random.Random(seed)
+    pairs = []
+    for i, row in enumerate(R):
+        values = [_value(x) for x in row]
+        candidates, seen = [], set()
+        for a in range(len(row)):
+            for b in range(len(row)):
+                if values[b] > -math.inf and values[a] > values[b]:
+                    key = (keys[i][a], keys[i][b]) if keys is not None else (a, b)
+                    if key not in seen:
+                        seen.add(key)
+                        candidates.append((i, a, b))
+        rng.shuffle(candidates)
+        pairs.extend(candidates[:max_per_prompt] if max_per_prompt else candidates)
     return pairs
 
 
