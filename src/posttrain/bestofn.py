@@ -18,13 +18,12 @@ import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from posttrain.checkpoint import atomic_write_text
 from posttrain.config import option
 from posttrain.data.io import DataError, Row, as_messages, check_messages, read_rows, require, validate_rows
 from posttrain.generation import SamplingParams, load_engine
-from posttrain.sampling import best_worst_pairs, ordered_pairs, select_top_k, select_top_per_prompt
+from posttrain.sampling import best_worst_pairs, mean_or_nan, ordered_pairs, select_top_k, select_top_per_prompt
 
 GENERATED_KEYS = ("prompt", "completions", "lengths", "finish_reasons", "logprobs", "rewards")
 
@@ -201,7 +200,7 @@ def run_score(config: ScoreConfig) -> Path:
     scored = [x for r in R for x in r if x is not None]
     unscored = sum(x is None for r in R for x in r)
     print(f"{path}: reward {config.reward!r} on {len(rows)} x {len(R[0])} completions; mean "
-          f"{statistics.mean(scored) if scored else float('nan'):.4f}; unscored {unscored}")
+          f"{mean_or_nan(scored):.4f}; unscored {unscored}")
     return path
 
 
@@ -330,18 +329,15 @@ def run_bon(config: BonConfig) -> Path:
     path = write_jsonl(picks, config.out)
     single = [x for r in rows for x in r["rewards"] if x is not None]
     best = [p["reward"] for p in picks if p["reward"] is not None]
-    print(f"{path}: best-of-{config.n} by {config.reward!r}: mean selector reward {_mean(best):.4f} "
-          f"(single samples {_mean(single):.4f})")
+    print(f"{path}: best-of-{config.n} by {config.reward!r}: mean selector reward {mean_or_nan(best):.4f} "
+          f"(single samples {mean_or_nan(single):.4f})")
     if config.report_reward:
         report = reward_matrix(reward_from_spec(config.report_reward, device=config.device), rows)
         on_picks = [report[i][p["index"]] for i, p in enumerate(picks) if p["index"] >= 0]
         for i, pick in enumerate(picks):
             pick["report_reward"] = report[i][pick["index"]] if pick["index"] >= 0 else None
         write_jsonl(picks, config.out)
-        print(f"  {config.report_reward!r}: best-of-{config.n} picks {_mean([x for x in on_picks if x is not None]):.4f}"
-              f" vs single samples {_mean([x for r in report for x in r if x is not None]):.4f}")
+        print(f"  {config.report_reward!r}: best-of-{config.n} picks {mean_or_nan([x for x in on_picks if x is not None]):.4f}"
+              f" vs single samples {mean_or_nan([x for r in report for x in r if x is not None]):.4f}")
     return path
 
-
-def _mean(values: list[float]) -> float:
-    return statistics.mean(values) if values else float("nan")

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from posttrain.config import config_to_dict, option
+from posttrain.sampling import mean_or_nan
 from posttrain.training import is_complete
 
 METRICS = ("format_rate", "accuracy", "gold_reward", "mean_length", "stop_rate")
@@ -98,10 +99,10 @@ def _best_of_n_stage(config: DemoConfig, paths, sft_model: Path, rm_model: Path 
     selectors = {"verifier": correct}
     if rm_model is not None:
         selectors["reward_model"] = reward_matrix(reward_from_spec(f"rm:{rm_model}", device=config.device), rows)
-    report = {"n": config.bon_n, "prompts": len(rows), "single_gold": _mean([g for row in gold for g in row]),
-              "pass_at_n": _mean([pass_at_k(config.bon_n, int(sum(c)), config.bon_n) for c in correct])}
+    report = {"n": config.bon_n, "prompts": len(rows), "single_gold": mean_or_nan([g for row in gold for g in row]),
+              "pass_at_n": mean_or_nan([pass_at_k(config.bon_n, int(sum(c)), config.bon_n) for c in correct])}
     for name, R in selectors.items():
-        report[f"{name}_pick_gold"] = _mean([gold[i][j] for i, j in enumerate(select_top_per_prompt(R)) if j >= 0])
+        report[f"{name}_pick_gold"] = mean_or_nan([gold[i][j] for i, j in enumerate(select_top_per_prompt(R)) if j >= 0])
     return report
 
 
@@ -164,9 +165,6 @@ def _greedy_gold(samples_path: Path) -> list[float]:
     rows = [json.loads(line) for line in samples_path.read_text().splitlines()]
     return [gold_reward(row["prompt"], row["completion"]) for row in rows]
 
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
 
 
 def run_demo(config: DemoConfig) -> dict:
@@ -233,7 +231,7 @@ def run_demo(config: DemoConfig) -> dict:
             win_rate_vs_sft=win_rate(expected["dpo"], expected["sft"]),
             win_rate_vs_sft_greedy=win_rate(_greedy_gold(out / "samples_dpo.jsonl"),
                                             _greedy_gold(out / "samples_sft.jsonl")),
-            sampled_gold_dpo=_mean(expected["dpo"]), sampled_gold_sft=_mean(expected["sft"]),
+            sampled_gold_dpo=mean_or_nan(expected["dpo"]), sampled_gold_sft=mean_or_nan(expected["sft"]),
             kl_to_reference=policy_kl(dpo_model, sft_model, eval_prompts[:100], n=4,
                                       max_new_tokens=config.max_new_tokens, device=config.device))
     summary.update(world=str(paths.root), seconds=round(time.time() - started, 1))

@@ -21,12 +21,11 @@ from posttrain.world.gold import follows_format, gold_reward, parse_final_answer
 
 
 def load_eval_prompts(path: str | Path, limit: int = 0) -> list[dict]:
-    """Rows with ``prompt`` (messages or string) and ``answer`` (e.g. the world's rl_heldout.jsonl)."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    for row in rows:
-        if isinstance(row["prompt"], str):
-            row["prompt"] = [{"role": "user", "content": row["prompt"]}]
-    return rows[:limit] if limit else rows
+    """Rows with ``prompt`` (messages; a string becomes one user turn) and ``answer`` (e.g. the world's
+    rl_heldout.jsonl), read and checked by the one prompt loader (bad rows name file, line and field)."""
+    from posttrain.bestofn import load_prompt_rows
+
+    return [{"prompt": messages, **extra} for messages, extra in load_prompt_rows(str(path), limit=limit)]
 
 
 def score_completions(rows: list[dict], completions) -> dict[str, float]:

@@ -223,7 +223,7 @@ def last_token_positions(batch: dict[str, torch.Tensor], pad_token_id: int | Non
     return torch.tensor(positions, device=ids.device)
 
 
-def scalar_scores(model, examples: list[Example], pad_id: int, device) -> torch.Tensor:
+def scalar_scores(model, examples: list[Example], pad_id: int) -> torch.Tensor:
     """Scores (S,) of a scalar RM for ``examples``, all in one padding-free forward."""
     batch = collate_flat(examples, pad_id)
     hidden = flat_hidden_states(model, batch)  # (N, H)
@@ -247,7 +247,7 @@ def group_scores(model, groups: list[Group], pad_id: int, device) -> torch.Tenso
     from posttrain.attention import NAME as SEGMENT_ATTENTION
 
     if getattr(model.config, "_attn_implementation", None) != SEGMENT_ATTENTION:
-        return scalar_scores(model, [e for g in groups for e in g.examples], pad_id, device).view(len(groups), -1)
+        return scalar_scores(model, [e for g in groups for e in g.examples], pad_id).view(len(groups), -1)
     batch = collate_shared_prefix([g.examples for g in groups])
     hidden = flat_hidden_states(model, batch)  # (N, H), N = the group's tokens with each prompt once
     examples = [e for g in groups for e in g.examples]
@@ -305,7 +305,7 @@ def evaluate_groups(model, groups: list[Group], loss_type: RMLoss, pad_id: int, 
         from posttrain.evaluate import pearson
 
         examples = [e for g in groups for e in g.examples]
-        scores = torch.cat([scalar_scores(model, examples[s : s + batch_size], pad_id, device)
+        scores = torch.cat([scalar_scores(model, examples[s : s + batch_size], pad_id)
                             for s in range(0, len(examples), batch_size)])
         report["length_correlation"] = pearson(scores.tolist(), [float(sum(e.loss_mask)) for e in examples])
     model.train()

@@ -99,6 +99,11 @@ def ordered_pairs(R: Matrix, max_per_prompt: int, *, keys: Sequence[Sequence[Has
     return pairs
 
 
+def mean_or_nan(values: Sequence[float]) -> float:
+    """The mean of a list of rewards; NaN for an empty one (nothing scored), so reports never divide by zero."""
+    return sum(values) / len(values) if values else float("nan")
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Probability that at least one of k samples drawn without replacement from n (c of them correct) is correct:
     1 - C(n-c, k) / C(n, k), computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i) to stay exact in floating point."""

@@ -15,14 +15,20 @@ and plots them against log2 n (the o1-style test-time-scaling plot). Correctness
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain.bestofn import load_prompt_rows, reward_matrix, sample, sampling_params, write_jsonl
 from posttrain.config import option
 from posttrain.generation import load_engine
-from posttrain.sampling import best_of_n_kl, maj_at_k, pass_at_k, powers_of_two, select_top_per_prompt
+from posttrain.sampling import (
+    best_of_n_kl,
+    maj_at_k,
+    mean_or_nan,
+    pass_at_k,
+    powers_of_two,
+    select_top_per_prompt,
+)
 
 
 @dataclass
@@ -57,10 +63,10 @@ def scaling_table(selector: list[list[float | None]], gold: list[list[float | No
         picked_selector = [selector[i][j] for i, j in enumerate(picks) if j >= 0]
         table.append({
             "n": n,
-            "best_of_n_gold": _mean(picked_gold),
-            "best_of_n_reward": _mean(picked_selector),
-            "pass_at_n": _mean([pass_at_k(n_max, sum(c), n) for c in correct]),
-            "maj_at_n": _mean([maj_at_k(a, t, n) for a, t in zip(answers, truths)]),
+            "best_of_n_gold": mean_or_nan(picked_gold),
+            "best_of_n_reward": mean_or_nan(picked_selector),
+            "pass_at_n": mean_or_nan([pass_at_k(n_max, sum(c), n) for c in correct]),
+            "maj_at_n": mean_or_nan([maj_at_k(a, t, n) for a, t in zip(answers, truths)]),
             "kl_best_of_n": best_of_n_kl(n),
         })
     return table
@@ -139,6 +145,3 @@ def _answer_key(text: str):
     parsed = parse(text)
     return str(parsed[0]) if parsed else None
 
-
-def _mean(values: list[float]) -> float:
-    return statistics.mean(values) if values else float("nan")
