@@ -340,4 +340,3 @@ def run_bon(config: BonConfig) -> Path:
         print(f"  {config.report_reward!r}: best-of-{config.n} picks {mean_or_nan([x for x in on_picks if x is not None]):.4f}"
               f" vs single samples {mean_or_nan([x for r in report for x in r if x is not None]):.4f}")
     return path
-

@@ -4,12 +4,14 @@ Stages so far: build the world (cached) -> pretrain the base model (cached) -> S
 prompts against the gold reward -> a Bradley-Terry reward model from the SFT model, measured against the gold
 preferences -> best-of-N on held-out prompts with the RM and with a verifier -> one round of rejection-sampling
 fine-tuning (verifier-selected samples, SFT) from the SFT model -> on-policy DPO from the SFT model on pairs of its
-own replies labelled by the gold reward (win-rate against the SFT model under the gold reward, KL to it). Every stage's run directory lives under ``--out``;
-``summary.json`` holds ``{"stages": {"base": {...}, "sft": {...}, "rs": {...}, "dpo": {...}}, "reward_model": {...},
-"best_of_n": {...}, "rejection_sampling": {...}, "dpo": {...}}``: per policy format_rate, accuracy, gold_reward, mean_length,
-stop_rate (greedy); for the RM held-out pair accuracy, top-1 selection and length correlation; for best-of-N the
-gold reward of single samples and of each selector's picks; for rejection sampling the held-out gold reward of the
-policy's samples before and after the round.
+own replies labelled by the gold reward (win-rate against the SFT model under the gold reward, KL to it). Every
+stage's run directory lives under ``--out``; ``summary.json`` holds ``{"stages": {"base": {...}, "sft": {...},
+"rs": {...}, "dpo": {...}}, "reward_model": {...}, "best_of_n": {...}, "rejection_sampling": {...}, "dpo": {...}}``:
+per policy format_rate, accuracy, gold_reward, mean_length, stop_rate (greedy); for the RM held-out pair accuracy,
+top-1 selection and length correlation; for best-of-N the gold reward of single samples and of each selector's
+picks; for rejection sampling the held-out gold reward of the policy's samples before and after the round; for DPO
+the win-rate against SFT (per-prompt expected gold from samples, and greedy), the mean sampled gold of both, the KL
+to the SFT model and the implicit-reward pair accuracy.
 """
 
 from __future__ import annotations
@@ -164,7 +166,6 @@ def _greedy_gold(samples_path: Path) -> list[float]:
 
     rows = [json.loads(line) for line in samples_path.read_text().splitlines()]
     return [gold_reward(row["prompt"], row["completion"]) for row in rows]
-
 
 
 def run_demo(config: DemoConfig) -> dict:

@@ -144,4 +144,3 @@ def _answer_key(text: str):
 
     parsed = parse(text)
     return str(parsed[0]) if parsed else None
-
