@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -14,6 +15,18 @@ ROOT = HERE.parent
 DEFAULT_SHARED = ROOT.parent / "shared" / "bench"
 ENV = {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
        "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def training_bench_parser(doc: str, stage: str) -> argparse.ArgumentParser:
+    """The options every posttrain-vs-TRL training benchmark takes; a script adds its own before parsing."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help="the shared bench folder")
+    parser.add_argument("--work", type=Path, default=ROOT / "bench-work", help="tiny model + data go here")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--skip-trl", action="store_true", help="measure posttrain only")
+    parser.add_argument("--results", type=Path, default=HERE / "results" / f"{stage}.jsonl")
+    parser.add_argument("--one", metavar="TAG", help=argparse.SUPPRESS)  # internal: one posttrain run
+    return parser
 
 
 def ensure_workload(shared: Path, work: Path) -> tuple[Path, Path]:

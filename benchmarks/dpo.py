@@ -14,7 +14,6 @@ Usage: python benchmarks/dpo.py [--repeats 2] [--skip-trl]
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -22,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DEFAULT_SHARED, HERE, ensure_workload, interleaved_runs, ratio_line, table
+from common import ensure_workload, interleaved_runs, ratio_line, table, training_bench_parser
 
 
 def run_posttrain_once(shared: Path, model: Path, data: Path, tag: str) -> dict:
@@ -68,13 +67,7 @@ def run_posttrain_once(shared: Path, model: Path, data: Path, tag: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED)
-    parser.add_argument("--work", type=Path, default=HERE.parent / "bench-work")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--skip-trl", action="store_true")
-    parser.add_argument("--results", type=Path, default=HERE / "results" / "dpo.jsonl")
-    parser.add_argument("--one", metavar="TAG", help=argparse.SUPPRESS)
+    parser = training_bench_parser(__doc__, "dpo")
     args = parser.parse_args()
     model, data = ensure_workload(args.shared, args.work)
     if args.one:

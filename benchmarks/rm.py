@@ -15,7 +15,6 @@ Usage: python benchmarks/rm.py [--repeats 2] [--skip-trl] [--only train|kwise|sc
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import statistics
@@ -24,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DEFAULT_SHARED, HERE, ensure_workload, interleaved_runs, ratio_line, table
+from common import ensure_workload, interleaved_runs, ratio_line, table, training_bench_parser
 
 
 def run_posttrain_once(shared: Path, model: Path, data: Path, tag: str) -> dict:
@@ -157,14 +156,8 @@ def scoring_saving(limit: int = 512, batch_size: int = 32) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED)
-    parser.add_argument("--work", type=Path, default=HERE.parent / "bench-work")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--skip-trl", action="store_true")
+    parser = training_bench_parser(__doc__, "rm")
     parser.add_argument("--only", choices=("train", "kwise", "scoring"))
-    parser.add_argument("--results", type=Path, default=HERE / "results" / "rm.jsonl")
-    parser.add_argument("--one", metavar="TAG", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         model, data = ensure_workload(args.shared, args.work)

@@ -17,14 +17,13 @@ benchmarks/results/sft.jsonl. Usage:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import DEFAULT_SHARED, HERE, ROOT, ensure_workload, interleaved_runs, ratio_line, table
+from common import ensure_workload, interleaved_runs, ratio_line, table, training_bench_parser
 
 def run_posttrain_once(shared: Path, model: Path, data: Path, tag: str) -> dict:
     """One measured posttrain SFT run in this process (called in a fresh subprocess by main)."""
@@ -66,13 +65,7 @@ def run_posttrain_once(shared: Path, model: Path, data: Path, tag: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help="the shared bench folder")
-    parser.add_argument("--work", type=Path, default=ROOT / "bench-work", help="tiny model + data go here")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--skip-trl", action="store_true", help="measure posttrain only")
-    parser.add_argument("--results", type=Path, default=HERE / "results" / "sft.jsonl")
-    parser.add_argument("--one", metavar="TAG", help=argparse.SUPPRESS)  # internal: one posttrain run
+    parser = training_bench_parser(__doc__, "sft")
     args = parser.parse_args()
     model, data = ensure_workload(args.shared, args.work)
     if args.one:
