@@ -31,7 +31,7 @@ def run_posttrain_once(shared: Path, model: Path, data: Path, tag: str) -> dict:
 
     benchlib.setup_threads(2)
     rss_after_import = benchlib.peak_rss_mb()
-    from posttrain.dpo import DPOConfig, train_dpo
+    from posttrain.stages.dpo import DPOConfig, train_dpo
 
     wl = WORKLOADS["dpo"]
     counter = benchlib.TokenCounter()

@@ -27,7 +27,7 @@ def measure_posttrain(model_dir: Path, data: Path, prompts: int) -> list[tuple[s
     import torch
 
     from posttrain.data.render import render_prompt
-    from posttrain.generation import HFEngine, SamplingParams
+    from posttrain.models.generation import HFEngine, SamplingParams
 
     torch.set_num_threads(2)
     rows = [json.loads(line) for line in (data / "rl.jsonl").read_text().splitlines()][:prompts]

@@ -33,7 +33,7 @@ def run_posttrain_once(shared: Path, model: Path, data: Path, tag: str) -> dict:
 
     benchlib.setup_threads(2)
     rss_after_import = benchlib.peak_rss_mb()
-    from posttrain.rm import RMConfig, train_rm
+    from posttrain.stages.rm import RMConfig, train_rm
 
     wl = WORKLOADS["rm"]
     counter = benchlib.TokenCounter()
@@ -65,9 +65,9 @@ def kwise_saving(steps: int = 6) -> None:
     """Time per step: K-wise (each completion once) vs pairwise expansion (2 per pair), same rankings."""
     import torch
 
-    from posttrain.modeling import load_tokenizer, use_segment_attention
-    from posttrain.rm import RMConfig, RMLoss, _load_model, group_loss, load_groups
-    from posttrain.world.build import ensure_world
+    from posttrain.models import load_tokenizer, use_segment_attention
+    from posttrain.stages.rm import RMConfig, RMLoss, _load_model, group_loss, load_groups
+    from posttrain.stages.world import ensure_world
 
     torch.set_num_threads(2)
     paths = ensure_world(base_model=True)
@@ -88,7 +88,7 @@ def kwise_saving(steps: int = 6) -> None:
                 loss, _, _ = group_loss(model, chunk, RMLoss.kcomparisons, pad, "cpu")
                 sequences = sum(len(g.examples) for g in chunk)
             else:  # every pair (i, j) of every ranking as its own chosen/rejected forward
-                from posttrain.rm import Group
+                from posttrain.stages.rm import Group
 
                 pairs = [Group([g.examples[i], g.examples[j]]) for g in chunk
                          for i, j in itertools.combinations(range(len(g.examples)), 2)]
@@ -110,12 +110,12 @@ def scoring_saving(limit: int = 512, batch_size: int = 32) -> None:
 
     from posttrain.rewards import ScalarRewardModel, conversation
     from posttrain.data.render import render_conversation
-    from posttrain.world.build import ensure_world
+    from posttrain.stages.world import ensure_world
 
     torch.set_num_threads(2)
     paths = ensure_world(base_model=True)
     with tempfile.TemporaryDirectory() as out:
-        from posttrain.rm import RMConfig, train_rm
+        from posttrain.stages.rm import RMConfig, train_rm
 
         model_dir = train_rm(RMConfig(loss="bt", out=out, max_steps=1, progress=False, device="cpu", save_every=0))
         scorer = ScalarRewardModel(model_dir, device="cpu")

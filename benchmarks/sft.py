@@ -33,7 +33,7 @@ def run_posttrain_once(shared: Path, model: Path, data: Path, tag: str) -> dict:
 
     benchlib.setup_threads(2)
     rss_after_import = benchlib.peak_rss_mb()
-    from posttrain.sft import SFTConfig, train_sft
+    from posttrain.stages.sft import SFTConfig, train_sft
 
     wl = WORKLOADS["sft"]
     counter = benchlib.TokenCounter()  # tokens are added by hand: posttrain feeds packed rows to the backbone

@@ -17,7 +17,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture(scope="session")
 def world():
     """Tokenizer and datasets of the tiny world (no base model)."""
-    from posttrain.world.build import ensure_world
+    from posttrain.stages.world import ensure_world
 
     return ensure_world(base_model=False, progress=False)
 
@@ -25,14 +25,14 @@ def world():
 @pytest.fixture(scope="session")
 def world_with_base():
     """The tiny world including its pretrained base model (minutes the first time, then cached)."""
-    from posttrain.world.build import ensure_world
+    from posttrain.stages.world import ensure_world
 
     return ensure_world(base_model=True, progress=False)
 
 
 @pytest.fixture(scope="session")
 def world_tokenizer(world):
-    from posttrain.modeling import load_tokenizer
+    from posttrain.models import load_tokenizer
 
     return load_tokenizer(world.tokenizer)
 

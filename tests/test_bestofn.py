@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from posttrain.bestofn import reward_matrix, select_rows
+from posttrain.stages.bestofn import reward_matrix, select_rows
 from posttrain.cli import main
 from posttrain.rewards import GoldReward, VerifierReward, WeightedSum, reward_from_spec
-from posttrain.verifiers import math_answer
+from posttrain.rewards.verifiers import math_answer
 
 
 def _rows(path):
@@ -144,8 +144,8 @@ def test_reward_matrix_shape_and_order():
 
 def test_scaling_table_hand_values():
     """2 prompts x 4 samples. Selector picks: n=1 -> sample 0; n=2 -> best of 0,1; n=4 -> best of all."""
-    from posttrain.sampling import best_of_n_kl
-    from posttrain.scaling import scaling_table
+    from posttrain.maths.selection import best_of_n_kl
+    from posttrain.stages.scaling import scaling_table
 
     selector = [[0.1, 0.9, 0.5, 0.2], [0.3, 0.2, 0.1, 0.8]]
     gold = [[0.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0]]

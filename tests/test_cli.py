@@ -81,14 +81,14 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def world_paths():
-    from posttrain.world.build import ensure_world
+    from posttrain.stages.world import ensure_world
 
     return ensure_world(base_model=False, progress=False)
 
 
 @pytest.fixture(scope="module")
 def tok(world_paths):
-    from posttrain.modeling import load_tokenizer
+    from posttrain.models import load_tokenizer
 
     return load_tokenizer(world_paths.tokenizer)
 
@@ -159,7 +159,7 @@ def test_world_build(tmp_path, world_paths):
     assert not (out / "base-model").exists()  # only with --base-model
     assert f"tokenizer: {out / 'tokenizer'}" in result.stdout
 
-    from posttrain.modeling import load_tokenizer
+    from posttrain.models import load_tokenizer
 
     tokenizer = load_tokenizer(out / "tokenizer")
     first = json.loads((out / "data" / "sft_train.jsonl").read_text().splitlines()[0])
@@ -293,8 +293,8 @@ def test_existing_run_without_resume_exits_2(sft_run, tiny_model, world_paths):
 
 def reference_replies(model_dir: Path, turns: list[str], max_new_tokens: int) -> list[str]:
     """What chat should print for ``turns``, computed with the library (greedy, same history handling)."""
-    from posttrain.generation import generate
-    from posttrain.modeling import load_causal_lm, load_tokenizer
+    from posttrain.models.generation import generate
+    from posttrain.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir)

@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from posttrain import cli
-from posttrain.config import ConfigError, build_config, config_to_dict, parse_overrides, save_config
-from posttrain.pretrain import PretrainConfig
-from posttrain.sft import SFTConfig
+from posttrain.plumbing.config import ConfigError, build_config, config_to_dict, parse_overrides, save_config
+from posttrain.stages.pretrain import PretrainConfig
+from posttrain.stages.sft import SFTConfig
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -184,10 +184,10 @@ def test_bad_cli_arguments():
 @pytest.fixture
 def captured(monkeypatch):
     """Replace train_sft so `posttrain sft ...` only builds the config."""
-    import posttrain.sft
+    import posttrain.stages.sft
 
     configs = []
-    monkeypatch.setattr(posttrain.sft, "train_sft", lambda config: configs.append(config))
+    monkeypatch.setattr(posttrain.stages.sft, "train_sft", lambda config: configs.append(config))
     return configs
 
 

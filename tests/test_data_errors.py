@@ -57,8 +57,8 @@ BAD_IDS = [case[0] for case in BAD_SFT]
 @pytest.fixture(scope="module")
 def tok():
     """The tiny world's tokenizer (its template requires user/assistant alternation)."""
-    from posttrain.modeling import load_tokenizer
-    from posttrain.world.build import ensure_world
+    from posttrain.models import load_tokenizer
+    from posttrain.stages.world import ensure_world
 
     paths = ensure_world(base_model=False, progress=False)
     return load_tokenizer(paths.tokenizer)
@@ -138,7 +138,7 @@ def test_non_object_json_line(tmp_path, tok):
 
 def test_alternation_not_required_without_alternating_template(tmp_path, tok):
     """Two user turns in a row are only an error under a template that requires alternation."""
-    from posttrain.modeling import load_tokenizer
+    from posttrain.models import load_tokenizer
 
     chatml = load_tokenizer(tok.name_or_path, "chatml")
     assert "alternate" not in chatml.chat_template

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from posttrain.data.io import DataError
-from posttrain.dpo import DPOConfig, load_pairs, load_unpaired, sequence_logps, train_dpo
-from posttrain.modeling import load_causal_lm, load_tokenizer, use_segment_attention
+from posttrain.stages.dpo import DPOConfig, load_pairs, load_unpaired, sequence_logps, train_dpo
+from posttrain.models import load_causal_lm, load_tokenizer, use_segment_attention
 
 
 def _small_copy(src, dst, n):
@@ -104,7 +104,7 @@ def test_implicit_prompt_pairs_and_bad_rows(tiny_model_dir, tmp_path):
 
 
 def test_win_rate_and_policy_kl(tiny_model_dir, world):
-    from posttrain.evaluate import policy_kl, win_rate
+    from posttrain.world.evaluate import policy_kl, win_rate
 
     assert win_rate([1.0, 0.5, 0.2], [0.5, 0.5, 0.3]) == pytest.approx((1 + 0.5 + 0) / 3)
     with pytest.raises(ValueError):

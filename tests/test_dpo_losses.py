@@ -1,4 +1,4 @@
-"""Direct-alignment losses (posttrain.losses.dpo_loss / kto_loss): hand-derived values, a naive float64 reference,
+"""Direct-alignment losses (posttrain.maths.dpo_loss / kto_loss): hand-derived values, a naive float64 reference,
 and the properties the issue asks for."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from posttrain.losses import DPOLoss, dpo_loss, kto_loss
+from posttrain.maths import DPOLoss, dpo_loss, kto_loss
 
 
 def _t(*values: float) -> torch.Tensor:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from posttrain.data.render import render_conversation, render_prompt
-from posttrain.generation import HFEngine, SamplingParams, load_engine
+from posttrain.models.generation import HFEngine, SamplingParams, load_engine
 
 
 @pytest.fixture(scope="module")

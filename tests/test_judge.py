@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from posttrain import cli
-from posttrain.judge import (
+from posttrain.rewards.judge import (
     PAIRWISE_SYSTEM,
     SINGLE_SYSTEM,
     JudgeRequestError,
@@ -40,7 +40,7 @@ from posttrain.judge import (
     single_messages,
     win_rate,
 )
-from posttrain.label import LabelConfig, label_pairs, read_principles, run_label
+from posttrain.stages.label import LabelConfig, label_pairs, read_principles, run_label
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -409,13 +409,13 @@ def test_run_label_reads_strings_or_messages_and_writes_jsonl(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_model_dir):
-    from posttrain.modeling import load_causal_lm, load_tokenizer
+    from posttrain.models import load_causal_lm, load_tokenizer
 
     return load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
 
 
 def test_local_backend_judges_greedily_through_generate(tiny_model, tiny_model_dir, tmp_path, capsys):
-    from posttrain.judge import LocalBackend
+    from posttrain.rewards.judge import LocalBackend
 
     backend = LocalBackend(*tiny_model, max_new_tokens=3)
     conversations = pairwise_messages("What is 2 + 3?", "5", "6"), single_messages("What is 2 + 3?", "5")
@@ -439,7 +439,7 @@ def test_local_backend_judges_greedily_through_generate(tiny_model, tiny_model_d
 def served_app(tiny_model):
     from fastapi.testclient import TestClient
 
-    from posttrain.serve import create_app
+    from posttrain.stages.serve import create_app
 
     with TestClient(create_app(*tiny_model, "tiny", default_max_tokens=4)) as client:
         yield client

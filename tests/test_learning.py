@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 def demo_summary(world_with_base, tmp_path_factory):
     """`posttrain demo` end to end: base model (cached) -> SFT -> evaluation on held-out prompts -> BT RM ->
     best-of-16 -> one rejection-sampling round -> DPO."""
-    from posttrain.demo import DemoConfig, run_demo
+    from posttrain.stages.demo import DemoConfig, run_demo
 
     out = tmp_path_factory.mktemp("demo")
     summary = run_demo(DemoConfig(out=str(out), progress=False, device="cpu"))

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from posttrain.checkpoint import latest_checkpoint
-from posttrain.sft import SFTConfig, train_sft
+from posttrain.plumbing.checkpoint import latest_checkpoint
+from posttrain.stages.sft import SFTConfig, train_sft
 
 
 class Killed(Exception):

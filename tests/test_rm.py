@@ -18,7 +18,7 @@ from posttrain.rewards import (
     aggregate_steps,
     load_reward_model,
 )
-from posttrain.rm import RMConfig, train_rm
+from posttrain.stages.rm import RMConfig, train_rm
 
 
 def _small_copy(src, dst, n: int):
@@ -134,7 +134,7 @@ def test_gold_verifier_and_weighted_sum():
 
 def test_bad_rm_rows_name_file_line_field(world_tokenizer, tmp_path):
     from posttrain.data.io import read_rows
-    from posttrain.rm import RMLoss, parse_group
+    from posttrain.stages.rm import RMLoss, parse_group
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(
@@ -154,8 +154,8 @@ def test_shared_prompt_forward_equals_separate_sequences(trained, world):
     """The training forward holds each prompt once (collate_shared_prefix + segment masks); its scores AND its
     gradients equal those of forwarding every (prompt + completion) as its own sequence, HF's padded way."""
     from posttrain.data.packing import collate_padded, collate_shared_prefix
-    from posttrain.modeling import load_tokenizer, use_segment_attention
-    from posttrain.rm import RMLoss, _load_model, group_scores, load_groups
+    from posttrain.models import load_tokenizer, use_segment_attention
+    from posttrain.stages.rm import RMLoss, _load_model, group_scores, load_groups
 
     tokenizer = load_tokenizer(trained["kcomparisons"])
     groups, _ = load_groups(world.data / "rankings_heldout.jsonl", tokenizer, RMConfig(loss="kcomparisons"))

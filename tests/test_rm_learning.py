@@ -11,9 +11,9 @@ import json
 
 import pytest
 
-from posttrain.evaluate import evaluate_reward_on_world
+from posttrain.world.evaluate import evaluate_reward_on_world
 from posttrain.rewards import OutcomeRewardModel
-from posttrain.rm import RMConfig, train_rm
+from posttrain.stages.rm import RMConfig, train_rm
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from posttrain.losses import bradley_terry_loss, kcomparisons_loss, orm_loss, plackett_luce_loss, prm_loss
+from posttrain.maths import bradley_terry_loss, kcomparisons_loss, orm_loss, plackett_luce_loss, prm_loss
 
 
 def log1pexp(x: float) -> float:

@@ -1,4 +1,4 @@
-"""Selection rules and inference-time-scaling metrics (posttrain.sampling) against the book and brute force."""
+"""Selection rules and inference-time-scaling metrics (posttrain.maths.selection) against the book and brute force."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from posttrain.sampling import (
+from posttrain.maths.selection import (
     best_of_n_kl,
     best_worst_pairs,
     maj_at_k,

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from posttrain.data import Example, collate_padded, first_fit_decreasing, pack_batch
-from posttrain.losses import Reduction, reduce_per_token, sft_loss, token_nll
-from posttrain.modeling import trained_token_logits
+from posttrain.maths import Reduction, reduce_per_token, sft_loss, token_nll
+from posttrain.models import trained_token_logits
 
 
 def test_sft_loss_hand_derived():
@@ -109,7 +109,7 @@ def test_packed_loss_equals_unpacked(world_tokenizer, arch, layout):
     batch (one example per row with an attention mask) to 1e-5. Layouts: FFD rows with a block-diagonal mask derived
     from position_ids; all examples in one row (sdpa mask, or posttrain's per-example segment attention)."""
     from posttrain.data import collate_flat
-    from posttrain.modeling import use_segment_attention
+    from posttrain.models import use_segment_attention
     from posttrain.world.model import init_tiny_model
 
     model = init_tiny_model(arch, world_tokenizer, seed=3).double()
@@ -164,7 +164,7 @@ def test_packing_attention_is_confined(world_tokenizer):
 def test_lr_schedule_hand_values():
     """warm-up 2, total 6: steps 0,1 -> 1/2, 2/2; then cosine over 4 steps: progress p = (step-2)/4,
     multiplier 0.5 (1 + cos(pi p)): step 2 -> 1, step 4 -> 0.5, step 6 -> 0. Linear: step 4 -> 0.5, step 5 -> 0.25."""
-    from posttrain.training import lr_multiplier
+    from posttrain.plumbing.training import lr_multiplier
 
     cosine = [lr_multiplier(s, warmup_steps=2, total_steps=6, schedule="cosine") for s in range(7)]
     assert cosine[0] == 0.5 and cosine[1] == 1.0 and cosine[2] == 1.0
@@ -177,7 +177,7 @@ def test_batch_order_is_a_function_of_seed_and_step():
     """Resuming at batch k yields exactly the batches an uninterrupted stream yields from k on."""
     from itertools import islice
 
-    from posttrain.training import batch_indices
+    from posttrain.plumbing.training import batch_indices
 
     full = list(islice(batch_indices(10, 3, seed=7), 8))  # 3 batches per epoch, crosses epochs
     assert list(islice(batch_indices(10, 3, seed=7, start_batch=5), 3)) == full[5:8]

@@ -1,4 +1,4 @@
-"""Parity of posttrain.losses with TRL's DPO and KTO losses on random log-prob tensors (to 1e-6).
+"""Parity of posttrain.maths with TRL's DPO and KTO losses on random log-prob tensors (to 1e-6).
 
 TRL is a benchmark-only dependency: these tests run only where it is installed (``pip install trl``; the benchmark
 environment has it) and are skipped otherwise. TRL computes its losses inside the trainers'

@@ -33,7 +33,7 @@ Run `posttrain COMMAND --help` for the options of a command.
 
 
 def _stage(config_cls, run: Callable, description: str, argv: list[str]) -> int:
-    from posttrain.config import build_config, help_lines, parse_overrides
+    from posttrain.plumbing.config import build_config, help_lines, parse_overrides
 
     if "-h" in argv or "--help" in argv:
         print(f"{description}\n\noptions (also accepted as keys of --config file.yaml):\n"
@@ -68,7 +68,7 @@ def _world(argv: list[str]) -> int:
     build.add_argument("--base-model", "--base_model", action="store_true",
                        help="also pretrain (or reuse the cached) base model")
     args = parser.parse_args(argv)
-    from posttrain.world.build import ensure_world, write_world
+    from posttrain.stages.world import ensure_world, write_world
 
     if args.dir is None:
         paths = ensure_world(base_model=args.base_model)
@@ -83,59 +83,59 @@ def _world(argv: list[str]) -> int:
 def _dispatch(command: str, argv: list[str]) -> int:
     match command:
         case "sft":
-            from posttrain.sft import SFTConfig, train_sft
+            from posttrain.stages.sft import SFTConfig, train_sft
 
             return _stage(SFTConfig, train_sft, "posttrain sft: instruction fine-tuning (loss on assistant turns).", argv)
         case "rm":
-            from posttrain.rm import RMConfig, train_rm
+            from posttrain.stages.rm import RMConfig, train_rm
 
             return _stage(RMConfig, train_rm, "posttrain rm: train a reward model (see --loss).", argv)
         case "dpo":
-            from posttrain.dpo import DPOConfig, train_dpo
+            from posttrain.stages.dpo import DPOConfig, train_dpo
 
             return _stage(DPOConfig, train_dpo, "posttrain dpo: direct alignment from preference pairs (kto: unpaired examples).", argv)
         case "pretrain":
-            from posttrain.pretrain import PretrainConfig, train_pretrain
+            from posttrain.stages.pretrain import PretrainConfig, train_pretrain
 
             return _stage(PretrainConfig, train_pretrain, "posttrain pretrain: next-token pretraining on text.", argv)
         case "demo":
-            from posttrain.demo import DemoConfig, run_demo
+            from posttrain.stages.demo import DemoConfig, run_demo
 
             return _stage(DemoConfig, run_demo, "posttrain demo: the pipeline on the tiny world.", argv)
         case "chat":
-            from posttrain.chat import ChatConfig, run_chat
+            from posttrain.stages.chat import ChatConfig, run_chat
 
             return _stage(ChatConfig, run_chat, "posttrain chat: talk to a model with its chat template.", argv)
         case "serve":
-            from posttrain.serve import ServeConfig, run_serve
+            from posttrain.stages.serve import ServeConfig, run_serve
 
             return _stage(ServeConfig, run_serve, "posttrain serve: an OpenAI-compatible API for a local model.", argv)
         case "label":
-            from posttrain.label import LabelConfig, run_label
+            from posttrain.stages.label import LabelConfig, run_label
 
             return _stage(LabelConfig, run_label, "posttrain label: preference labels from an LLM judge.", argv)
         case "generate":
-            from posttrain.bestofn import GenerateConfig, run_generate
+            from posttrain.stages.bestofn import GenerateConfig, run_generate
 
             return _stage(GenerateConfig, run_generate, "posttrain generate: N completions per prompt.", argv)
         case "score":
-            from posttrain.bestofn import ScoreConfig, run_score
+            from posttrain.stages.bestofn import ScoreConfig, run_score
 
             return _stage(ScoreConfig, run_score, "posttrain score: the reward matrix of generated completions.", argv)
         case "select":
-            from posttrain.bestofn import SelectConfig, run_select
+            from posttrain.stages.bestofn import SelectConfig, run_select
 
             return _stage(SelectConfig, run_select, "posttrain select: rejection-sampling selection rules.", argv)
         case "bon":
-            from posttrain.bestofn import BonConfig, run_bon
+            from posttrain.stages.bestofn import BonConfig, run_bon
 
             return _stage(BonConfig, run_bon, "posttrain bon: best-of-N sampling with a reward.", argv)
         case "rs":
-            from posttrain.rs import RSConfig, run_rs
+            from posttrain.stages.rs import RSConfig, run_rs
 
             return _stage(RSConfig, run_rs, "posttrain rs: rejection-sampling fine-tuning.", argv)
         case "scaling":
-            from posttrain.scaling import ScalingConfig, run_scaling
+            from posttrain.stages.scaling import ScalingConfig, run_scaling
 
             return _stage(ScalingConfig, run_scaling, "posttrain scaling: the test-time-scaling plot.", argv)
         case "world":
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from transformers.utils import logging as hf_logging
 
-    from posttrain.config import ConfigError
+    from posttrain.plumbing.config import ConfigError
     from posttrain.data import DataError, RenderError, TemplateNotPrefixStableError
 
     hf_logging.disable_progress_bar()  # our own progress bars say what is going on

@@ -17,7 +17,7 @@ from posttrain.data.render import (
     render_conversation,
     render_prompt,
 )
-from posttrain.templates import CHAT_TEMPLATES, get_chat_template, set_chat_template
+from posttrain.data.templates import CHAT_TEMPLATES, get_chat_template, set_chat_template
 
 __all__ = [
     "CHAT_TEMPLATES",

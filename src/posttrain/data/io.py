@@ -10,6 +10,8 @@ Every error names the file, the line (JSONL) or row (JSON, Parquet, datasets; 1-
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,3 +266,22 @@ def validate_rows(
             report.drop(err.message.split(" (")[0].split(":")[0], err)
     report.kept = len(kept)
     return kept, report
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> Path:
+    """One JSON object per line (UTF-8, ``ensure_ascii=False``), written atomically (a crash never leaves a
+    half-written file under the final name); creates parent directories."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return path

@@ -2,7 +2,7 @@
 
 A packed row holds several examples back to back, with ``position_ids`` restarting at 0 for each example and
 ``cu_seq_lens`` (cumulative example lengths) marking the boundaries. Attention stays within each example either way:
-with posttrain's segment attention (``posttrain.attention``) or flash-attention it reads ``cu_seq_lens``; with sdpa or
+with posttrain's segment attention (``posttrain.models.attention``) or flash-attention it reads ``cu_seq_lens``; with sdpa or
 eager attention transformers derives a block-diagonal causal mask from ``position_ids``. So a packed row computes
 exactly what the examples would compute alone. Labels are -100 off the loss mask and at example boundaries, so no
 example predicts the first token of the next one.
@@ -178,3 +178,40 @@ def flat_index(layout: tuple[int, int, int], t: int) -> int:
     """Flat index, in a :func:`collate_shared_prefix` row, of token ``t`` of the example with this ``layout``."""
     prefix_start, prefix_length, suffix_start = layout
     return prefix_start + t if t < prefix_length else suffix_start + t - prefix_length
+
+
+def add_scored_tokens(batch: dict, groups: list[list[Example]]) -> dict:
+    """Add ``predictors``, ``targets`` and ``owners`` (n,) to a :func:`collate_shared_prefix` batch of ``groups``:
+    for every token t >= 1 on an example's loss mask, the flat index of the position that predicts it (token t-1's),
+    the token, and the example's index (in order over all examples of all groups). See
+    ``posttrain.models.logprobs``."""
+    predictors, targets, owners = [], [], []
+    examples = [e for group in groups for e in group]
+    for k, (layout, example) in enumerate(zip(batch["layout"], examples)):
+        for t in range(1, len(example)):
+            if example.loss_mask[t]:
+                predictors.append(flat_index(layout, t - 1))
+                targets.append(example.input_ids[t])
+                owners.append(k)
+    batch["predictors"] = torch.tensor(predictors, dtype=torch.long)
+    batch["targets"] = torch.tensor(targets, dtype=torch.long)
+    batch["owners"] = torch.tensor(owners, dtype=torch.long)
+    return batch
+
+
+def token_owners(batch: dict) -> torch.Tensor:
+    """The sequence each scored token belongs to (n,), in ``scored_positions`` order: ``batch["owners"]`` when given
+    (shared-prompt rows), else the example of a flat row (``cu_seq_lens``) or the row of a padded batch."""
+    if "owners" in batch:
+        return batch["owners"]
+    labels = batch["labels"]  # (B, T)
+    rows, width = labels.shape
+    scored = labels[:, 1:] != -100
+    if "cu_seq_lens" in batch:  # one flat row: the segment that holds each predicting position
+        if rows != 1:
+            raise ValueError("token_owners: a batch with cu_seq_lens must be a single flat row")
+        positions = torch.arange(width - 1)[scored[0].cpu()]
+        return torch.searchsorted(batch["cu_seq_lens"].cpu(), positions, right=True) - 1
+    if "attention_mask" not in batch:
+        raise ValueError("token_owners: packed rows hold several sequences; use collate_flat or pass owners")
+    return torch.arange(rows)[:, None].expand(rows, width - 1)[scored.cpu()]

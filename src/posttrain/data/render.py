@@ -41,7 +41,7 @@ class RenderError(ValueError):
 
 def template_name(tokenizer, chat_template: str | None = None) -> str:
     """A short human name for the template in use (built-in name, or the first characters of the Jinja)."""
-    from posttrain.templates import CHAT_TEMPLATES
+    from posttrain.data.templates import CHAT_TEMPLATES
 
     template = chat_template or getattr(tokenizer, "chat_template", None) or ""
     for name, text in CHAT_TEMPLATES.items():
@@ -56,7 +56,7 @@ def _render_text(tokenizer, messages: Sequence[Message], *, add_generation_promp
     if getattr(tokenizer, "chat_template", None) is None and chat_template is None:
         raise RenderError(
             f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; set one with "
-            "posttrain.templates.set_chat_template(tokenizer, 'chatml' | 'zephyr' | 'tulu') or --chat_template"
+            "posttrain.data.templates.set_chat_template(tokenizer, 'chatml' | 'zephyr' | 'tulu') or --chat_template"
         )
     try:
         return tokenizer.apply_chat_template(

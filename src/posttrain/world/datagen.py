@@ -26,6 +26,8 @@ import os
 import random
 from typing import Callable
 
+from posttrain.data.io import write_jsonl
+
 from .gold import MAX_REWARD, gold_reward, parse_final_answer
 from .tasks import (
     LEVELS,
@@ -497,18 +499,6 @@ def heldout_size(train_size: int) -> int:
     return max(64, train_size // 8)
 
 
-def write_jsonl(rows: list[dict], path: str | os.PathLike) -> str:
-    """Write one JSON object per line (UTF-8, ``ensure_ascii=False``); creates parent dirs."""
-    path = os.fspath(path)
-    parent = os.path.dirname(path)
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
-
-
 def write_all(out_dir: str | os.PathLike, seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, str]:
     """Write every dataset for both splits to ``out_dir/{name}_{split}.jsonl``.
 
@@ -523,5 +513,5 @@ def write_all(out_dir: str | os.PathLike, seed: int = 0, sizes: dict[str, int] |
     for name, generate in GENERATORS.items():
         for split, size in (("train", train_sizes[name]), ("heldout", heldout_size(train_sizes[name]))):
             path = os.path.join(os.fspath(out_dir), f"{name}_{split}.jsonl")
-            paths[f"{name}_{split}"] = write_jsonl(generate(size, seed, split), path)
+            paths[f"{name}_{split}"] = str(write_jsonl(generate(size, seed, split), path))
     return paths

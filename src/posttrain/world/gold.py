@@ -22,6 +22,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from posttrain.data.messages import message_text
+
 from .tasks import solve
 
 CORRECT_WEIGHT = 1.0
@@ -52,31 +54,6 @@ def follows_format(completion: str) -> bool:
     """True iff ``completion.strip()`` ends with "The answer is N." and says "the answer is" once."""
     text = completion.strip()
     return bool(_FORMAT_END_RE.search(text)) and len(_PHRASE_RE.findall(text)) == 1
-
-
-def _content_text(content: Any) -> str:
-    """Message content as text (a list of ``{"type": "text", "text": ...}`` parts is joined)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return "" if content is None else str(content)
-
-
-def message_text(value: Any, role: str) -> str:
-    """Text of a string, a message dict, or the last message of ``role`` in a list.
-
-    A list without a message of ``role`` falls back to its last message.
-    """
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict):
-        return _content_text(value.get("content"))
-    messages = list(value)
-    if not messages:
-        return ""
-    chosen = [m for m in messages if m.get("role") == role] or messages
-    return _content_text(chosen[-1].get("content"))
 
 
 def gold_components(prompt: Any, completion: Any) -> dict[str, float]:

@@ -20,7 +20,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.bestofn import (
+from posttrain.stages.bestofn import (
     load_generated,
     load_prompt_rows,
     reward_matrix,
@@ -29,9 +29,9 @@ from posttrain.bestofn import (
     select_rows,
     write_jsonl,
 )
-from posttrain.config import option, save_config
-from posttrain.generation import SamplingParams, load_engine
-from posttrain.training import is_complete
+from posttrain.plumbing.config import option, save_config
+from posttrain.models.generation import SamplingParams, load_engine
+from posttrain.plumbing.training import is_complete
 
 
 @dataclass
@@ -78,7 +78,7 @@ def policy_reward(model: str | Path, prompt_rows, reward, params: SamplingParams
 
 def run_rs(config: RSConfig) -> Path:
     from posttrain.rewards import reward_from_spec
-    from posttrain.sft import SFTConfig, train_sft
+    from posttrain.stages.sft import SFTConfig, train_sft
 
     if not config.model or not config.prompts:
         raise ValueError("posttrain rs needs --model=DIR and --prompts=FILE")

@@ -16,13 +16,13 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from posttrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from posttrain.config import option
+from posttrain.plumbing.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from posttrain.plumbing.config import option
 from posttrain.data import load_texts
-from posttrain.losses import sft_loss
-from posttrain.modeling import load_causal_lm, load_tokenizer, resolve_device
-from posttrain.runlog import MetricsLog
-from posttrain.training import (
+from posttrain.maths import sft_loss
+from posttrain.models import load_causal_lm, load_tokenizer, resolve_device
+from posttrain.plumbing.runlog import MetricsLog
+from posttrain.plumbing.training import (
     autocast,
     batch_indices,
     build_optimizer,
@@ -87,7 +87,7 @@ def token_blocks(texts: list[str], tokenizer, block_size: int) -> torch.Tensor:
 def _fill_defaults(config: PretrainConfig) -> PretrainConfig:
     if config.data and (config.model or config.tokenizer):
         return config
-    from posttrain.world import build
+    from posttrain.stages import world as build
 
     paths = build.ensure_world(base_model=False)
     if not config.data:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from posttrain.config import option
+from posttrain.plumbing.config import option
 
 
 @dataclass
@@ -26,11 +26,11 @@ class ChatConfig:
 
 
 def run_chat(config: ChatConfig) -> None:
-    from posttrain.generation import generate
-    from posttrain.modeling import load_causal_lm, load_tokenizer, resolve_device
+    from posttrain.models.generation import generate
+    from posttrain.models import load_causal_lm, load_tokenizer, resolve_device
 
     if not config.model:
-        from posttrain.world.build import ensure_world
+        from posttrain.stages.world import ensure_world
 
         config.model = str(ensure_world(base_model=True).base_model)
     tokenizer = load_tokenizer(config.model, config.chat_template or None)

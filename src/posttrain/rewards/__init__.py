@@ -7,7 +7,7 @@ evaluation all consume rewards through this interface.
 Implementations here: trained reward models (Bradley-Terry family: ``ScalarRewardModel``; outcome RM:
 ``OutcomeRewardModel``; process RM: ``ProcessRewardModel``, which also gives per-step rewards), the tiny world's
 ``GoldReward``, any verifier function (``VerifierReward``) and ``WeightedSum`` of any of them. Judges
-(``posttrain.judge``) fit the same interface.
+(``posttrain.rewards.judge``) fit the same interface.
 
 Scoring sorts the batch by length before cutting it into forward passes, so similar lengths share a pass and
 padding is small (the book's tip; benchmarks/rm.py measures it); results come back in the caller's order.
@@ -22,6 +22,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
+from posttrain.data.messages import completion_text, conversation, to_messages
 from posttrain.data.packing import Example
 from posttrain.data.render import render_conversation
 
@@ -30,25 +31,6 @@ STEP_SEPARATOR = "\n"  # process RMs see a solution as steps joined by this sepa
 
 class Reward(Protocol):
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float | None]: ...
-
-
-def as_messages(prompt: Any) -> list[dict]:
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    return list(prompt)
-
-
-def completion_text(completion: Any) -> str:
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, dict):
-        return str(completion.get("content", ""))
-    assistant = [m for m in completion if m.get("role") == "assistant"]
-    return str(assistant[-1]["content"]) if assistant else ""
-
-
-def conversation(prompt: Any, completion: Any) -> list[dict]:
-    return as_messages(prompt) + [{"role": "assistant", "content": completion_text(completion)}]
 
 
 class RewardModelKind(StrEnum):
@@ -77,7 +59,7 @@ class _ModelReward:
     """
 
     def __init__(self, path: str | Path, *, device: str = "auto", max_length: int = 1024, batch_tokens: int = 8192):
-        from posttrain.modeling import load_tokenizer, resolve_device
+        from posttrain.models.loading import load_tokenizer, resolve_device
 
         self.path = Path(path)
         self.kind = reward_model_kind(self.path)
@@ -216,7 +198,7 @@ class ProcessRewardModel(_ModelReward):
             steps = [[s for s in completion_text(c).split(STEP_SEPARATOR) if s.strip()] for c in completions]
         examples, boundaries = [], []
         for prompt, step_list in zip(prompts, steps):
-            messages = as_messages(prompt) + [{"role": "assistant", "content": STEP_SEPARATOR.join(step_list)}]
+            messages = to_messages(prompt) + [{"role": "assistant", "content": STEP_SEPARATOR.join(step_list)}]
             ids, positions = step_boundary_tokens(self.tokenizer, messages, step_list)
             if len(ids) > self.max_length or not step_list:
                 self.skipped += 1
@@ -253,7 +235,7 @@ class GoldReward:
 
         results = []
         for prompt, completion in zip(prompts, completions):
-            question = as_messages(prompt)[-1]["content"]
+            question = to_messages(prompt)[-1]["content"]
             results.append(gold_reward(prompt, completion_text(completion)) if solve(question) is not None else None)
         return results
 
@@ -295,7 +277,7 @@ def reward_from_spec(spec: str, *, device: str = "auto") -> Reward:
     """Build a reward from a command-line spec.
 
     ``gold``                  the tiny world's gold reward
-    ``verifier:math``         math-verify against the row's ``answer`` column (see ``posttrain.verifiers``)
+    ``verifier:math``         math-verify against the row's ``answer`` column (see ``posttrain.rewards.verifiers``)
     ``rm:DIR``                a trained reward model (scalar / ORM / PRM, from its saved config)
     ``orm:DIR[:last|mean|min]`` / ``prm:DIR[:min|mean|last|product]``  with an explicit aggregation
     ``judge:DIR``             a local model as a pointwise 1-10 judge
@@ -311,7 +293,7 @@ def reward_from_spec(spec: str, *, device: str = "auto") -> Reward:
         case "gold":
             return GoldReward()
         case "verifier":
-            from posttrain.verifiers import VERIFIERS
+            from posttrain.rewards.verifiers import VERIFIERS
 
             if rest not in VERIFIERS:
                 raise ValueError(f"unknown verifier {rest!r} in reward {spec!r}; known: {sorted(VERIFIERS)}")
@@ -324,7 +306,7 @@ def reward_from_spec(spec: str, *, device: str = "auto") -> Reward:
             kwargs = {"aggregation": aggregation} if aggregation else {}
             return cls(_existing_dir(path, spec), device=device, **kwargs)
         case "judge":
-            from posttrain.judge import JudgeReward, LocalBackend
+            from posttrain.rewards.judge import JudgeReward, LocalBackend
 
             return JudgeReward(LocalBackend.from_dir(_existing_dir(rest, spec), device=device, max_new_tokens=64))
     raise ValueError(f"unknown reward {spec!r}: use gold, verifier:math, rm:DIR, orm:DIR, prm:DIR, judge:DIR or "

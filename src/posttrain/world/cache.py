@@ -1,8 +1,11 @@
-"""Building and caching the tiny world: tokenizer, datasets and the pretrained base model.
+"""Building and caching the tiny world's tokenizer and datasets; the paths of every cached artefact.
 
 The cache lives in ``$POSTTRAIN_CACHE`` (default ``~/.cache/posttrain``) under a key made of the world version and
 a hash of every setting that shapes the artefacts, so tests and the demo build the world once and a change of
 settings never reuses stale files. Each artefact is built in a temporary directory and renamed into place.
+
+The base model is pretrained by the pretraining stage (``posttrain.stages.world.ensure_world``): the world never
+imports a stage.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def world_key() -> str:
     return f"world-v{WORLD_VERSION}-{digest}"
 
 
-def _build_into(final: Path, build) -> Path:
+def build_into(final: Path, build) -> Path:
     """Run ``build(tmp_dir)`` then rename tmp_dir to ``final`` (no half-built artefact is ever visible)."""
     if final.exists():
         return final
@@ -92,38 +95,15 @@ def build_tokenizer(out_dir: Path, data_dir: Path) -> None:
     train_tokenizer(_tokenizer_corpus(data_dir), out_dir, vocab_size=TOKENIZER_VOCAB)
 
 
-def build_base_model(out_dir: Path, paths: WorldPaths, *, progress: bool = True) -> None:
-    """Pretrain the base model with ``BASE_MODEL_RECIPE`` and copy the final model to ``out_dir``."""
-    from posttrain.pretrain import PretrainConfig, train_pretrain
-
-    run_dir = paths.root / "pretrain-run"
-    config = PretrainConfig(tokenizer=str(paths.tokenizer), data=str(paths.data / "pretrain_train.jsonl"),
-                            eval_data=str(paths.data / "pretrain_heldout.jsonl"), out=str(run_dir),
-                            resume=True, progress=progress, **BASE_MODEL_RECIPE)
-    final = train_pretrain(config)
-    shutil.copytree(final, out_dir, dirs_exist_ok=True)
-    shutil.copy(run_dir / "metrics.jsonl", out_dir / "pretrain_metrics.jsonl")
-
-
-def ensure_world(base_model: bool = True, *, progress: bool = True) -> WorldPaths:
-    """Paths of the cached world, building whatever is missing (the base model only when asked)."""
+def world_paths() -> WorldPaths:
+    """Where the cached world's artefacts live (whether or not they are built yet)."""
     root = cache_root() / world_key()
-    paths = WorldPaths(root, root / "tokenizer", root / "data", root / "base-model")
-    _build_into(paths.data, build_data)
-    _build_into(paths.tokenizer, lambda tmp: build_tokenizer(tmp, paths.data))
-    if base_model and not paths.base_model.exists():
-        print(f"pretraining the tiny world's base model (once; cached in {paths.base_model})")
-        _build_into(paths.base_model, lambda tmp: build_base_model(tmp, paths, progress=progress))
+    return WorldPaths(root, root / "tokenizer", root / "data", root / "base-model")
+
+
+def ensure_world_data() -> WorldPaths:
+    """Paths of the cached world, building its datasets and tokenizer if missing (not the base model)."""
+    paths = world_paths()
+    build_into(paths.data, build_data)
+    build_into(paths.tokenizer, lambda tmp: build_tokenizer(tmp, paths.data))
     return paths
-
-
-def write_world(out_dir: str | Path, *, base_model: bool = False) -> WorldPaths:
-    """``posttrain world build DIR``: copy (building if needed) the tokenizer, datasets and base model to DIR."""
-    paths = ensure_world(base_model=base_model)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(paths.tokenizer, out / "tokenizer", dirs_exist_ok=True)
-    shutil.copytree(paths.data, out / "data", dirs_exist_ok=True)
-    if base_model:
-        shutil.copytree(paths.base_model, out / "base-model", dirs_exist_ok=True)
-    return WorldPaths(out, out / "tokenizer", out / "data", out / "base-model")

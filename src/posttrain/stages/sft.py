@@ -21,11 +21,11 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from posttrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from posttrain.config import option
+from posttrain.plumbing.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from posttrain.plumbing.config import option
 from posttrain.data import Example, collate_flat, first_fit_decreasing, load_sft_examples
-from posttrain.losses import sft_loss
-from posttrain.modeling import (
+from posttrain.maths import sft_loss
+from posttrain.models import (
     load_causal_lm,
     load_tokenizer,
     resize_for_tokenizer,
@@ -33,8 +33,8 @@ from posttrain.modeling import (
     trained_token_logits,
     use_segment_attention,
 )
-from posttrain.runlog import MetricsLog
-from posttrain.training import (
+from posttrain.plumbing.runlog import MetricsLog
+from posttrain.plumbing.training import (
     autocast,
     batch_indices,
     build_optimizer,
@@ -91,7 +91,7 @@ def _default_world_paths(config: SFTConfig) -> SFTConfig:
     """Fill empty model/data with the tiny world's (building and caching them if needed)."""
     if config.model and config.data:
         return config
-    from posttrain.world import build
+    from posttrain.stages import world as build
 
     paths = build.ensure_world(base_model=not config.model)
     if not config.model:

@@ -9,7 +9,7 @@ each prompt (samples are i.i.d., so the first n are a random draw of n):
   KL(best-of-n)        the analytic log n - (n-1)/n nats from the sampling policy
 
 and plots them against log2 n (the o1-style test-time-scaling plot). Correctness and answers come from the
-``answer`` column with math-verify (``posttrain.verifiers``).
+``answer`` column with math-verify (``posttrain.rewards.verifiers``).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.bestofn import load_prompt_rows, reward_matrix, sample, sampling_params, write_jsonl
-from posttrain.config import option
-from posttrain.generation import load_engine
-from posttrain.sampling import (
+from posttrain.stages.bestofn import load_prompt_rows, reward_matrix, sample, sampling_params, write_jsonl
+from posttrain.plumbing.config import option
+from posttrain.models.generation import load_engine
+from posttrain.maths.selection import (
     best_of_n_kl,
     maj_at_k,
     mean_or_nan,
@@ -102,7 +102,7 @@ def plot_scaling(table: list[dict], path: Path, title: str) -> Path:
 
 def run_scaling(config: ScalingConfig) -> dict:
     from posttrain.rewards import reward_from_spec
-    from posttrain.verifiers import final_answer_text, math_answer
+    from posttrain.rewards.verifiers import final_answer_text, math_answer
 
     if not config.model or not config.prompts:
         raise ValueError("posttrain scaling needs --model=DIR and --prompts=FILE (with an `answer` column)")

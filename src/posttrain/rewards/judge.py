@@ -11,7 +11,7 @@ makes the pair None (cannot judge). Nothing here raises on a bad judge reply: un
 pairs are counted in a ``JudgeStats``.
 
 Backends share one tiny protocol, ``complete(conversations) -> replies``, with greedy/temperature-0 decoding:
-  LocalBackend   a local Hugging Face model through ``posttrain.generation.generate`` (the one rendering path);
+  LocalBackend   a local Hugging Face model through ``posttrain.models.generation.generate`` (the one rendering path);
   OpenAIBackend  any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, ``posttrain serve``), with a thread
                  pool, retries with exponential backoff, a per-request timeout and an on-disk JSONL cache.
 Judges fit the reward interface through ``JudgeReward`` (pointwise ratings); ``win_rate`` compares two policies.
@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, Sequence
 
-from posttrain.config import ConfigError
-from posttrain.world.gold import message_text
+from posttrain.plumbing.config import ConfigError
+from posttrain.data.messages import message_text
 
 Verdict = Literal["A", "B", "tie"]
 
@@ -251,14 +251,14 @@ class LocalBackend:
     @classmethod
     def from_dir(cls, path: str | Path, *, device: str = "auto", chat_template: str | None = None,
                  max_new_tokens: int = 512, batch_size: int = 8) -> "LocalBackend":
-        from posttrain.modeling import load_causal_lm, load_tokenizer, resolve_device
+        from posttrain.models import load_causal_lm, load_tokenizer, resolve_device
 
         tokenizer = load_tokenizer(path, chat_template)
         model = load_causal_lm(path, device=resolve_device(device))
         return cls(model, tokenizer, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
     def complete(self, conversations: list[list[dict]]) -> list[str]:
-        from posttrain.generation import generate
+        from posttrain.models.generation import generate
 
         completions = generate(self.model, self.tokenizer, conversations, max_new_tokens=self.max_new_tokens,
                                temperature=0.0, batch_size=self.batch_size)

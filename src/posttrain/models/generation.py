@@ -61,7 +61,7 @@ class HFEngine:
 
     @classmethod
     def from_path(cls, path: str | Path, *, device: str = "auto", chat_template: str = "", **kwargs) -> "HFEngine":
-        from posttrain.modeling import load_causal_lm, load_tokenizer, resolve_device
+        from posttrain.models.loading import load_causal_lm, load_tokenizer, resolve_device
 
         tokenizer = load_tokenizer(path, chat_template or None)
         return cls(load_causal_lm(path, device=resolve_device(device)).eval(), tokenizer, **kwargs)
@@ -126,7 +126,7 @@ class VLLMEngine:
     def __init__(self, path: str | Path, *, chat_template: str = "", **llm_kwargs):
         from vllm import LLM  # optional dependency: only imported here
 
-        from posttrain.modeling import load_tokenizer
+        from posttrain.models.loading import load_tokenizer
 
         self.tokenizer = load_tokenizer(path, chat_template or None)
         self.llm = LLM(model=str(path), **llm_kwargs)

@@ -20,6 +20,8 @@ import math
 from collections import Counter
 from typing import Hashable, Sequence
 
+from posttrain.maths.stats import mean_or_nan  # noqa: F401  (also importable from here, its first home)
+
 Matrix = Sequence[Sequence[float | None]]
 
 
@@ -97,11 +99,6 @@ def ordered_pairs(R: Matrix, max_per_prompt: int, *, keys: Sequence[Sequence[Has
         rng.shuffle(candidates)
         pairs.extend(candidates[:max_per_prompt] if max_per_prompt else candidates)
     return pairs
-
-
-def mean_or_nan(values: Sequence[float]) -> float:
-    """The mean of a list of rewards; NaN for an empty one (nothing scored), so reports never divide by zero."""
-    return sum(values) / len(values) if values else float("nan")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -13,18 +13,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from posttrain.generation import generate
-from posttrain.modeling import load_causal_lm, load_tokenizer, resolve_device
+from posttrain.data.messages import completion_text
+from posttrain.data.prompts import load_prompt_rows
+from posttrain.maths.stats import pearson, win_rate  # noqa: F401  (win_rate: also importable from here)
+from posttrain.models.generation import generate
+from posttrain.models.loading import load_causal_lm, load_tokenizer, resolve_device
+from posttrain.models.logprobs import policy_kl  # noqa: F401  (also importable from here, its first home)
 from posttrain.world.gold import follows_format, gold_reward, parse_final_answer
 
 
 def load_eval_prompts(path: str | Path, limit: int = 0) -> list[dict]:
     """Rows with ``prompt`` (messages; a string becomes one user turn) and ``answer`` (e.g. the world's
     rl_heldout.jsonl), read and checked by the one prompt loader (bad rows name file, line and field)."""
-    from posttrain.bestofn import load_prompt_rows
-
     return [{"prompt": messages, **extra} for messages, extra in load_prompt_rows(str(path), limit=limit)]
 
 
@@ -58,16 +58,6 @@ def evaluate_model(model_dir: str | Path, prompts_path: str | Path, *, limit: in
     return score_completions(rows, completions)
 
 
-def pearson(xs: list[float], ys: list[float]) -> float:
-    """Pearson correlation (0 when either side is constant)."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-    vx = sum((x - mx) ** 2 for x in xs)
-    vy = sum((y - my) ** 2 for y in ys)
-    return cov / (vx * vy) ** 0.5 if vx > 0 and vy > 0 else 0.0
-
-
 def _jsonl(path: Path, limit: int) -> list[dict]:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     return rows[:limit] if limit else rows
@@ -84,7 +74,6 @@ def evaluate_reward_on_world(reward, data_dir: str | Path, *, limit: int = 0) ->
     random_top1        the same for a uniformly random pick (the fraction of correct completions)
     length_correlation Pearson correlation of the reward with the completion's length in words (length bias)
     """
-    from posttrain.rewards import completion_text
     from posttrain.world.gold import gold_components
 
     data_dir = Path(data_dir)
@@ -134,48 +123,13 @@ def evaluate_reward_on_world(reward, data_dir: str | Path, *, limit: int = 0) ->
             "pairs": len(scored), "rankings": len(rankings)}
 
 
-def win_rate(rewards_a: list[float], rewards_b: list[float]) -> float:
-    """Share of prompts where A's reward beats B's, ties counted half (AlpacaEval-style)."""
-    if len(rewards_a) != len(rewards_b) or not rewards_a:
-        raise ValueError("win_rate needs two equally long, non-empty reward lists")
-    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards_a, rewards_b)) / len(rewards_a)
-
-
 def sampled_gold_per_prompt(model_dir: str | Path, prompts: list[list[dict]], *, n: int, max_new_tokens: int = 64,
                             seed: int = 0, device: str = "auto") -> list[float]:
     """Per prompt, the mean gold reward of ``n`` samples at temperature 1: an estimate of the policy's expected gold
     reward on that prompt, E_{y ~ pi(.|x)} gold(x, y)."""
-    from posttrain.generation import HFEngine, SamplingParams
+    from posttrain.models.generation import HFEngine, SamplingParams
 
     engine = HFEngine.from_path(model_dir, device=device)
     samples = engine.generate(prompts, SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed))
     return [sum(gold_reward(prompt, c.text) for c in completions) / n
             for prompt, completions in zip(prompts, samples)]
-
-
-@torch.no_grad()
-def policy_kl(policy_dir: str | Path, reference_dir: str | Path, prompts: list[list[dict]], *, n: int = 4,
-              max_new_tokens: int = 64, seed: int = 0, device: str = "auto") -> float:
-    """Monte-Carlo KL(pi || pi_ref) per completion: the mean over samples y ~ pi (temperature 1) of
-    sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)] (nats). The policy's log-probs come from the engine
-    (raw logits), the reference's from one teacher-forced forward per sample."""
-    from posttrain.data.render import render_prompt
-    from posttrain.generation import HFEngine, SamplingParams
-
-    engine = HFEngine.from_path(policy_dir, device=device)
-    samples = engine.generate(prompts, SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=1.0,
-                                                      seed=seed, logprobs=True))
-    reference = load_causal_lm(reference_dir, device=resolve_device(device)).eval()
-    ref_device = next(reference.parameters()).device
-    total, count = 0.0, 0
-    for prompt, completions in zip(prompts, samples):
-        prompt_ids = render_prompt(engine.tokenizer, prompt)
-        for completion in completions:
-            if not completion.token_ids:
-                continue
-            ids = torch.tensor([prompt_ids + completion.token_ids], device=ref_device)
-            logits = reference(ids).logits[0, len(prompt_ids) - 1 : -1].float()  # predicts each completion token
-            ref_logps = logits.log_softmax(-1).gather(-1, ids[0, len(prompt_ids):, None])[:, 0]
-            total += sum(completion.logprobs) - float(ref_logps.sum())
-            count += 1
-    return total / max(count, 1)

@@ -14,8 +14,8 @@ from typing import Any, Iterator
 
 import torch
 
-from posttrain.checkpoint import latest_checkpoint, read_checkpoint_state
-from posttrain.config import save_config
+from posttrain.plumbing.checkpoint import latest_checkpoint, read_checkpoint_state
+from posttrain.plumbing.config import save_config
 
 
 def seed_everything(seed: int) -> None:
@@ -154,8 +154,8 @@ def save_final_model(run_dir: Path, model, tokenizer, info: dict[str, Any]) -> P
     """The finished run's model in ``run_dir/model`` (atomic), its ``complete.json`` marker, and the plots."""
     import json
 
-    from posttrain.checkpoint import save_model_atomic
-    from posttrain.runlog import plot_metrics
+    from posttrain.plumbing.checkpoint import save_model_atomic
+    from posttrain.plumbing.runlog import plot_metrics
 
     final = Path(run_dir) / "model"
     model.config.use_cache = True

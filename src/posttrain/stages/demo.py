@@ -23,9 +23,9 @@ from pathlib import Path
 
 import yaml
 
-from posttrain.config import config_to_dict, option
-from posttrain.sampling import mean_or_nan
-from posttrain.training import is_complete
+from posttrain.plumbing.config import config_to_dict, option
+from posttrain.maths.selection import mean_or_nan
+from posttrain.plumbing.training import is_complete
 
 METRICS = ("format_rate", "accuracy", "gold_reward", "mean_length", "stop_rate")
 
@@ -69,9 +69,9 @@ def _discard_if_config_changed(run_dir: Path, config) -> None:
 
 
 def _reward_model_stage(config: DemoConfig, paths, sft_model: Path, out: Path) -> dict:
-    from posttrain.evaluate import evaluate_reward_on_world
+    from posttrain.world.evaluate import evaluate_reward_on_world
     from posttrain.rewards import ScalarRewardModel
-    from posttrain.rm import RMConfig, train_rm
+    from posttrain.stages.rm import RMConfig, train_rm
 
     rm_dir = out / "rm"
     rm_config = RMConfig(
@@ -87,10 +87,10 @@ def _reward_model_stage(config: DemoConfig, paths, sft_model: Path, out: Path) -
 
 def _best_of_n_stage(config: DemoConfig, paths, sft_model: Path, rm_model: Path | None) -> dict:
     """Sample N per held-out prompt once; pick by the BT RM and by the math verifier; report the picks' gold."""
-    from posttrain.bestofn import load_prompt_rows, reward_matrix, sample
-    from posttrain.generation import SamplingParams, load_engine
+    from posttrain.stages.bestofn import load_prompt_rows, reward_matrix, sample
+    from posttrain.models.generation import SamplingParams, load_engine
     from posttrain.rewards import reward_from_spec
-    from posttrain.sampling import pass_at_k, select_top_per_prompt
+    from posttrain.maths.selection import pass_at_k, select_top_per_prompt
 
     prompt_rows = load_prompt_rows(str(paths.data / "rl_heldout.jsonl"), limit=config.bon_prompts)
     engine = load_engine(sft_model, backend="hf", device=config.device)
@@ -110,7 +110,7 @@ def _best_of_n_stage(config: DemoConfig, paths, sft_model: Path, rm_model: Path 
 
 def _rejection_sampling_stage(config: DemoConfig, paths, sft_model: Path, out: Path) -> tuple[dict, Path]:
     """One round: 8 samples per training prompt, keep each prompt's verified-correct best, SFT on them."""
-    from posttrain.rs import RSConfig, run_rs
+    from posttrain.stages.rs import RSConfig, run_rs
 
     rs_config = RSConfig(
         model=str(sft_model), prompts=str(paths.data / "rl_train.jsonl"), limit=config.rs_prompts,
@@ -130,9 +130,9 @@ def _dpo_stage(config: DemoConfig, paths, sft_model: Path, out: Path) -> tuple[d
     """On-policy DPO from the SFT model (Tülu 3 / Iterative RPO style): sample 8 replies per training prompt from the
     SFT model, label them with the gold reward, pair better with worse replies (up to 4 distinct pairs per prompt),
     train dpo_nll (DPO + NLL on the chosen reply) for one epoch."""
-    from posttrain.bestofn import load_prompt_rows, reward_matrix, sample, select_rows, write_jsonl
-    from posttrain.dpo import DPOConfig, train_dpo
-    from posttrain.generation import SamplingParams, load_engine
+    from posttrain.stages.bestofn import load_prompt_rows, reward_matrix, sample, select_rows, write_jsonl
+    from posttrain.stages.dpo import DPOConfig, train_dpo
+    from posttrain.models.generation import SamplingParams, load_engine
     from posttrain.rewards import reward_from_spec
 
     pairs_path = out / "dpo_pairs.jsonl"
@@ -169,9 +169,9 @@ def _greedy_gold(samples_path: Path) -> list[float]:
 
 
 def run_demo(config: DemoConfig) -> dict:
-    from posttrain.evaluate import evaluate_model
-    from posttrain.sft import SFTConfig, train_sft
-    from posttrain.world import build
+    from posttrain.world.evaluate import evaluate_model
+    from posttrain.stages.sft import SFTConfig, train_sft
+    from posttrain.stages import world as build
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -217,7 +217,7 @@ def run_demo(config: DemoConfig) -> dict:
         summary["rejection_sampling"], rs_model = _rejection_sampling_stage(config, paths, sft_model, out)
         stages["rs"] = evaluate(rs_model, "rs")
     if config.dpo_prompts:
-        from posttrain.evaluate import load_eval_prompts, policy_kl, sampled_gold_per_prompt, win_rate
+        from posttrain.world.evaluate import load_eval_prompts, policy_kl, sampled_gold_per_prompt, win_rate
 
         stage += 1
         print(f"[{stage}/{stage_count}] on-policy DPO from the SFT model ({config.dpo_prompts} prompts x 8 "

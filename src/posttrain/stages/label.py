@@ -4,7 +4,7 @@
         --judge_model_name judge [--principles principles.txt]
 
 Input rows: ``prompt`` (a string or messages) and ``completion_a`` / ``completion_b`` (strings or assistant message
-lists). Each pair is judged by the MT-Bench pairwise judge in both orders (``posttrain.judge.judge_pairs``); the
+lists). Each pair is judged by the MT-Bench pairwise judge in both orders (``posttrain.rewards.judge.judge_pairs``); the
 winner becomes ``chosen``. Output rows are conversational preference data like the tiny world's: ``prompt`` a
 message list, ``chosen`` / ``rejected`` assistant message lists. Ties (including verdicts that flip with the order)
 and unparseable verdicts are dropped and counted. When a prompt is a tiny-world question, the judge's choice is also
@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from posttrain.config import ConfigError, option
+from posttrain.plumbing.config import ConfigError, option
 from posttrain.data.io import Row, as_messages, read_rows
-from posttrain.judge import JudgeBackend, JudgeStats, LocalBackend, OpenAIBackend, Verdict, judge_pairs
-from posttrain.world.gold import gold_reward, message_text
+from posttrain.rewards.judge import JudgeBackend, JudgeStats, LocalBackend, OpenAIBackend, Verdict, judge_pairs
+from posttrain.data.messages import message_text
+from posttrain.world.gold import gold_reward
 from posttrain.world.tasks import solve
 
 

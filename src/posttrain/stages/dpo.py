@@ -9,7 +9,7 @@ Each step, for B preference pairs:
      cached on disk (keyed by the reference model's files, the data file and the rendering settings), so training
      holds only the policy in memory (the book's ~50 % peak-memory tip). ``--precompute_ref=false`` keeps the
      reference model and runs it live each step (same numbers; tested);
-  4. ``posttrain.losses.dpo_loss`` -> backward -> clip -> AdamW.
+  4. ``posttrain.maths.dpo_loss`` -> backward -> clip -> AdamW.
 Reference-free losses (simpo, orpo) never load a reference model.
 
 KTO trains on unpaired examples (``prompt``/``completion``/``label``; paired data is split into a desirable and an
@@ -33,21 +33,21 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from posttrain import losses
-from posttrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from posttrain.config import option
+from posttrain.maths import direct as losses
+from posttrain.plumbing.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from posttrain.plumbing.config import option
 from posttrain.data.io import DataError, Row, as_messages, check_messages, read_rows, validate_rows
 from posttrain.data.packing import Example, collate_shared_prefix, flat_index
 from posttrain.data.render import RenderError, render_conversation
-from posttrain.modeling import (
+from posttrain.models import (
     flat_hidden_states,
     load_causal_lm,
     load_tokenizer,
     resolve_device,
     use_segment_attention,
 )
-from posttrain.runlog import MetricsLog
-from posttrain.training import (
+from posttrain.plumbing.runlog import MetricsLog
+from posttrain.plumbing.training import (
     autocast,
     batch_indices,
     build_optimizer,
@@ -267,7 +267,7 @@ def sequence_logps(model, pairs: list[Pair] | list[Unpaired], device
     One forward of every pair: with segment attention each prompt once (shared-prefix row), otherwise each sequence
     as its own segment. The LM head runs only at the positions that predict a trained token.
     """
-    from posttrain.attention import NAME as SEGMENT_ATTENTION
+    from posttrain.models.attention import NAME as SEGMENT_ATTENTION
 
     shared = getattr(model.config, "_attn_implementation", None) == SEGMENT_ATTENTION
     groups = [list(p.examples()) for p in pairs] if shared else [[e] for p in pairs for e in p.examples()]
@@ -341,7 +341,7 @@ def _fill_world_defaults(config: DPOConfig) -> DPOConfig:
     if not config.model:
         raise ValueError("posttrain dpo needs --model=DIR (usually an SFT model)")
     if not config.data:
-        from posttrain.world import build
+        from posttrain.stages import world as build
 
         paths = build.ensure_world(base_model=False, progress=config.progress)
         config.data = str(paths.data / "preference_train.jsonl")

@@ -28,13 +28,13 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from posttrain import losses
-from posttrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from posttrain.config import option
+from posttrain.maths import reward as losses
+from posttrain.plumbing.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from posttrain.plumbing.config import option
 from posttrain.data.io import DataError, Row, as_messages, preference_pair, read_rows, require, validate_rows
 from posttrain.data.packing import Example, collate_flat, collate_shared_prefix, flat_index
 from posttrain.data.render import RenderError, render_conversation
-from posttrain.modeling import (
+from posttrain.models import (
     load_tokenizer,
     resize_for_tokenizer,
     resolve_device,
@@ -42,8 +42,8 @@ from posttrain.modeling import (
     use_segment_attention,
 )
 from posttrain.rewards import STEP_SEPARATOR, completion_text, step_boundary_tokens
-from posttrain.runlog import MetricsLog
-from posttrain.training import (
+from posttrain.plumbing.runlog import MetricsLog
+from posttrain.plumbing.training import (
     autocast,
     batch_indices,
     build_optimizer,
@@ -244,7 +244,7 @@ def group_scores(model, groups: list[Group], pad_id: int, device) -> torch.Tenso
     prompt + chosen + rejected tokens instead of 2 x prompt + chosen + rejected. Other attention backends
     (flash-attention) take the flat layout. Either way the scores equal HF's, which pool the last non-pad token.
     """
-    from posttrain.attention import NAME as SEGMENT_ATTENTION
+    from posttrain.models.attention import NAME as SEGMENT_ATTENTION
 
     if getattr(model.config, "_attn_implementation", None) != SEGMENT_ATTENTION:
         return scalar_scores(model, [e for g in groups for e in g.examples], pad_id).view(len(groups), -1)
@@ -302,7 +302,7 @@ def evaluate_groups(model, groups: list[Group], loss_type: RMLoss, pad_id: int, 
         units += n
     report = {key: value / units for key, value in totals.items()}
     if loss_type.is_scalar:  # the length bias the book warns about: does the RM simply prefer longer answers?
-        from posttrain.evaluate import pearson
+        from posttrain.maths.stats import pearson
 
         examples = [e for g in groups for e in g.examples]
         scores = torch.cat([scalar_scores(model, examples[s : s + batch_size], pad_id)
@@ -332,7 +332,7 @@ def _load_model(path: str, loss_type: RMLoss, tokenizer, device):
 def _fill_world_defaults(config: RMConfig) -> RMConfig:
     if config.model and config.data:
         return config
-    from posttrain.world import build
+    from posttrain.stages import world as build
 
     paths = build.ensure_world(base_model=not config.model, progress=config.progress)
     name = RMLoss(config.loss).world_dataset
