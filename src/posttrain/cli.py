@@ -85,19 +85,26 @@ def _dispatch(command: str, argv: list[str]) -> int:
         case "sft":
             from posttrain.stages.sft import SFTConfig, train_sft
 
-            return _stage(SFTConfig, train_sft, "posttrain sft: instruction fine-tuning (loss on assistant turns).", argv)
+            return _stage(SFTConfig, train_sft, "posttrain sft: instruction fine-tuning (loss on assistant turns).\n"
+                          "data: `messages` rows (a list of {role, content}), or `prompt`/`completion` rows.", argv)
         case "rm":
             from posttrain.stages.rm import RMConfig, train_rm
 
-            return _stage(RMConfig, train_rm, "posttrain rm: train a reward model (see --loss).", argv)
+            return _stage(RMConfig, train_rm, "posttrain rm: train a reward model (see --loss).\n"
+                          "data: bt/margin: prompt/chosen/rejected (+ margin or score_chosen/score_rejected); "
+                          "kcomparisons/plackett_luce:\nprompt/completions (best first); orm: prompt/completion/label "
+                          "(0/1); prm: prompt/steps/labels (-1/0/1 per step).", argv)
         case "dpo":
             from posttrain.stages.dpo import DPOConfig, train_dpo
 
-            return _stage(DPOConfig, train_dpo, "posttrain dpo: direct alignment from preference pairs (kto: unpaired examples).", argv)
+            return _stage(DPOConfig, train_dpo, "posttrain dpo: direct alignment from preference pairs (kto: unpaired examples).\n"
+                          "data: prompt/chosen/rejected (text or messages), or chosen/rejected conversations sharing "
+                          "all but the last turn;\nkto also takes unpaired prompt/completion/label (bool) rows.", argv)
         case "pretrain":
             from posttrain.stages.pretrain import PretrainConfig, train_pretrain
 
-            return _stage(PretrainConfig, train_pretrain, "posttrain pretrain: next-token pretraining on text.", argv)
+            return _stage(PretrainConfig, train_pretrain, "posttrain pretrain: next-token pretraining on text.\n"
+                          "data: `text` rows.", argv)
         case "demo":
             from posttrain.stages.demo import DemoConfig, run_demo
 

@@ -4,12 +4,14 @@ One interface, two backends:
 
 * :class:`HFEngine` — transformers' ``model.generate`` with a KV cache, on CPU or GPU. Prompts are rendered with
   ``render_prompt`` (the prompt part of exactly what training renders), left-padded, longest first so a batch pads
-  little, and expanded to ``n`` samples each (``num_return_sequences``). Stops at the template's end-of-turn token
+  little, and expanded to ``n`` rows each. Stops at the template's end-of-turn token
   or EOS.
 * :class:`VLLMEngine` — vLLM, imported only when it is built. It receives the same rendered token ids (never the
   raw text), so both backends see identical prompts.
 
 ``load_engine(path, backend="auto")`` picks vLLM when it is installed and a GPU is present, else the built-in one.
+A :class:`Completion` holds the exact sampled token ids, the end-of-turn / EOS token included, and a finish reason.
+The built-in engine draws from a local ``torch.Generator``: sampling never reseeds or advances the global RNG.
 Per-token log-probs (``SamplingParams.logprobs``) are those of the unprocessed model distribution (raw logits, before
 temperature / top-p / top-k / min-p), which is what RL needs for importance ratios and KL terms.
 """
@@ -45,10 +47,56 @@ class SamplingParams:
 
 @dataclass
 class Completion:
+    """One sampled completion, exactly as sampled: what RL trains on and what the KL and the importance ratios use.
+
+    ``token_ids`` are the sampled tokens, the end-of-turn / EOS token that ended them included (when
+    ``finish_reason == "stop"``); ``logprobs`` has one entry per ``token_ids`` (the stop token's included), from the
+    raw model distribution. ``text`` is the reply without the stop token; ``content_ids`` the tokens it decodes from.
+    """
+
     text: str
-    token_ids: list[int]  # generated tokens, without the end-of-turn / EOS token that ended them
-    finish_reason: str  # "stop" (end-of-turn/EOS emitted) or "length"
-    logprobs: list[float] | None = field(default=None)  # one per token of token_ids (when asked for)
+    token_ids: list[int]
+    finish_reason: str  # "stop" (end-of-turn/EOS emitted, last of token_ids) or "length" (budget used up)
+    logprobs: list[float] | None = field(default=None)  # log pi(token | context) per token_ids (when asked for)
+
+    @property
+    def content_ids(self) -> list[int]:
+        return self.token_ids[:-1] if self.finish_reason == "stop" else self.token_ids
+
+
+class _SampleFromGenerator:
+    """A logits processor that samples the next token from a local ``torch.Generator`` and returns scores that are
+    -inf everywhere but the drawn token, so transformers' greedy decoding (with its KV cache, padding and stopping)
+    emits exactly that token. transformers' own sampling draws from the global RNG; this never touches it.
+
+    The distribution is that of transformers' sampling: the raw logits through temperature, top-k, top-p and min-p
+    (its own warpers, in its order), then softmax."""
+
+    def __init__(self, params: "SamplingParams", generator: torch.Generator):
+        from transformers.generation.logits_process import (
+            MinPLogitsWarper,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        self.generator = generator
+        self.warpers = []
+        if params.temperature != 1.0:
+            self.warpers.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_k:
+            self.warpers.append(TopKLogitsWarper(top_k=params.top_k))
+        if params.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(top_p=params.top_p))
+        if params.min_p:
+            self.warpers.append(MinPLogitsWarper(min_p=params.min_p))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        probs = torch.softmax(scores.float(), dim=-1)  # (rows, V)
+        drawn = torch.multinomial(probs, num_samples=1, generator=self.generator)  # (rows, 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, drawn, 0.0)
 
 
 class HFEngine:
@@ -68,8 +116,12 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[dict]], params: SamplingParams) -> list[list[Completion]]:
-        """``params.n`` completions for each prompt (a list of chat messages), in the caller's order."""
-        from transformers import GenerationConfig
+        """``params.n`` completions for each prompt (a list of chat messages), in the caller's order.
+
+        Draws come from one local ``torch.Generator`` seeded with ``params.seed`` (a fresh random seed when None):
+        the global RNG is neither reseeded nor advanced, so a training loop that samples keeps its own stream.
+        """
+        from transformers import GenerationConfig, LogitsProcessorList
 
         tokenizer, model = self.tokenizer, self.model
         device = next(model.parameters()).device
@@ -77,32 +129,35 @@ class HFEngine:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
         sample = params.temperature > 0
         copies = 1 if sample else params.n  # greedy: decode once, the n completions are identical
-        config = GenerationConfig(
-            max_new_tokens=params.max_new_tokens, do_sample=sample, num_return_sequences=params.n // copies,
-            temperature=params.temperature if sample else None, top_p=params.top_p if sample else None,
-            top_k=(params.top_k or None) if sample else None, min_p=(params.min_p or None) if sample else None,
-            eos_token_id=stop_ids, pad_token_id=pad_id,
-            return_dict_in_generate=True, output_logits=params.logprobs,
-        )
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
+        per_prompt = params.n // copies  # rows decoded per prompt
+        config = GenerationConfig(max_new_tokens=params.max_new_tokens, do_sample=False, eos_token_id=stop_ids,
+                                  pad_token_id=pad_id, return_dict_in_generate=True, output_logits=params.logprobs)
+        processors = None
+        if sample:
+            generator = torch.Generator(device=device)
+            if params.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(params.seed)
+            processors = LogitsProcessorList([_SampleFromGenerator(params, generator)])
         was_training = model.training
         model.eval()
         encoded = [render_prompt(tokenizer, messages) for messages in prompts]
         order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))  # longest first: little padding
-        per_batch = max(1, self.batch_size // params.n)
+        prompts_per_batch = max(1, self.batch_size // params.n)
         results: list[list[Completion]] = [[] for _ in encoded]
-        for start in range(0, len(order), per_batch):
-            chunk = order[start : start + per_batch]
+        for start in range(0, len(order), prompts_per_batch):
+            chunk = order[start : start + prompts_per_batch]
             width = max(len(encoded[i]) for i in chunk)
             input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for row, i in enumerate(chunk):  # left padding: generation continues right after each prompt
                 input_ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
                 attention_mask[row, width - len(encoded[i]) :] = 1
-            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                    generation_config=config)
-            new_tokens = output.sequences[:, width:].tolist()  # (len(chunk) * n, T), prompt i's samples adjacent
+            output = model.generate(input_ids=input_ids.repeat_interleave(per_prompt, 0).to(device),
+                                    attention_mask=attention_mask.repeat_interleave(per_prompt, 0).to(device),
+                                    generation_config=config, logits_processor=processors)
+            new_tokens = output.sequences[:, width:].tolist()  # (len(chunk) * per_prompt, T), a prompt's rows adjacent
             token_logprobs = None
             if params.logprobs:  # raw logits (T tensors of (rows, V)) -> log-prob of each sampled token
                 logits = torch.stack(output.logits, dim=1).float()  # (rows, T, V)
@@ -110,12 +165,12 @@ class HFEngine:
                 token_logprobs = logits.log_softmax(-1).gather(-1, sampled)[..., 0].tolist()
             for row, tokens in enumerate(new_tokens):
                 stop = next((k for k, tok in enumerate(tokens) if tok in stop_ids), None)
-                ids = tokens[:stop] if stop is not None else tokens
+                ids = tokens[: stop + 1] if stop is not None else tokens  # the stop token is part of the sample
                 completion = Completion(
-                    text=tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids,
-                    finish_reason="stop" if stop is not None else "length",
+                    text=tokenizer.decode(ids[:stop] if stop is not None else ids, skip_special_tokens=True),
+                    token_ids=ids, finish_reason="stop" if stop is not None else "length",
                     logprobs=token_logprobs[row][: len(ids)] if token_logprobs is not None else None)
-                results[chunk[row // (params.n // copies)]].extend([completion] * copies)
+                results[chunk[row // per_prompt]].extend([completion] * copies)
         model.train(was_training)
         return results
 
@@ -145,11 +200,12 @@ class VLLMEngine:
         for request in self.llm.generate(requests, vllm_params, use_tqdm=False):
             samples = []
             for out in request.outputs:
-                ids = [t for t in out.token_ids if t not in stop_ids]
+                ids = list(out.token_ids)  # vLLM keeps the stop token among the outputs of a stop_token_ids stop
                 logprobs = None
                 if params.logprobs and out.logprobs is not None:
-                    logprobs = [step[t].logprob for t, step in zip(out.token_ids, out.logprobs)][: len(ids)]
-                samples.append(Completion(self.tokenizer.decode(ids, skip_special_tokens=True), ids,
+                    logprobs = [step[t].logprob for t, step in zip(ids, out.logprobs)]
+                text_ids = ids[:-1] if ids and ids[-1] in stop_ids else ids
+                samples.append(Completion(self.tokenizer.decode(text_ids, skip_special_tokens=True), ids,
                                           "stop" if out.finish_reason == "stop" else "length", logprobs))
             results.append(samples)
         return results

@@ -1,8 +1,9 @@
-"""Atomic checkpoints (model, optimizer, scheduler, RNG states, data position) and exact resume.
+"""Atomic checkpoints (named modules, optimizers, schedulers, RNG streams, step) and exact resume.
 
 Layout inside a run directory::
 
-    checkpoints/step-000040/   model (save_pretrained), trainer_state.pt, state.json
+    checkpoints/step-000040/   the policy (save_pretrained), other modules in sub-directories, trainer_state.pt,
+                               state.json
     checkpoints/latest          the name of the newest complete checkpoint
 
 Each checkpoint is written to a temporary directory and renamed into place, then ``latest`` is replaced atomically,
@@ -58,30 +59,49 @@ def save_model_atomic(model, tokenizer, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
 
 
+def _save_module(module, directory: Path) -> None:
+    if hasattr(module, "save_pretrained"):
+        module.save_pretrained(directory, safe_serialization=True)
+    else:  # a plain nn.Module (e.g. a value head): its state dict
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, directory / "model.safetensors")
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
     *,
-    model,
-    tokenizer,
-    optimizer,
-    scheduler,
+    modules: dict[str, Any],
+    optimizers: dict[str, Any],
+    schedulers: dict[str, Any],
+    tokenizer=None,
+    generators: dict[str, torch.Generator] | None = None,
     extra: dict[str, Any] | None = None,
     keep_last: int = 2,
 ) -> Path:
-    """Write ``checkpoints/step-{step}`` atomically and point ``checkpoints/latest`` at it."""
+    """Write ``checkpoints/step-{step}`` atomically and point ``checkpoints/latest`` at it.
+
+    The first of ``modules`` (the policy) is saved with ``save_pretrained`` at the checkpoint's root, any other
+    (a value head, ...) in a sub-directory of its name; ``trainer_state.pt`` holds every optimizer and scheduler by
+    name, the global RNG states and the named ``generators`` (e.g. the sampling stream of online RL).
+    """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
-    model.save_pretrained(tmp, safe_serialization=True)
+    for i, (module_name, module) in enumerate(modules.items()):
+        _save_module(module, tmp if i == 0 else tmp / module_name)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-        tmp / STATE_FILE,
-    )
-    (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=1))
+    torch.save({
+        "optimizer": {k: o.state_dict() for k, o in optimizers.items()},
+        "scheduler": {k: s.state_dict() for k, s in schedulers.items()},
+        "generators": {k: g.get_state() for k, g in (generators or {}).items()},
+        "rng": rng_state(),
+    }, tmp / STATE_FILE)
+    (tmp / "state.json").write_text(json.dumps({"step": step, "modules": list(modules), **(extra or {})}, indent=1))
     final = root / name
     if final.exists():
         shutil.rmtree(final)
@@ -104,21 +124,34 @@ def read_checkpoint_state(checkpoint: Path) -> dict[str, Any]:
     return json.loads((Path(checkpoint) / "state.json").read_text())
 
 
-def load_checkpoint(checkpoint: Path, *, model, optimizer, scheduler) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNG states in place; returns state.json (step, data position)."""
+def _load_module(module, directory: Path, checkpoint: Path) -> None:
     from safetensors.torch import load_file
 
-    checkpoint = Path(checkpoint)
     weights: dict[str, torch.Tensor] = {}
-    for shard in sorted(checkpoint.glob("*.safetensors")):
+    for shard in sorted(directory.glob("*.safetensors")):
         weights.update(load_file(shard))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing, unexpected = module.load_state_dict(weights, strict=False)
     # Tied weights are saved once; anything else missing means a wrong checkpoint.
-    tied = {k for k in missing if "lm_head" in k and getattr(model.config, "tie_word_embeddings", False)}
+    config = getattr(module, "config", None)
+    tied = {k for k in missing if "lm_head" in k and getattr(config, "tie_word_embeddings", False)}
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"{checkpoint}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+
+
+def load_checkpoint(checkpoint: Path, *, modules: dict[str, Any], optimizers: dict[str, Any],
+                    schedulers: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """Restore, in place, the named modules, optimizers, schedulers and generators saved by :func:`save_checkpoint`,
+    and the global RNG states; returns state.json (step, ...)."""
+    checkpoint = Path(checkpoint)
+    for i, (name, module) in enumerate(modules.items()):
+        _load_module(module, checkpoint if i == 0 else checkpoint / name, checkpoint)
     state = torch.load(checkpoint / STATE_FILE, weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    for what, objects in (("optimizer", optimizers), ("scheduler", schedulers)):
+        if set(state[what]) != set(objects):
+            raise RuntimeError(f"{checkpoint}: holds {what}s {sorted(state[what])}, the run has {sorted(objects)}")
+        for name, obj in objects.items():
+            obj.load_state_dict(state[what][name])
+    for name, generator in (generators or {}).items():
+        generator.set_state(state["generators"][name])
     set_rng_state(state["rng"])
     return read_checkpoint_state(checkpoint)

@@ -1,12 +1,17 @@
-"""One flat dataclass per stage, filled from ``--config file.yaml`` and ``--key=value`` overrides.
+"""One config dataclass per stage, filled from ``--config file.yaml`` and ``--key=value`` overrides.
 
-Fields carry their help text in ``metadata["help"]`` (shown by ``--help``). Unknown keys, in YAML or on the command
-line, are an error naming the key and the closest valid one.
+Options shared by every training stage are declared once in :class:`TrainConfig`, and those of everything that
+samples in :class:`SamplingConfig`; a stage's config extends one of them (dataclass inheritance, as open-instruct's
+``DPOTrainingConfig(TrainingConfig)``) and redeclares only the defaults that truly differ, as a plain value
+(``lr: float = 5e-7``) under the :func:`stage_config` decorator, which gives it the base's help text and choices. Fields carry their help text in
+``metadata["help"]`` (shown by ``--help``). Unknown keys, in YAML or on the command line, are an error naming the key
+and the closest valid one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import difflib
 import types
 import typing
@@ -26,6 +31,26 @@ def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+def field_metadata(cls: type, name: str) -> dict[str, Any]:
+    """The help text and choices of field ``name`` of ``cls``: its own, else those of the nearest base that declares
+    them (a subclass that only changes a default keeps the base's documentation)."""
+    for klass in cls.__mro__:
+        declared = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if declared is not None and declared.metadata.get("help"):
+            return dict(declared.metadata)
+    return {}
+
+
+def stage_config(cls: type) -> type:
+    """``@dataclass`` for a config that extends a base: a field redeclared with a plain default gets the base's
+    metadata (help text, choices), so ``dataclasses.fields`` and ``--help`` document it once, as the base does."""
+    cls = dataclass(cls)
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("help"):
+            f.metadata = types.MappingProxyType(field_metadata(cls, f.name))
+    return cls
 
 
 def _closest(key: str, valid: list[str]) -> str:
@@ -153,3 +178,107 @@ def parse_overrides(args: list[str], cls: type) -> dict[str, str]:
         overrides[key] = value
         i += 1
     return overrides
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Options shared across configs: each declared and documented once.
+
+
+def device_option() -> Any:
+    return option("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
+
+
+def chat_template_option() -> Any:
+    return option("", "chatml | zephyr | tulu | a Jinja string; empty = the tokenizer's own template")
+
+
+def progress_option() -> Any:
+    return option(True, "show progress bars")
+
+
+def overwrite_option() -> Any:
+    return option(False, "replace an existing output file")
+
+
+def columns_option() -> Any:
+    return option({}, "rename columns to the expected names, e.g. {conversation: messages, question: prompt}")
+
+
+def skip_invalid_option() -> Any:
+    return option(False, "drop malformed rows (reported with counts and reasons) instead of stopping at the first")
+
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = ("auto", "bf16", "fp32")
+BACKENDS = ("auto", "hf", "vllm")
+
+
+@dataclass
+class TrainConfig:
+    """Options of every training stage (pretrain, sft, rm, dpo); each stage's config extends this one."""
+
+    model: str = option("", "local Hugging Face model directory to start from; empty = the tiny world's base model "
+                            "(built if missing; dpo needs it set)")
+    data: str = option("", "training rows (.jsonl / .json / .parquet / a saved datasets dir) in the stage's format "
+                           "(see `posttrain STAGE --help` above); empty = the tiny world's set for this stage")
+    eval_data: str = option("", "held-out rows of the same format, evaluated every eval_every steps and at the end; "
+                                "empty = none (the tiny world's held-out set when data is empty)")
+    out: str = option("runs/train", "run directory: config.yaml, command.txt, metrics.jsonl, tensorboard/, plots/, "
+                                    "checkpoints/, and the final model in out/model")
+    columns: dict = columns_option()
+    skip_invalid: bool = skip_invalid_option()
+    batch_size: int = option(16, "training units per micro-batch: conversations (rows when packing) for sft, "
+                                 "sequences for pretrain, pairs / rankings / completions for rm, pairs (kto: "
+                                 "examples) for dpo")
+    grad_accum: int = option(1, "micro-batches per optimizer step (the step's loss is normalised over the whole step, "
+                                "so the gradient equals that of one batch of batch_size * grad_accum)")
+    epochs: float = option(1.0, "passes over the data (ignored when max_steps > 0)")
+    max_steps: int = option(0, "optimizer steps; 0 = from epochs")
+    lr: float = option(3e-4, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.0, "AdamW weight decay (not applied to biases and norm weights)")
+    warmup_steps: int = option(10, "linear warm-up steps from 0 to lr")
+    lr_schedule: str = option("cosine", "decay after warm-up: constant | linear | cosine", choices=LR_SCHEDULES)
+    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 = off")
+    shuffle: bool = option(True, "shuffle the training units every epoch (seeded); false = file order")
+    seed: int = option(0, "seed of the batch order (and of any freshly initialised weights)")
+    precision: str = option("auto", "auto (bf16 autocast on a GPU, fp32 on CPU) | bf16 | fp32", choices=PRECISIONS)
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    device: str = device_option()
+    log_every: int = option(5, "log train metrics every N steps (and at the last step)")
+    eval_every: int = option(0, "evaluate on eval_data every N steps; 0 = only at the end")
+    save_every: int = option(100, "checkpoint every N steps; 0 = only at the end (and when interrupted)")
+    keep_last: int = option(2, "checkpoints to keep")
+    resume: bool = option(False, "continue from the latest checkpoint in out (a finished run says so and does nothing)")
+    progress: bool = progress_option()
+
+
+@dataclass
+class ChatTrainConfig(TrainConfig):
+    """Options of the training stages on chat data (sft, rm, dpo): the template and the length limit."""
+
+    chat_template: str = chat_template_option()
+    max_length: int = option(512, "longest sequence (prompt + completion) in tokens; longer rows are dropped "
+                                  "(counted in the load report)")
+
+
+@dataclass
+class SamplingConfig:
+    """Options of everything that samples from a policy (generate, bon, rs, scaling)."""
+
+    model: str = option("", "policy model directory (local; required)")
+    prompts: str = option("", "prompt rows: `prompt` (text or messages) or `messages` (a final assistant turn is "
+                              "dropped); other columns are carried along and reach the reward")
+    n: int = option(4, "completions sampled per prompt")
+    max_new_tokens: int = option(128, "generation budget per completion, in tokens")
+    temperature: float = option(1.0, "sampling temperature; 0 = greedy")
+    top_p: float = option(1.0, "nucleus sampling; 1 = off")
+    top_k: int = option(0, "top-k sampling; 0 = off")
+    min_p: float = option(0.0, "min-p sampling; 0 = off")
+    seed: int = option(0, "sampling seed (same seed and inputs -> same completions)")
+    limit: int = option(0, "use only the first N prompts; 0 = all")
+    batch_size: int = option(64, "sequences (prompts x n) per generate call (built-in engine)")
+    backend: str = option("auto", "auto (vLLM when installed and on a GPU) | hf (built-in) | vllm", choices=BACKENDS)
+    chat_template: str = chat_template_option()
+    columns: dict = columns_option()
+    skip_invalid: bool = skip_invalid_option()
+    device: str = device_option()

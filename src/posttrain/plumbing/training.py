@@ -1,5 +1,6 @@
-"""Plumbing shared by the training stages as plain functions: seeding, batch order, optimizer, schedule, precision,
-the run directory and the resume decision. Each stage keeps its own loop visible in its own file.
+"""Training helpers as plain functions: seeding, batch order, micro-batch split, optimizer, schedule, precision,
+gradient clipping. The run's plumbing (directory, resume, checkpoints, logs, signals) is ``posttrain.plumbing.harness``;
+each stage keeps its own loop visible in its own file.
 """
 
 from __future__ import annotations
@@ -7,15 +8,9 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import shlex
-import sys
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
-
-from posttrain.plumbing.checkpoint import latest_checkpoint, read_checkpoint_state
-from posttrain.plumbing.config import save_config
 
 
 def seed_everything(seed: int) -> None:
@@ -41,6 +36,13 @@ def batch_indices(num_items: int, batch_size: int, seed: int, shuffle: bool = Tr
         for b in range(offset, per_epoch):
             yield order[b * batch_size : (b + 1) * batch_size]
         epoch, offset = epoch + 1, 0
+
+
+def micro_batches(indices: list[int], grad_accum: int) -> list[list[int]]:
+    """One optimizer step's item indices cut into (at most) ``grad_accum`` consecutive micro-batches of
+    ``ceil(len / grad_accum)`` items (the last may be smaller)."""
+    per_micro = math.ceil(len(indices) / grad_accum)
+    return [indices[start : start + per_micro] for start in range(0, len(indices), per_micro)]
 
 
 def build_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
@@ -94,74 +96,3 @@ def grad_norm_and_clip(model, max_norm: float) -> float:
     if max_norm and max_norm > 0:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
-
-
-def prepare_run_dir(out: str | Path, config, *, resume: bool) -> tuple[Path, int]:
-    """Create the run directory, write the resolved config and the command; return (dir, step to resume from).
-
-    Without ``resume`` an existing run with checkpoints is an error rather than being silently overwritten.
-    """
-    run_dir = Path(out)
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is not None and not resume:
-        raise FileExistsError(
-            f"{run_dir} already holds a run (checkpoint {checkpoint.name}); pass --resume to continue it "
-            "or choose another --out"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
-    (run_dir / "command.txt").write_text(" ".join(shlex.quote(a) for a in sys.argv) + "\n")
-    start_step = read_checkpoint_state(checkpoint)["step"] if (resume and checkpoint is not None) else 0
-    return run_dir, start_step
-
-
-def is_complete(run_dir: Path) -> dict[str, Any] | None:
-    """The ``model/complete.json`` of a finished run, if any."""
-    import json
-
-    marker = Path(run_dir) / "model" / "complete.json"
-    return json.loads(marker.read_text()) if marker.exists() else None
-
-
-@contextlib.contextmanager
-def stop_at_step_boundary():
-    """Ctrl-C / SIGTERM ask the loop to stop *between* optimizer steps (the yielded list becomes non-empty), so a
-    checkpoint never holds a half-applied update; a second signal aborts at once (the last checkpoint stays
-    intact). Outside the main thread (where handlers cannot be installed) nothing is intercepted."""
-    import signal
-    import threading
-
-    requested: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield requested
-        return
-
-    def handler(signum, frame):
-        if requested:
-            raise KeyboardInterrupt
-        requested.append(signum)
-        print("\nstopping after this step (again to abort now)...", flush=True)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield requested
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def save_final_model(run_dir: Path, model, tokenizer, info: dict[str, Any]) -> Path:
-    """The finished run's model in ``run_dir/model`` (atomic), its ``complete.json`` marker, and the plots."""
-    import json
-
-    from posttrain.plumbing.checkpoint import save_model_atomic
-    from posttrain.plumbing.runlog import plot_metrics
-
-    final = Path(run_dir) / "model"
-    model.config.use_cache = True
-    if getattr(model.config, "_attn_implementation", None) == "posttrain_segments":
-        model.config._attn_implementation = "sdpa"  # the training-only attention; loaders pick their own
-    save_model_atomic(model, tokenizer, final)
-    (final / "complete.json").write_text(json.dumps(info))
-    plot_metrics(run_dir)
-    return final

@@ -19,7 +19,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.plumbing.config import option
+from posttrain.plumbing.config import SamplingConfig, stage_config, device_option, option, overwrite_option
 from posttrain.data.io import write_jsonl
 from posttrain.data.prompts import GENERATED_KEYS, load_generated, load_prompt_rows
 from posttrain.models.generation import SamplingParams, load_engine
@@ -34,28 +34,12 @@ def _check_out(out: str, overwrite: bool) -> None:
 # generate
 
 
-@dataclass
-class GenerateConfig:
-    model: str = option("", "local model directory (required)")
-    prompts: str = option("", "prompt rows: `prompt` (text or messages) or `messages`; other columns are kept")
+@stage_config
+class GenerateConfig(SamplingConfig):
     out: str = option("generations.jsonl", "output JSONL: prompt, completions, lengths, finish_reasons (+ logprobs)")
-    n: int = option(4, "completions per prompt")
-    max_new_tokens: int = option(128, "generation budget per completion")
-    temperature: float = option(1.0, "sampling temperature; 0 = greedy")
-    top_p: float = option(1.0, "nucleus sampling; 1 = off")
-    top_k: int = option(0, "top-k sampling; 0 = off")
-    min_p: float = option(0.0, "min-p sampling; 0 = off")
-    seed: int = option(0, "sampling seed (same seed and inputs -> same completions)")
-    logprobs: bool = option(False, "also write per-token log-probs of the sampled tokens")
-    limit: int = option(0, "use only the first N prompts; 0 = all")
-    batch_size: int = option(64, "sequences (prompts x n) per generate call (built-in engine)")
-    backend: str = option("auto", "auto | hf | vllm (auto: vLLM when installed and on a GPU)",
-                          choices=("auto", "hf", "vllm"))
-    chat_template: str = option("", "chatml | zephyr | tulu | Jinja; empty = the tokenizer's own")
-    columns: dict = option({}, "rename columns, e.g. {question: prompt}")
-    skip_invalid: bool = option(False, "drop malformed rows (reported) instead of stopping")
-    device: str = option("auto", "auto | cpu | cuda")
-    overwrite: bool = option(False, "replace an existing output file")
+    logprobs: bool = option(False, "also write per-token log-probs of the sampled tokens (the end-of-turn token's "
+                                   "last when the reply stopped; `lengths` count the reply's tokens without it)")
+    overwrite: bool = overwrite_option()
 
 
 def sample(engine, prompt_rows: list[tuple[list[dict], dict]], params: SamplingParams) -> list[dict]:
@@ -64,14 +48,18 @@ def sample(engine, prompt_rows: list[tuple[list[dict], dict]], params: SamplingP
     rows = []
     for (messages, extra), samples in zip(prompt_rows, outputs):
         row = {"prompt": messages, **extra, "completions": [c.text for c in samples],
-               "lengths": [len(c.token_ids) for c in samples], "finish_reasons": [c.finish_reason for c in samples]}
+               "lengths": [len(c.content_ids) for c in samples], "finish_reasons": [c.finish_reason for c in samples]}
         if params.logprobs:
             row["logprobs"] = [c.logprobs for c in samples]
         rows.append(row)
     return rows
 
 
-def sampling_params(config) -> SamplingParams:
+REWARD_SPEC_HELP = ("gold | verifier:math | rm:DIR | orm:DIR[:last|mean|min] | prm:DIR[:min|mean|last|product] | "
+                    "judge:DIR | weighted sums like 0.5*rm:DIR+0.5*gold")
+
+
+def sampling_params(config: SamplingConfig) -> SamplingParams:
     return SamplingParams(n=config.n, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                           top_p=config.top_p, top_k=config.top_k, min_p=config.min_p, seed=config.seed,
                           logprobs=getattr(config, "logprobs", False))
@@ -102,11 +90,10 @@ def run_generate(config: GenerateConfig) -> Path:
 @dataclass
 class ScoreConfig:
     data: str = option("", "rows written by `posttrain generate`")
-    reward: str = option("gold", "gold | verifier:math | rm:DIR | orm:DIR[:agg] | prm:DIR[:agg] | judge:DIR | "
-                                 "weighted sums like 0.5*rm:DIR+0.5*gold")
+    reward: str = option("gold", REWARD_SPEC_HELP)
     out: str = option("scored.jsonl", "output JSONL: the input rows plus `rewards` (the reward matrix R, row by row)")
-    device: str = option("auto", "auto | cpu | cuda")
-    overwrite: bool = option(False, "replace an existing output file")
+    device: str = device_option()
+    overwrite: bool = overwrite_option()
 
 
 def reward_matrix(reward, rows: list[dict]) -> list[list[float | None]]:
@@ -157,13 +144,13 @@ class SelectConfig:
     pairs_per_prompt: int = option(4, "--pairs all: at most this many pairs per prompt (seeded draw); 0 = every pair")
     seed: int = option(0, "--pairs all: seed of the draw")
     out: str = option("selected.jsonl", "output JSONL: SFT `messages` rows (+ reward), or preference pairs")
-    overwrite: bool = option(False, "replace an existing output file")
+    overwrite: bool = overwrite_option()
 
 
 def select_rows(rows: list[dict], strategy: str, k: int = 0, pairs: str = "",
                 min_reward: float = float("-inf"), pairs_per_prompt: int = 4, seed: int = 0) -> list[dict]:
     """SFT rows (``messages`` = prompt + chosen completion) or preference rows, from scored rows; SFT picks with a
-    reward below ``min_reward`` are dropped."""
+    reward below ``min_reward`` are dropped, and so are empty replies (nothing to train on: SFT refuses them)."""
     R = [r["rewards"] for r in rows]
     extra = [{key: v for key, v in r.items() if key not in GENERATED_KEYS} for r in rows]
     if pairs:
@@ -188,7 +175,8 @@ def select_rows(rows: list[dict], strategy: str, k: int = 0, pairs: str = "",
     else:
         raise ValueError(f"unknown strategy {strategy!r}")
     return [{"messages": rows[i]["prompt"] + [{"role": "assistant", "content": rows[i]["completions"][j]}],
-             **extra[i], "reward": R[i][j]} for i, j in picks if R[i][j] >= min_reward]
+             **extra[i], "reward": R[i][j]} for i, j in picks
+            if R[i][j] >= min_reward and rows[i]["completions"][j].strip()]
 
 
 def run_select(config: SelectConfig) -> Path:
@@ -208,28 +196,13 @@ def run_select(config: SelectConfig) -> Path:
 # best-of-N
 
 
-@dataclass
-class BonConfig:
-    model: str = option("", "policy model directory (required)")
-    prompts: str = option("", "prompt rows (as for `posttrain generate`)")
-    reward: str = option("gold", "the selector: any `posttrain score` reward spec (RM, verifier, judge, ...)")
+@stage_config
+class BonConfig(SamplingConfig):
+    reward: str = option("gold", "the selector: " + REWARD_SPEC_HELP)
     report_reward: str = option("", "optionally also score the picks with this reward (e.g. gold) in the summary")
     out: str = option("bon.jsonl", "output JSONL: prompt, completion (the pick), reward, index, n (+ report_reward)")
-    n: int = option(16, "samples per prompt")
-    max_new_tokens: int = option(128, "generation budget per completion")
-    temperature: float = option(1.0, "sampling temperature")
-    top_p: float = option(1.0, "nucleus sampling; 1 = off")
-    top_k: int = option(0, "top-k sampling; 0 = off")
-    min_p: float = option(0.0, "min-p sampling; 0 = off")
-    seed: int = option(0, "sampling seed")
-    limit: int = option(0, "use only the first N prompts; 0 = all")
-    batch_size: int = option(64, "sequences per generate call (built-in engine)")
-    backend: str = option("auto", "auto | hf | vllm", choices=("auto", "hf", "vllm"))
-    chat_template: str = option("", "chatml | zephyr | tulu | Jinja; empty = the tokenizer's own")
-    columns: dict = option({}, "rename columns")
-    skip_invalid: bool = option(False, "drop malformed rows (reported) instead of stopping")
-    device: str = option("auto", "auto | cpu | cuda")
-    overwrite: bool = option(False, "replace an existing output file")
+    overwrite: bool = overwrite_option()
+    n: int = 16
 
 
 def best_of_n(engine, reward, prompt_rows, params: SamplingParams) -> tuple[list[dict], list[dict]]:

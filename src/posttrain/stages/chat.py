@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from posttrain.plumbing.config import option
+from posttrain.plumbing.config import chat_template_option, device_option, option
 
 
 @dataclass
@@ -17,12 +17,12 @@ class ChatConfig:
     model: str = option("", "local model directory; empty = the tiny world's base model")
     prompt: str = option("", "one-shot: reply to this message and exit; empty = interactive")
     system: str = option("", "optional system message")
-    chat_template: str = option("", "chatml | zephyr | tulu | Jinja; empty = the tokenizer's own")
+    chat_template: str = chat_template_option()
     max_new_tokens: int = option(128, "reply length budget in tokens")
     temperature: float = option(0.0, "0 = greedy")
     top_p: float = option(1.0, "nucleus sampling threshold (with temperature > 0)")
     seed: int = option(0, "sampling seed")
-    device: str = option("auto", "auto | cpu | cuda")
+    device: str = device_option()
 
 
 def run_chat(config: ChatConfig) -> None:

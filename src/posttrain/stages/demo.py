@@ -23,9 +23,9 @@ from pathlib import Path
 
 import yaml
 
-from posttrain.plumbing.config import config_to_dict, option
+from posttrain.plumbing.config import config_to_dict, device_option, option, progress_option
 from posttrain.maths.selection import mean_or_nan
-from posttrain.plumbing.training import is_complete
+from posttrain.plumbing.harness import is_complete
 
 METRICS = ("format_rate", "accuracy", "gold_reward", "mean_length", "stop_rate")
 
@@ -46,8 +46,8 @@ class DemoConfig:
     dpo_eval_samples: int = option(32, "DPO win-rate: samples per held-out prompt for each policy's expected gold")
     eval_prompts: int = option(200, "held-out prompts to evaluate each stage on")
     max_new_tokens: int = option(48, "generation budget per reply")
-    device: str = option("auto", "auto | cpu | cuda")
-    progress: bool = option(True, "show progress bars")
+    device: str = device_option()
+    progress: bool = progress_option()
 
 
 def format_table(stages: dict[str, dict[str, float]]) -> str:

@@ -25,58 +25,36 @@ import hashlib
 import json
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
-from posttrain.maths import direct as losses
-from posttrain.plumbing.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from posttrain.plumbing.config import option
 from posttrain.data.io import DataError, Row, as_messages, check_messages, read_rows, validate_rows
-from posttrain.data.packing import Example, collate_shared_prefix, flat_index
+from posttrain.data.packing import Example, add_scored_tokens, collate_shared_prefix
 from posttrain.data.render import RenderError, render_conversation
-from posttrain.models import (
-    flat_hidden_states,
-    load_causal_lm,
-    load_tokenizer,
-    resolve_device,
-    use_segment_attention,
-)
-from posttrain.plumbing.runlog import MetricsLog
+from posttrain.maths import direct as losses
+from posttrain.models import load_causal_lm, load_tokenizer, resolve_device, use_segment_attention
+from posttrain.models.logprobs import sequence_sums, token_logps
+from posttrain.plumbing.config import ChatTrainConfig, stage_config, option
+from posttrain.plumbing.harness import Run, WeightedMeans
 from posttrain.plumbing.training import (
     autocast,
     batch_indices,
     build_optimizer,
     build_scheduler,
     grad_norm_and_clip,
-    is_complete,
-    prepare_run_dir,
-    save_final_model,
+    micro_batches,
     seed_everything,
-    stop_at_step_boundary,
 )
 
 
-@dataclass
-class DPOConfig:
+@stage_config
+class DPOConfig(ChatTrainConfig):
     loss: str = option("dpo", "dpo | cdpo | robust | ipo | dpo_nll | simpo | orpo | kto",
                        choices=tuple(t.value for t in losses.DPOLoss))
-    model: str = option("", "policy to start from (local directory; usually an SFT model); required")
     ref_model: str = option("", "frozen reference model; empty = the starting policy")
-    data: str = option("", "preference pairs: prompt/chosen/rejected (text or messages), or chosen/rejected "
-                           "conversations sharing all but the last turn; kto also takes unpaired prompt/completion/"
-                           "label (bool) rows; empty = the tiny world's preference set")
-    eval_data: str = option("", "held-out pairs of the same format; empty = none (the world's held-out set when data "
-                                "is empty)")
-    out: str = option("runs/dpo", "run directory; the final policy goes to out/model")
-    chat_template: str = option("", "chatml | zephyr | tulu | Jinja; empty = the tokenizer's own")
-    columns: dict = option({}, "rename columns, e.g. {question: prompt}")
-    skip_invalid: bool = option(False, "drop malformed rows (reported) instead of stopping")
-    max_length: int = option(512, "longest prompt + completion in tokens; longer pairs are dropped (counted)")
     beta: float = option(0.1, "KL strength beta (simpo: reward scale)")
     label_smoothing: float = option(0.0, "cdpo / robust: assumed fraction of flipped labels")
     gamma: float = option(0.5, "simpo: target reward margin")
@@ -85,25 +63,10 @@ class DPOConfig:
     undesirable_weight: float = option(1.0, "kto: weight lambda_U of undesirable examples (KTO paper: keep "
                                             "lambda_D n_D / (lambda_U n_U) in [1, 4/3])")
     precompute_ref: bool = option(True, "compute reference log-probs once before training and cache them on disk")
-    batch_size: int = option(8, "pairs (kto: examples) per micro-batch")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    epochs: float = option(1.0, "passes over the data (ignored when max_steps > 0)")
-    max_steps: int = option(0, "optimizer steps; 0 = from epochs")
-    lr: float = option(5e-7, "peak learning rate (AdamW)")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    warmup_steps: int = option(10, "linear warm-up steps")
-    lr_schedule: str = option("linear", "constant | linear | cosine", choices=("constant", "linear", "cosine"))
-    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 = off")
-    shuffle: bool = option(True, "shuffle every epoch (seeded); false = file order")
-    seed: int = option(0, "seed for the batch order")
-    precision: str = option("auto", "auto | bf16 | fp32", choices=("auto", "bf16", "fp32"))
-    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
-    device: str = option("auto", "auto | cpu | cuda")
-    log_every: int = option(5, "log every N steps")
-    save_every: int = option(100, "checkpoint every N steps; 0 = only at the end")
-    keep_last: int = option(2, "checkpoints to keep")
-    resume: bool = option(False, "continue from the latest checkpoint in out")
-    progress: bool = option(True, "show a progress bar")
+    out: str = "runs/dpo"
+    batch_size: int = 8
+    lr: float = 5e-7
+    lr_schedule: str = "linear"
 
 
 @dataclass
@@ -264,28 +227,16 @@ def sequence_logps(model, pairs: list[Pair] | list[Unpaired], device
     """log pi(y_c|x), log pi(y_r|x) summed over each completion's trained tokens, and their counts: 4 x (B,)
     (for KTO: the example and its mismatched completion).
 
-    One forward of every pair: with segment attention each prompt once (shared-prefix row), otherwise each sequence
-    as its own segment. The LM head runs only at the positions that predict a trained token.
+    One forward of every pair through ``token_logps``: with segment attention each prompt once (shared-prefix
+    row), otherwise each sequence as its own segment. The LM head runs only at the positions that predict a trained
+    token.
     """
     from posttrain.models.attention import NAME as SEGMENT_ATTENTION
 
     shared = getattr(model.config, "_attn_implementation", None) == SEGMENT_ATTENTION
     groups = [list(p.examples()) for p in pairs] if shared else [[e] for p in pairs for e in p.examples()]
-    batch = collate_shared_prefix(groups)
-    examples = [e for group in groups for e in group]
-    predictors, targets, owners = [], [], []
-    for k, (layout, example) in enumerate(zip(batch["layout"], examples)):
-        for t in range(1, len(example)):
-            if example.loss_mask[t]:
-                predictors.append(flat_index(layout, t - 1))  # the position whose output predicts token t
-                targets.append(example.input_ids[t])
-                owners.append(k)
-    hidden = flat_hidden_states(model, batch)  # (N, H)
-    logits = model.get_output_embeddings()(hidden[torch.tensor(predictors, device=device)]).float()  # (n, V)
-    token_logps = logits.log_softmax(-1).gather(-1, torch.tensor(targets, device=device)[:, None])[:, 0]
-    owner = torch.tensor(owners, device=device)
-    sums = torch.zeros(len(examples), device=device, dtype=token_logps.dtype).index_add(0, owner, token_logps)
-    counts = torch.zeros(len(examples), device=device).index_add(0, owner, torch.ones_like(token_logps))
+    batch = add_scored_tokens(collate_shared_prefix(groups), groups)
+    sums, counts = sequence_sums(token_logps(model, batch), batch["owners"], 2 * len(pairs))
     return sums[0::2], sums[1::2], counts[0::2], counts[1::2]
 
 
@@ -371,10 +322,9 @@ def train_dpo(config: DPOConfig, *, on_step_end: Callable[[int, dict], None] | N
     loss_type = losses.DPOLoss(config.loss)
     device = resolve_device(config.device)
     seed_everything(config.seed)
-    run_dir, start_step = prepare_run_dir(config.out, config, resume=config.resume)
-    if config.resume and (done := is_complete(run_dir)):
-        print(f"{run_dir}: run already complete ({done['steps']} steps); policy in {run_dir / 'model'}. Nothing to do.")
-        return run_dir / "model"
+    run = Run(config, "dpo", on_step_end=on_step_end)
+    if run.complete:
+        return run.final_dir
 
     tokenizer = load_tokenizer(config.model, config.chat_template or None)
     load = load_unpaired if loss_type == losses.DPOLoss.kto else load_pairs
@@ -391,10 +341,10 @@ def train_dpo(config: DPOConfig, *, on_step_end: Callable[[int, dict], None] | N
             ref_model = load_causal_lm(ref_model_path, device=device)
             use_segment_attention(ref_model)
             compute = lambda data: lambda: reference_logps(ref_model, data, device, config.batch_size)  # noqa: E731
-            ref_train = cached_reference_logps(run_dir / "reference", reference_cache_key(
+            ref_train = cached_reference_logps(run.dir / "reference", reference_cache_key(
                 ref_model_path, config.data, config), compute(pairs))
             if eval_pairs:
-                ref_eval = cached_reference_logps(run_dir / "reference", reference_cache_key(
+                ref_eval = cached_reference_logps(run.dir / "reference", reference_cache_key(
                     ref_model_path, config.eval_data, config), compute(eval_pairs))
             del ref_model, compute
         else:
@@ -420,77 +370,39 @@ def train_dpo(config: DPOConfig, *, on_step_end: Callable[[int, dict], None] | N
     optimizer = build_optimizer(model, config.lr, config.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=total_steps,
                                 schedule=config.lr_schedule)
-    if start_step:
-        load_checkpoint(latest_checkpoint(run_dir), model=model, optimizer=optimizer, scheduler=scheduler)
-        print(f"resumed from step {start_step} of {total_steps}")
-    log = MetricsLog(run_dir, resume_step=start_step)
-    batches = batch_indices(len(pairs), step_size, config.seed, shuffle=config.shuffle, start_batch=start_step)
+    run.start(total_steps, modules={"model": model}, optimizers={"model": optimizer},
+              schedulers={"model": scheduler}, tokenizer=tokenizer)
+    batches = batch_indices(len(pairs), step_size, config.seed, shuffle=config.shuffle, start_batch=run.start_step)
+    evaluate = lambda: evaluate_pairs(model, eval_pairs, ref_eval, config, device, reference)  # noqa: E731
 
-    def checkpoint(step: int) -> None:
-        save_checkpoint(run_dir, step, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
-                        extra={"total_steps": total_steps}, keep_last=config.keep_last)
-
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"dpo:{loss_type}", disable=not config.progress,
-               dynamic_ncols=True)
-    step = start_step
-    with stop_at_step_boundary() as stop_requested:
-        while step < total_steps:
-            started = time.perf_counter()
+    with run:
+        for step in run.steps():
             indices = list(next(batches))
-            per_micro = math.ceil(len(indices) / config.grad_accum)
-            sums: dict[str, list[float]] = {}
-            for start in range(0, len(indices), per_micro):
-                chunk = indices[start : start + per_micro]
+            means = WeightedMeans()
+            for chunk in micro_batches(indices, config.grad_accum):
                 share = len(chunk) / len(indices)  # each micro-batch's share of the step's pairs
                 with autocast(device, config.precision):
                     loss, metrics = pair_loss(model, [pairs[i] for i in chunk], reference(chunk, ref_train, pairs),
                                               config, device)
                 (loss * share).backward()
-                accumulate(sums, metrics, share)
+                means.add(metrics, share)
             grad_norm = grad_norm_and_clip(model, config.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens = sum(len(e) for i in indices for e in pairs[i].examples())
-            if step % config.log_every == 0 or step == total_steps:
-                means = weighted_means(sums)
-                log.log(step, {"train/loss": means.pop("loss"), "train/lr": lr, "train/grad_norm": grad_norm,
-                               "train/tokens_per_s": tokens / (time.perf_counter() - started), **means})
-            if config.save_every and step % config.save_every == 0 and step < total_steps:
-                checkpoint(step)
-            bar.update(1)
-            if on_step_end is not None:
-                on_step_end(step, {"tokens": tokens, "pairs": len(indices)})
-            if stop_requested:
-                bar.close()
-                checkpoint(step)
-                print(f"interrupted: checkpoint saved at step {step}; continue with --resume")
-                raise KeyboardInterrupt
-    bar.close()
-    report = evaluate_pairs(model, eval_pairs, ref_eval, config, device, reference) if eval_pairs else {}
+
+            if eval_pairs and run.eval_due(step):
+                run.log_metrics(step, {f"eval/{k}": v for k, v in evaluate().items()})
+            logged = means.means()
+            run.end_step(step, {"train/loss": logged.pop("loss"), "train/lr": lr, "train/grad_norm": grad_norm,
+                                **logged},
+                         tokens=sum(len(e) for i in indices for e in pairs[i].examples()), pairs=len(indices))
+
+    report = evaluate() if eval_pairs else {}
     if report:
-        log.log(step, {f"eval/{k}": v for k, v in report.items()})
-    checkpoint(step)
-    log.close()
-    return save_final_model(run_dir, model, tokenizer, {"steps": step, "stage": "dpo", "loss": loss_type.value,
-                                                        "eval": report})
-
-
-def accumulate(totals: dict[str, list[float]], metrics: dict[str, torch.Tensor], weight: float) -> None:
-    """Add ``weight * value`` of each metric to ``totals[key] = [weighted sum, weight]``; NaN (a KTO micro-batch with
-    no desirable or no undesirable example) is left out rather than spoiling the mean."""
-    for key, value in metrics.items():
-        value = float(value)
-        if not math.isnan(value):
-            total = totals.setdefault(key, [0.0, 0.0])
-            total[0] += value * weight
-            total[1] += weight
-
-
-def weighted_means(totals: dict[str, list[float]]) -> dict[str, float]:
-    return {key: total / weight for key, (total, weight) in totals.items()}
+        run.log_metrics(run.step, {f"eval/{k}": v for k, v in report.items()})
+    return run.finish({"loss": loss_type.value, "eval": report})
 
 
 @torch.no_grad()
@@ -498,10 +410,10 @@ def evaluate_pairs(model, pairs: list[Pair] | list[Unpaired], cached, config: DP
                    ) -> dict[str, float]:
     """Pair-weighted means of the loss metrics over held-out pairs (KTO: examples)."""
     model.eval()
-    totals: dict[str, list[float]] = {}
+    means = WeightedMeans()
     for start in range(0, len(pairs), config.batch_size):
         chunk = list(range(start, min(start + config.batch_size, len(pairs))))
         _, metrics = pair_loss(model, [pairs[i] for i in chunk], reference(chunk, cached, pairs), config, device)
-        accumulate(totals, metrics, len(chunk))
+        means.add(metrics, len(chunk))
     model.train()
-    return weighted_means(totals)
+    return means.means()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from posttrain.plumbing.config import ConfigError, option
+from posttrain.plumbing.config import ConfigError, chat_template_option, device_option, option, progress_option
 from posttrain.data.io import Row, as_messages, read_rows
 from posttrain.rewards.judge import JudgeBackend, JudgeStats, LocalBackend, OpenAIBackend, Verdict, judge_pairs
 from posttrain.data.messages import message_text
@@ -42,10 +42,10 @@ class LabelConfig:
     timeout: float = option(60.0, "seconds per request (endpoint judge)")
     retries: int = option(4, "retries per request with exponential backoff (endpoint judge)")
     batch_size: int = option(8, "prompts per generation batch (local judge)")
-    chat_template: str = option("", "local judge: chatml | zephyr | tulu | Jinja; empty = the tokenizer's own")
-    device: str = option("auto", "local judge: auto | cpu | cuda | cuda:N")
+    chat_template: str = chat_template_option()
+    device: str = device_option()
     limit: int = option(0, "label only the first N rows; 0 = all")
-    progress: bool = option(True, "show a progress bar")
+    progress: bool = progress_option()
 
 
 def read_principles(path: str | Path) -> list[str]:

@@ -8,65 +8,41 @@ is dropped). loss = mean over all positions of -log p(x_{t+1} | x_<=t).
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
-from posttrain.plumbing.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from posttrain.plumbing.config import option
 from posttrain.data import load_texts
-from posttrain.maths import sft_loss
+from posttrain.maths.sft import sft_loss
 from posttrain.models import load_causal_lm, load_tokenizer, resolve_device
-from posttrain.plumbing.runlog import MetricsLog
+from posttrain.plumbing.config import TrainConfig, stage_config, option
+from posttrain.plumbing.harness import Run
 from posttrain.plumbing.training import (
     autocast,
     batch_indices,
     build_optimizer,
     build_scheduler,
     grad_norm_and_clip,
-    is_complete,
-    prepare_run_dir,
-    save_final_model,
+    micro_batches,
     seed_everything,
-    stop_at_step_boundary,
 )
 
 
-@dataclass
-class PretrainConfig:
-    model: str = option("", "continue pretraining this local model directory; empty = a fresh model from --init")
-    init: str = option("world-llama", "architecture for a fresh model: world-llama | world-qwen2 (tiny configs)",
-                       choices=("world-llama", "world-qwen2"))
+@stage_config
+class PretrainConfig(TrainConfig):
+    init: str = option("world-llama", "architecture for a fresh model (when model is empty): world-llama | "
+                                      "world-qwen2 (tiny configs)", choices=("world-llama", "world-qwen2"))
     tokenizer: str = option("", "tokenizer directory for a fresh model; empty = the tiny world's tokenizer")
-    data: str = option("", "plain-text rows (column `text`); empty = the tiny world's pretraining corpus")
-    eval_data: str = option("", "held-out text rows for eval/loss; empty = none (the world's held-out corpus when data is empty)")
-    out: str = option("runs/pretrain", "run directory; the final model goes to out/model")
-    columns: dict = option({}, "rename columns, e.g. {content: text}")
-    skip_invalid: bool = option(False, "drop malformed rows (reported) instead of stopping")
-    block_size: int = option(128, "tokens per training sequence")
-    batch_size: int = option(32, "sequences per micro-batch")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    epochs: float = option(1.0, "passes over the corpus (ignored when max_steps > 0)")
-    max_steps: int = option(0, "optimizer steps; 0 = from epochs")
-    lr: float = option(2e-3, "peak learning rate (AdamW)")
-    weight_decay: float = option(0.1, "AdamW weight decay (not on biases and norms)")
-    warmup_steps: int = option(30, "linear warm-up steps")
-    lr_schedule: str = option("cosine", "constant | linear | cosine", choices=("constant", "linear", "cosine"))
-    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 = off")
-    seed: int = option(0, "seed for initialisation and batch order")
-    precision: str = option("auto", "auto | bf16 | fp32", choices=("auto", "bf16", "fp32"))
-    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
-    device: str = option("auto", "auto | cpu | cuda")
-    log_every: int = option(10, "log every N steps")
-    eval_every: int = option(0, "eval loss every N steps; 0 = only at the end")
-    save_every: int = option(200, "checkpoint every N steps; 0 = only at the end")
-    keep_last: int = option(2, "checkpoints to keep")
-    resume: bool = option(False, "continue from the latest checkpoint in out")
-    progress: bool = option(True, "show a progress bar")
+    block_size: int = option(128, "tokens per training sequence (documents are concatenated and cut into blocks)")
+    model: str = option("", "continue pretraining this local model directory; empty = a fresh model from --init")
+    out: str = "runs/pretrain"
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 30
+    log_every: int = 10
+    save_every: int = 200
 
 
 def token_blocks(texts: list[str], tokenizer, block_size: int) -> torch.Tensor:
@@ -129,10 +105,9 @@ def train_pretrain(config: PretrainConfig, *, on_step_end: Callable[[int, dict],
     config = _fill_defaults(config)
     device = resolve_device(config.device)
     seed_everything(config.seed)
-    run_dir, start_step = prepare_run_dir(config.out, config, resume=config.resume)
-    if config.resume and (done := is_complete(run_dir)):
-        print(f"{run_dir}: run already complete ({done['steps']} steps); final model in {run_dir / 'model'}. Nothing to do.")
-        return run_dir / "model"
+    run = Run(config, "pretrain", on_step_end=on_step_end)
+    if run.complete:
+        return run.final_dir
 
     tokenizer = load_tokenizer(config.model or config.tokenizer)
     texts, report = load_texts(config.data, skip_invalid=config.skip_invalid, columns=config.columns or None)
@@ -152,29 +127,21 @@ def train_pretrain(config: PretrainConfig, *, on_step_end: Callable[[int, dict],
     model.config.use_cache = False
     model.train()
     optimizer = build_optimizer(model, config.lr, config.weight_decay)
-    scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=total_steps, schedule=config.lr_schedule)
-    if start_step:
-        load_checkpoint(latest_checkpoint(run_dir), model=model, optimizer=optimizer, scheduler=scheduler)
-        print(f"resumed from step {start_step} of {total_steps}")
-    log = MetricsLog(run_dir, resume_step=start_step)
-    batches = batch_indices(len(blocks), step_size, config.seed, start_batch=start_step)
+    scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=total_steps,
+                                schedule=config.lr_schedule)
+    run.start(total_steps, modules={"model": model}, optimizers={"model": optimizer},
+              schedulers={"model": scheduler}, tokenizer=tokenizer)
+    batches = batch_indices(len(blocks), step_size, config.seed, shuffle=config.shuffle, start_batch=run.start_step)
+    evaluate = lambda: evaluate_blocks(model, eval_blocks, config.batch_size, device, config.precision)  # noqa: E731
 
-    def checkpoint(step: int) -> None:
-        save_checkpoint(run_dir, step, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
-                        extra={"total_steps": total_steps}, keep_last=config.keep_last)
-
-    bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", disable=not config.progress, dynamic_ncols=True)
-    step = start_step
-    with stop_at_step_boundary() as stop_requested:
-        while step < total_steps:
-            started = time.perf_counter()
+    with run:
+        for step in run.steps():
             indices = next(batches)
-            per_micro = math.ceil(len(indices) / config.grad_accum)
-            num_tokens = len(indices) * (config.block_size - 1)
+            num_tokens = len(indices) * (config.block_size - 1)  # every position predicts, in the whole step
             loss_sum = 0.0
-            for start in range(0, len(indices), per_micro):
+            for chunk in micro_batches(indices, config.grad_accum):
                 with autocast(device, config.precision):
-                    loss, metrics = _next_token_loss(model, blocks[indices[start : start + per_micro]].to(device), num_tokens)
+                    loss, metrics = _next_token_loss(model, blocks[chunk].to(device), num_tokens)
                 loss.backward()
                 loss_sum += float(metrics["loss"])
             grad_norm = grad_norm_and_clip(model, config.max_grad_norm)
@@ -182,28 +149,13 @@ def train_pretrain(config: PretrainConfig, *, on_step_end: Callable[[int, dict],
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step % config.log_every == 0 or step == total_steps:
-                log.log(step, {"train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm,
-                               "train/tokens_per_s": len(indices) * config.block_size / (time.perf_counter() - started),
-                               "train/epoch": step / steps_per_epoch})
-            if eval_blocks is not None and config.eval_every and step % config.eval_every == 0 and step < total_steps:
-                log.log(step, {"eval/loss": evaluate_blocks(model, eval_blocks, config.batch_size, device, config.precision)})
-            if config.save_every and step % config.save_every == 0 and step < total_steps:
-                checkpoint(step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4f}")
-            if on_step_end is not None:
-                on_step_end(step, {"tokens": len(indices) * config.block_size, "loss": loss_sum})
-            if stop_requested:
-                bar.close()
-                checkpoint(step)
-                print(f"interrupted: checkpoint saved at step {step}; continue with --resume")
-                raise KeyboardInterrupt
-    bar.close()
+
+            if eval_blocks is not None and run.eval_due(step):
+                run.log_metrics(step, {"eval/loss": evaluate()})
+            run.end_step(step, {"train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm,
+                                "train/epoch": step / steps_per_epoch},
+                         tokens=len(indices) * config.block_size, loss=loss_sum)
 
     if eval_blocks is not None:
-        log.log(step, {"eval/loss": evaluate_blocks(model, eval_blocks, config.batch_size, device, config.precision)})
-    checkpoint(step)
-    log.close()
-    return save_final_model(run_dir, model, tokenizer, {"steps": step, "stage": "pretrain"})
+        run.log_metrics(run.step, {"eval/loss": evaluate()})
+    return run.finish()

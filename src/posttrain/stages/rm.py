@@ -19,42 +19,32 @@ completion. Usually one epoch (reward models overfit fast).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
-from posttrain.maths import reward as losses
-from posttrain.plumbing.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from posttrain.plumbing.config import option
 from posttrain.data.io import DataError, Row, as_messages, preference_pair, read_rows, require, validate_rows
+from posttrain.data.messages import completion_text
 from posttrain.data.packing import Example, collate_flat, collate_shared_prefix, flat_index
 from posttrain.data.render import RenderError, render_conversation
-from posttrain.models import (
-    load_tokenizer,
-    resize_for_tokenizer,
-    resolve_device,
-    flat_hidden_states,
-    use_segment_attention,
-)
-from posttrain.rewards import STEP_SEPARATOR, completion_text, step_boundary_tokens
-from posttrain.plumbing.runlog import MetricsLog
+from posttrain.maths import reward as losses
+from posttrain.models import flat_hidden_states, load_tokenizer, resolve_device, use_segment_attention
+from posttrain.models.heads import load_head_model
+from posttrain.plumbing.config import ChatTrainConfig, stage_config, option
+from posttrain.plumbing.harness import Run, WeightedMeans
 from posttrain.plumbing.training import (
     autocast,
     batch_indices,
     build_optimizer,
     build_scheduler,
     grad_norm_and_clip,
-    is_complete,
-    prepare_run_dir,
-    save_final_model,
+    micro_batches,
     seed_everything,
-    stop_at_step_boundary,
 )
+from posttrain.rewards import STEP_SEPARATOR, step_boundary_tokens
 
 
 class RMLoss(StrEnum):
@@ -79,37 +69,12 @@ class RMLoss(StrEnum):
 PRM_CLASSES = {-1: 0, 0: 1, 1: 2}  # step label -> class (incorrect, neutral, correct)
 
 
-@dataclass
-class RMConfig:
-    loss: str = option("bt", "bt | margin | kcomparisons | plackett_luce | orm | prm",
-                       choices=tuple(RMLoss))
-    model: str = option("", "causal LM to start from (local dir); empty = the tiny world's base model")
-    data: str = option("", "training rows; empty = the tiny world's set for --loss")
-    eval_data: str = option("", "held-out rows of the same format; empty = none (the world's held-out set when data is empty)")
-    out: str = option("runs/rm", "run directory; the reward model goes to out/model")
-    chat_template: str = option("", "chatml | zephyr | tulu | Jinja; empty = the tokenizer's own")
-    columns: dict = option({}, "rename columns, e.g. {response_a: chosen}")
-    skip_invalid: bool = option(False, "drop malformed rows (reported) instead of stopping")
-    max_length: int = option(512, "longest sequence (prompt + completion) in tokens; longer groups are dropped")
-    margin_scale: float = option(1.0, "margin loss: m = margin_scale * (score_chosen - score_rejected) when no `margin` column")
-    batch_size: int = option(16, "pairs / rankings / completions per micro-batch")
-    grad_accum: int = option(1, "micro-batches per optimizer step")
-    epochs: float = option(1.0, "passes over the data (ignored when max_steps > 0)")
-    max_steps: int = option(0, "optimizer steps; 0 = from epochs")
-    lr: float = option(3e-4, "peak learning rate (AdamW)")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    warmup_steps: int = option(10, "linear warm-up steps")
-    lr_schedule: str = option("cosine", "constant | linear | cosine", choices=("constant", "linear", "cosine"))
-    max_grad_norm: float = option(1.0, "gradient clipping norm; 0 = off")
-    shuffle: bool = option(True, "shuffle every epoch (seeded); false = file order")
-    seed: int = option(0, "seed for the head's initialisation and the batch order")
-    precision: str = option("auto", "auto | bf16 | fp32", choices=("auto", "bf16", "fp32"))
-    device: str = option("auto", "auto | cpu | cuda")
-    log_every: int = option(5, "log every N steps")
-    save_every: int = option(100, "checkpoint every N steps; 0 = only at the end")
-    keep_last: int = option(2, "checkpoints to keep")
-    resume: bool = option(False, "continue from the latest checkpoint in out")
-    progress: bool = option(True, "show a progress bar")
+@stage_config
+class RMConfig(ChatTrainConfig):
+    loss: str = option("bt", "bt | margin | kcomparisons | plackett_luce | orm | prm", choices=tuple(RMLoss))
+    margin_scale: float = option(1.0, "margin loss: m = margin_scale * (score_chosen - score_rejected) when no "
+                                      "`margin` column")
+    out: str = "runs/rm"
 
 
 @dataclass
@@ -255,6 +220,17 @@ def group_scores(model, groups: list[Group], pad_id: int, device) -> torch.Tenso
     return model.score(hidden[pooled]).squeeze(-1).view(len(groups), -1)
 
 
+def group_units(groups: list[Group], loss_type: RMLoss) -> int:
+    """What a micro-batch's loss is a mean over: groups (scalar RMs), completion tokens (orm: every trained token
+    after an example's first) or labelled steps (prm). Known before the forward, so each micro-batch can be
+    back-propagated at once with its share of the step."""
+    if loss_type.is_scalar:
+        return len(groups)
+    if loss_type == RMLoss.orm:
+        return sum(sum(e.loss_mask[1:]) for g in groups for e in g.examples)
+    return sum(len(g.boundaries) for g in groups)
+
+
 def group_loss(model, groups: list[Group], loss_type: RMLoss, pad_id: int, device) -> tuple[torch.Tensor, dict, int]:
     """Loss of a micro-batch of groups (all sequences in one flat forward); returns (loss, metrics, unit count)."""
     if loss_type.is_scalar:
@@ -313,20 +289,8 @@ def evaluate_groups(model, groups: list[Group], loss_type: RMLoss, pad_id: int, 
 
 
 def _load_model(path: str, loss_type: RMLoss, tokenizer, device):
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
-
-    kwargs = dict(local_files_only=True, dtype=torch.float32, attn_implementation="sdpa",
-                  pad_token_id=tokenizer.pad_token_id)
-    if loss_type.is_scalar:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
-    elif loss_type == RMLoss.orm:
-        model = AutoModelForTokenClassification.from_pretrained(path, num_labels=1, **kwargs)
-    else:
-        model = AutoModelForTokenClassification.from_pretrained(
-            path, num_labels=3, id2label={0: "incorrect", 1: "neutral", 2: "correct"},
-            label2id={"incorrect": 0, "neutral": 1, "correct": 2}, **kwargs)
-    resize_for_tokenizer(model, tokenizer)
-    return model.to(device)
+    kind = "scalar" if loss_type.is_scalar else ("outcome" if loss_type == RMLoss.orm else "process")
+    return load_head_model(path, kind, tokenizer=tokenizer, device=device)
 
 
 def _fill_world_defaults(config: RMConfig) -> RMConfig:
@@ -349,10 +313,9 @@ def train_rm(config: RMConfig, *, on_step_end: Callable[[int, dict], None] | Non
     loss_type = RMLoss(config.loss)
     device = resolve_device(config.device)
     seed_everything(config.seed)
-    run_dir, start_step = prepare_run_dir(config.out, config, resume=config.resume)
-    if config.resume and (done := is_complete(run_dir)):
-        print(f"{run_dir}: run already complete ({done['steps']} steps); reward model in {run_dir / 'model'}. Nothing to do.")
-        return run_dir / "model"
+    run = Run(config, "rm", on_step_end=on_step_end)
+    if run.complete:
+        return run.final_dir
 
     tokenizer = load_tokenizer(config.model, config.chat_template or None)
     groups, summary = load_groups(config.data, tokenizer, config)
@@ -363,69 +326,46 @@ def train_rm(config: RMConfig, *, on_step_end: Callable[[int, dict], None] | Non
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
 
     model = _load_model(config.model, loss_type, tokenizer, device)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     use_segment_attention(model)
     model.train()
     optimizer = build_optimizer(model, config.lr, config.weight_decay)
-    scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=total_steps, schedule=config.lr_schedule)
-    if start_step:
-        load_checkpoint(latest_checkpoint(run_dir), model=model, optimizer=optimizer, scheduler=scheduler)
-        print(f"resumed from step {start_step} of {total_steps}")
-    log = MetricsLog(run_dir, resume_step=start_step)
+    scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=total_steps,
+                                schedule=config.lr_schedule)
+    run.start(total_steps, modules={"model": model}, optimizers={"model": optimizer},
+              schedulers={"model": scheduler}, tokenizer=tokenizer)
     pad_id = tokenizer.pad_token_id
-    batches = batch_indices(len(groups), step_size, config.seed, shuffle=config.shuffle, start_batch=start_step)
+    batches = batch_indices(len(groups), step_size, config.seed, shuffle=config.shuffle, start_batch=run.start_step)
+    evaluate = lambda: evaluate_groups(model, eval_groups, loss_type, pad_id, device, config.batch_size)  # noqa: E731
 
-    def checkpoint(step: int) -> None:
-        save_checkpoint(run_dir, step, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
-                        extra={"total_steps": total_steps}, keep_last=config.keep_last)
-
-    bar = tqdm(total=total_steps, initial=start_step, desc=f"rm:{loss_type}", disable=not config.progress, dynamic_ncols=True)
-    step = start_step
-    with stop_at_step_boundary() as stop_requested:
-        while step < total_steps:
-            started = time.perf_counter()
-            indices = next(batches)
-            per_micro = math.ceil(len(indices) / config.grad_accum)
-            micro = [[groups[i] for i in indices[s : s + per_micro]] for s in range(0, len(indices), per_micro)]
-            sums: dict[str, float] = {}
-            results = []
-            for chunk in micro:
+    with run:
+        for step in run.steps():
+            chunks = [[groups[i] for i in chunk] for chunk in micro_batches(next(batches), config.grad_accum)]
+            # Each micro-batch's loss is a mean over its units (pairs, rankings, tokens or steps); weighting it by its
+            # share of the step's units makes the accumulated gradient that of the whole step's mean.
+            units = [group_units(chunk, loss_type) for chunk in chunks]
+            means = WeightedMeans()
+            for chunk, n in zip(chunks, units):
                 with autocast(device, config.precision):
-                    loss, metrics, units = group_loss(model, chunk, loss_type, pad_id, device)
-                results.append((loss, metrics, units))
-            # Weight each micro-batch by its share of the step's units (pairs, rankings, tokens or steps), so
-            # accumulation gives the gradient of the whole step's mean.
-            total_units = sum(units for _, _, units in results)
-            for loss, metrics, units in results:
-                (loss * units / total_units).backward()
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) * units / total_units
+                    loss, metrics, _ = group_loss(model, chunk, loss_type, pad_id, device)
+                (loss * (n / sum(units))).backward()
+                means.add(metrics, n / sum(units))
             grad_norm = grad_norm_and_clip(model, config.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens = sum(len(e) for chunk in micro for g in chunk for e in g.examples)
-            if step % config.log_every == 0 or step == total_steps:
-                log.log(step, {"train/loss": sums.pop("loss"), "train/lr": lr, "train/grad_norm": grad_norm,
-                               "train/tokens_per_s": tokens / (time.perf_counter() - started),
-                               **{f"rm/{k}": v for k, v in sums.items()}})
-            if config.save_every and step % config.save_every == 0 and step < total_steps:
-                checkpoint(step)
-            bar.update(1)
-            if on_step_end is not None:
-                on_step_end(step, {"tokens": tokens, "sequences": sum(len(g.examples) for c in micro for g in c)})
-            if stop_requested:
-                bar.close()
-                checkpoint(step)
-                print(f"interrupted: checkpoint saved at step {step}; continue with --resume")
-                raise KeyboardInterrupt
-    bar.close()
-    report = {}
-    if eval_groups:
-        report = evaluate_groups(model, eval_groups, loss_type, pad_id, device, config.batch_size)
-        log.log(step, {f"eval/{k}": v for k, v in report.items()})
-    checkpoint(step)
-    log.close()
-    return save_final_model(run_dir, model, tokenizer, {"steps": step, "stage": "rm", "loss": loss_type.value,
-                                                        "eval": report})
+
+            if eval_groups and run.eval_due(step):
+                run.log_metrics(step, {f"eval/{k}": v for k, v in evaluate().items()})
+            logged = means.means()
+            tokens = sum(len(e) for chunk in chunks for g in chunk for e in g.examples)
+            run.end_step(step, {"train/loss": logged.pop("loss"), "train/lr": lr, "train/grad_norm": grad_norm,
+                                **{f"rm/{k}": v for k, v in logged.items()}},
+                         tokens=tokens, sequences=sum(len(g.examples) for chunk in chunks for g in chunk))
+
+    report = evaluate() if eval_groups else {}
+    if report:
+        run.log_metrics(run.step, {f"eval/{k}": v for k, v in report.items()})
+    return run.finish({"loss": loss_type.value, "eval": report})

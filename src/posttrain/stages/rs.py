@@ -17,42 +17,25 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.stages.bestofn import (
-    load_generated,
-    load_prompt_rows,
-    reward_matrix,
-    sample,
-    sampling_params,
-    select_rows,
-    write_jsonl,
-)
-from posttrain.plumbing.config import option, save_config
+from posttrain.data.io import write_jsonl
+from posttrain.data.prompts import load_generated, load_prompt_rows
 from posttrain.models.generation import SamplingParams, load_engine
-from posttrain.plumbing.training import is_complete
+from posttrain.plumbing.config import SamplingConfig, stage_config, option, progress_option, save_config
+from posttrain.plumbing.harness import is_complete
+from posttrain.stages.bestofn import REWARD_SPEC_HELP, reward_matrix, sample, sampling_params, select_rows
 
 
-@dataclass
-class RSConfig:
-    model: str = option("", "starting policy (local directory; required)")
-    prompts: str = option("", "training prompts (`prompt` or `messages` rows; other columns go to the reward)")
-    reward: str = option("gold", "the selector: any `posttrain score` reward spec (rm:DIR, verifier:math, ...)")
+@stage_config
+class RSConfig(SamplingConfig):
+    reward: str = option("gold", "the selector: " + REWARD_SPEC_HELP)
     out: str = option("runs/rs", "run directory: round_1/, round_2/, ... and rounds.jsonl")
-    rounds: int = option(1, "rejection-sampling rounds")
-    n: int = option(8, "samples per prompt per round")
-    max_new_tokens: int = option(64, "generation budget per completion")
-    temperature: float = option(1.0, "sampling temperature")
-    top_p: float = option(1.0, "nucleus sampling; 1 = off")
-    top_k: int = option(0, "top-k sampling; 0 = off")
-    min_p: float = option(0.0, "min-p sampling; 0 = off")
-    seed: int = option(0, "sampling seed (round r samples with seed + r)")
+    rounds: int = option(1, "rejection-sampling rounds (round r samples with seed + r)")
     strategy: str = option("top_per_prompt", "top_per_prompt | top_k", choices=("top_per_prompt", "top_k"))
     k: int = option(0, "top_k: completions kept per round")
     min_reward: float = option(float("-inf"), "drop picks below this reward (e.g. 1 with verifier:math: only correct "
                                              "completions, as in RFT / STaR)")
-    limit: int = option(0, "use only the first N training prompts; 0 = all")
     sft_epochs: float = option(2.0, "SFT passes over each round's selection")
     sft_lr: float = option(1e-4, "SFT peak learning rate")
     sft_batch_size: int = option(16, "SFT examples per step")
@@ -60,11 +43,9 @@ class RSConfig:
     eval_reward: str = option("", "reward for --eval_prompts; empty = --reward")
     eval_n: int = option(4, "samples per held-out prompt")
     eval_limit: int = option(200, "held-out prompts used; 0 = all")
-    batch_size: int = option(64, "sequences per generate call")
-    backend: str = option("auto", "auto | hf | vllm", choices=("auto", "hf", "vllm"))
-    chat_template: str = option("", "chatml | zephyr | tulu | Jinja; empty = the tokenizer's own")
-    device: str = option("auto", "auto | cpu | cuda")
-    progress: bool = option(True, "show progress bars")
+    progress: bool = progress_option()
+    n: int = 8
+    max_new_tokens: int = 64
 
 
 def policy_reward(model: str | Path, prompt_rows, reward, params: SamplingParams, config: RSConfig) -> float:
@@ -87,10 +68,12 @@ def run_rs(config: RSConfig) -> Path:
     if not (out / "config.yaml").exists():
         save_config(config, out / "config.yaml")
     reward = reward_from_spec(config.reward, device=config.device)
-    prompt_rows = load_prompt_rows(config.prompts, limit=config.limit)
+    prompt_rows = load_prompt_rows(config.prompts, columns=config.columns, skip_invalid=config.skip_invalid,
+                                   limit=config.limit)
     eval_rows, eval_reward = None, None
     if config.eval_prompts:
-        eval_rows = load_prompt_rows(config.eval_prompts, limit=config.eval_limit)
+        eval_rows = load_prompt_rows(config.eval_prompts, columns=config.columns, skip_invalid=config.skip_invalid,
+                                     limit=config.eval_limit)
         eval_reward = reward_from_spec(config.eval_reward, device=config.device) if config.eval_reward else reward
     eval_params = SamplingParams(n=config.eval_n, max_new_tokens=config.max_new_tokens,
                                  temperature=config.temperature, top_p=config.top_p, seed=10_000 + config.seed)

@@ -15,11 +15,12 @@ and plots them against log2 n (the o1-style test-time-scaling plot). Correctness
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.stages.bestofn import load_prompt_rows, reward_matrix, sample, sampling_params, write_jsonl
-from posttrain.plumbing.config import option
+from posttrain.data.io import write_jsonl
+from posttrain.data.prompts import load_prompt_rows
+from posttrain.stages.bestofn import REWARD_SPEC_HELP, reward_matrix, sample, sampling_params
+from posttrain.plumbing.config import SamplingConfig, stage_config, option
 from posttrain.models.generation import load_engine
 from posttrain.maths.selection import (
     best_of_n_kl,
@@ -31,25 +32,15 @@ from posttrain.maths.selection import (
 )
 
 
-@dataclass
-class ScalingConfig:
-    model: str = option("", "policy model directory (required)")
+@stage_config
+class ScalingConfig(SamplingConfig):
     prompts: str = option("", "verifiable prompts: `prompt` + `answer` columns (e.g. the tiny world's rl_heldout)")
-    reward: str = option("gold", "the best-of-n selector (any `posttrain score` reward spec, e.g. rm:DIR)")
+    reward: str = option("gold", "the best-of-n selector: " + REWARD_SPEC_HELP)
     gold: str = option("verifier:math", "the reward that judges the picks (e.g. gold on the tiny world)")
     out: str = option("runs/scaling", "output directory: samples.jsonl, scaling.json, scaling.png")
-    n: int = option(16, "largest n (samples per prompt)")
-    max_new_tokens: int = option(64, "generation budget per completion")
-    temperature: float = option(1.0, "sampling temperature")
-    top_p: float = option(1.0, "nucleus sampling; 1 = off")
-    top_k: int = option(0, "top-k sampling; 0 = off")
-    min_p: float = option(0.0, "min-p sampling; 0 = off")
-    seed: int = option(0, "sampling seed")
-    limit: int = option(200, "prompts used; 0 = all")
-    batch_size: int = option(64, "sequences per generate call")
-    backend: str = option("auto", "auto | hf | vllm", choices=("auto", "hf", "vllm"))
-    chat_template: str = option("", "chatml | zephyr | tulu | Jinja; empty = the tokenizer's own")
-    device: str = option("auto", "auto | cpu | cuda")
+    n: int = 16
+    max_new_tokens: int = 64
+    limit: int = 200
 
 
 def scaling_table(selector: list[list[float | None]], gold: list[list[float | None]],
@@ -108,7 +99,8 @@ def run_scaling(config: ScalingConfig) -> dict:
         raise ValueError("posttrain scaling needs --model=DIR and --prompts=FILE (with an `answer` column)")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    prompt_rows = load_prompt_rows(config.prompts, limit=config.limit)
+    prompt_rows = load_prompt_rows(config.prompts, columns=config.columns, skip_invalid=config.skip_invalid,
+                                   limit=config.limit)
     if any("answer" not in extra for _, extra in prompt_rows):
         raise ValueError(f"{config.prompts}: every row needs an `answer` column for pass@n and maj@n")
     engine = load_engine(config.model, backend=config.backend, device=config.device,

@@ -25,7 +25,7 @@ from fastapi import FastAPI, Request  # module level: FastAPI resolves the endpo
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from posttrain.plumbing.config import ConfigError, option
+from posttrain.plumbing.config import ConfigError, chat_template_option, device_option, option
 
 
 @dataclass
@@ -34,9 +34,9 @@ class ServeConfig:
     host: str = option("127.0.0.1", "address to bind; the loopback default keeps the server off the network")
     port: int = option(8000, "TCP port")
     model_name: str = option("", "model id reported by /v1/models and in replies; empty = the directory's name")
-    chat_template: str = option("", "chatml | zephyr | tulu | Jinja; empty = the tokenizer's own")
+    chat_template: str = chat_template_option()
     max_tokens: int = option(256, "reply budget when a request gives no max_tokens")
-    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    device: str = device_option()
     log_level: str = option("info", "uvicorn log level", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -144,8 +144,8 @@ def create_app(model, tokenizer, model_name: str, *, default_max_tokens: int = 2
                                 temperature=options["temperature"], top_p=options["top_p"], seed=options["seed"])[0]
 
         completion = await run_in_threadpool(run)  # keep the event loop free (e.g. for /v1/models) meanwhile
-        # The stop token was generated (and billed) though it is not part of the text.
-        generated = len(completion.token_ids) + (completion.finish_reason == "stop")
+        # The stop token was generated (and billed) though it is not part of the text: token_ids holds it.
+        generated = len(completion.token_ids)
         return completion_response(model_name, completion.text, completion.finish_reason, prompt_tokens, generated)
 
     return app

@@ -36,7 +36,7 @@ def score_completions(rows: list[dict], completions) -> dict[str, float]:
         formatted += follows_format(completion.text) and stop
         accurate += parse_final_answer(completion.text) == int(row["answer"])
         reward += gold_reward(row["prompt"], completion.text)
-        length += len(completion.token_ids)
+        length += len(completion.content_ids)
         stopped += stop
     return {"format_rate": formatted / n, "accuracy": accurate / n, "gold_reward": reward / n,
             "mean_length": length / n, "stop_rate": stopped / n}
