@@ -103,16 +103,14 @@ def test_implicit_prompt_pairs_and_bad_rows(tiny_model_dir, tmp_path):
     assert pairs[0].rejected.input_ids[: len(prompt_ids)] == prompt_ids
 
 
-def test_win_rate_and_policy_kl(tiny_model_dir, world):
-    from posttrain.world.evaluate import policy_kl, win_rate
+def test_win_rate_hand_values():
+    """Per prompt, 1 if A's value is higher, 1/2 on a tie, 0 if lower: (1 + 0.5 + 0) / 3. (policy_kl is checked
+    against plain HF forwards in test_policy_eval.py.)"""
+    from posttrain.world.evaluate import win_rate
 
     assert win_rate([1.0, 0.5, 0.2], [0.5, 0.5, 0.3]) == pytest.approx((1 + 0.5 + 0) / 3)
     with pytest.raises(ValueError):
         win_rate([1.0], [])
-    prompts = [json.loads(line)["prompt"] for line in (world.data / "rl_heldout.jsonl").read_text().splitlines()[:3]]
-    # a policy against itself: every sampled token has the same log-prob under both, so the estimate is 0
-    assert policy_kl(tiny_model_dir, tiny_model_dir, prompts, n=2, max_new_tokens=6, device="cpu") == pytest.approx(
-        0.0, abs=1e-4)
 
 
 def _unpaired_rows(world, path, n_pairs):

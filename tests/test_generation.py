@@ -82,21 +82,85 @@ def test_generation_prompt_is_the_training_rendering(engine, prompts):
         assert prompt_part in seen
 
 
-def test_stop_and_length_finish_reasons(world_with_base):
-    """The pretrained base model in the chat format rarely stops; the world's template end-of-turn ends SFT-like
-    replies. Either way finish_reason says which, and stopped completions exclude the stop token."""
+def test_length_finish_reason(world_with_base):
+    """The pretrained base model in the chat format rarely stops within 2 tokens: finish_reason says "length" and
+    token_ids hold exactly the budget."""
     engine = load_engine(world_with_base.base_model, backend="hf", device="cpu")
     short = engine.generate([[{"role": "user", "content": "What is 2 + 3?"}]], SamplingParams(max_new_tokens=2, temperature=0))
     assert short[0][0].finish_reason == "length" and len(short[0][0].token_ids) == 2
-    from posttrain.data.render import end_of_turn_token_ids
+    assert short[0][0].content_ids == short[0][0].token_ids
 
-    stops = end_of_turn_token_ids(engine.tokenizer)
-    out = engine.generate([[{"role": "user", "content": "What is 2 + 3?"}]] * 2,
-                          SamplingParams(n=8, max_new_tokens=40, temperature=1.0, seed=0))
-    for completion in out[0] + out[1]:
-        assert not set(completion.token_ids) & set(stops)
-        assert completion.finish_reason in ("stop", "length")
-        assert completion.finish_reason == "stop" or len(completion.token_ids) == 40
+
+@pytest.fixture(scope="module")
+def stopping_engine(tiny_model_dir):
+    """The tiny model with a bias on its end-of-turn logit, so that at temperature 1 a reply stops after a few tokens
+    (P(end-of-turn) about 0.12 per step): both finish reasons occur among a couple of dozen samples."""
+    from posttrain.data.render import end_of_turn_token_ids
+    from posttrain.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = load_causal_lm(tiny_model_dir).eval()
+    head = model.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(head.weight)
+        biased.bias.zero_()
+        biased.bias[end_of_turn_token_ids(tokenizer)[0]] = 4.2
+    model.set_output_embeddings(biased)
+    return HFEngine(model, tokenizer, batch_size=16)
+
+
+def test_stopped_completions_keep_the_stop_token_and_its_logprob(stopping_engine, prompts):
+    """A reply that stops ends with the end-of-turn token in token_ids (and nowhere before it), its text leaves it
+    out, and its log-prob is there: the sampled log-probs, stop token included, equal teacher-forced token_logps."""
+    from posttrain.data.packing import Example, collate_flat
+    from posttrain.data.render import end_of_turn_token_ids
+    from posttrain.models.logprobs import token_logps
+
+    engine = stopping_engine
+    stops = set(end_of_turn_token_ids(engine.tokenizer))
+    out = engine.generate(prompts, SamplingParams(n=4, max_new_tokens=12, temperature=1.0, seed=3, logprobs=True))
+    completions = [c for samples in out for c in samples]
+    stopped = [c for c in completions if c.finish_reason == "stop"]
+    assert stopped and len(stopped) < len(completions)  # both finish reasons occur
+    for c in completions:
+        if c.finish_reason == "stop":
+            assert c.token_ids[-1] in stops and not stops & set(c.token_ids[:-1])
+            assert c.content_ids == c.token_ids[:-1]
+            assert c.text == engine.tokenizer.decode(c.token_ids[:-1], skip_special_tokens=True)
+        else:
+            assert len(c.token_ids) == 12 and not stops & set(c.token_ids)
+        assert len(c.logprobs) == len(c.token_ids)
+    for prompt, samples in zip(prompts, out):
+        prompt_ids = render_prompt(engine.tokenizer, prompt)
+        examples = [Example(prompt_ids + c.token_ids, [0] * len(prompt_ids) + [1] * len(c.token_ids)) for c in samples]
+        with torch.no_grad():
+            forced = token_logps(engine.model, collate_flat(examples, engine.tokenizer.pad_token_id)).tolist()
+        assert [x for c in samples for x in c.logprobs] == pytest.approx(forced, abs=1e-4)
+
+
+def test_generation_leaves_the_global_rng_alone(engine, prompts):
+    """Sampling draws from a local torch.Generator: the training loop's global stream is the same with or without a
+    generate call in between, seeded or not, and the python RNG is untouched too."""
+    import random
+
+    torch.manual_seed(1234)
+    random.seed(99)
+    expected = torch.rand(4)
+    expected_py = random.random()
+    torch.manual_seed(1234)
+    random.seed(99)
+    engine.generate(prompts, SamplingParams(n=2, max_new_tokens=5, temperature=1.0, seed=0))
+    engine.generate(prompts, SamplingParams(n=2, max_new_tokens=5, temperature=1.0, seed=None))
+    assert torch.equal(torch.rand(4), expected)
+    assert random.random() == expected_py
+
+
+def test_unseeded_sampling_differs_between_calls(engine, prompts):
+    params = SamplingParams(n=2, max_new_tokens=8, temperature=1.0, seed=None)
+    first = [[c.token_ids for c in s] for s in engine.generate(prompts, params)]
+    second = [[c.token_ids for c in s] for s in engine.generate(prompts, params)]
+    assert first != second
 
 
 def test_bad_sampling_parameters_are_rejected():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -18,6 +19,18 @@ def demo_summary(world_with_base, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     summary = run_demo(DemoConfig(out=str(out), progress=False, device="cpu"))
     return out, summary
+
+
+def _greedy_win_rate(samples_a, samples_b) -> float:
+    """Per held-out prompt, 1 if A's greedy reply has the higher gold reward, 1/2 on a tie, 0 if lower; the mean."""
+    from posttrain.world.gold import gold_reward
+
+    def gold(path):
+        return [gold_reward(r["prompt"], r["completion"]) for r in map(json.loads, path.read_text().splitlines())]
+
+    a, b = gold(samples_a), gold(samples_b)
+    assert len(a) == len(b) == 200
+    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
 
 
 def test_base_model_is_pretrained(world_with_base):
@@ -37,7 +50,7 @@ def test_sft_learns_format_and_stopping(demo_summary):
     assert sft["format_rate"] >= 0.95
     assert sft["stop_rate"] >= 0.95
     assert sft["gold_reward"] > base["gold_reward"] + 0.3
-    assert 0.0 <= sft["accuracy"] <= 1.0 and sft["accuracy"] > base["accuracy"]
+    assert sft["accuracy"] > base["accuracy"]
     assert sft["accuracy"] >= 0.4  # measured 0.655: the base model can do the arithmetic, SFT teaches the format
 
 
@@ -62,7 +75,7 @@ def test_demo_reward_model_learns_surface_preferences(demo_summary):
     rm = summary["reward_model"]
     assert rm["pair_accuracy_rest"] >= 0.85, rm
     assert rm["pairs"] > 100 and rm["answer_check_pairs"] > 50
-    assert -1.0 <= rm["length_correlation"] <= 1.0
+    assert math.isfinite(rm["length_correlation"])
 
 
 def test_demo_best_of_n_with_a_verifier_raises_gold_reward(demo_summary):
@@ -73,7 +86,7 @@ def test_demo_best_of_n_with_a_verifier_raises_gold_reward(demo_summary):
     bon = summary["best_of_n"]
     assert bon["n"] == 16 and bon["prompts"] == 100
     assert bon["verifier_pick_gold"] >= bon["single_gold"] + 0.15, bon
-    assert 0.0 <= bon["reward_model_pick_gold"] <= 1.5
+    assert bon["reward_model_pick_gold"] < bon["verifier_pick_gold"] - 0.2, bon  # the RM does not check answers
     assert bon["pass_at_n"] >= summary["stages"]["sft"]["accuracy"]
 
 
@@ -95,12 +108,13 @@ def test_demo_on_policy_dpo_beats_sft_under_the_gold_reward(demo_summary):
     * the mean gold reward of its samples rises by >= 0.03 (measured 0.995 -> 1.046);
     * it keeps the format, its KL to the SFT reference is reported, and its implicit reward beta * log pi/pi_ref
       ranks the world's held-out gold pairs better than chance (measured 0.69; KL 0.36 nats)."""
-    _, summary = demo_summary
+    out, summary = demo_summary
     dpo = summary["dpo"]
     assert dpo["pairs"] > 1500 and dpo["prompts"] == 2000
     assert dpo["win_rate_vs_sft"] >= 0.53, dpo
     assert dpo["sampled_gold_dpo"] >= dpo["sampled_gold_sft"] + 0.03, dpo
-    assert 0.0 <= dpo["win_rate_vs_sft_greedy"] <= 1.0
+    assert dpo["win_rate_vs_sft_greedy"] == pytest.approx(_greedy_win_rate(out / "samples_dpo.jsonl",
+                                                                           out / "samples_sft.jsonl"))
     assert 0.0 < dpo["kl_to_reference"] < 5.0
     assert dpo["implicit_reward_accuracy"] > 0.55, dpo
     assert summary["stages"]["dpo"]["format_rate"] >= 0.95

@@ -52,7 +52,6 @@ def test_every_loss_trains_and_logs(trained, loss):
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in train)
     if loss in ("bt", "margin", "kcomparisons", "plackett_luce"):
         assert {"rm/accuracy", "rm/margin", "rm/chosen_mean", "rm/rejected_mean"} <= set(train[-1])
-        assert -1.0 <= records[-1]["eval/length_correlation"] <= 1.0  # the length-bias report
     assert any(k.startswith("eval/") for k in records[-1])
     assert json.loads((trained[loss] / "complete.json").read_text())["loss"] == loss
 
@@ -91,12 +90,33 @@ def test_orm_and_prm_reload_and_score(trained, world):
     rows = [json.loads(line) for line in (world.data / "process_heldout.jsonl").read_text().splitlines()[:4]]
     prompts = [r["prompt"] for r in rows]
     per_step = prm.step_rewards(prompts, [None] * len(rows), steps=[r["steps"] for r in rows])
-    assert [len(s) for s in per_step] == [len(r["steps"]) for r in rows]
-    assert all(0.0 <= p <= 1.0 for s in per_step for p in s)
+    assert per_step == [pytest.approx(s, abs=1e-5) for s in _hf_step_probabilities(trained["prm"], rows)]
     aggregated = prm(prompts, ["\n".join(r["steps"]) for r in rows])
     assert aggregated == pytest.approx([min(s) for s in per_step], abs=1e-5)
     scores = orm(prompts, ["\n".join(r["steps"]) for r in rows])
-    assert all(0.0 <= s <= 1.0 for s in scores)
+    assert scores == pytest.approx([p[-1] for p in _hf_completion_probabilities(
+        trained["orm"], prompts, ["\n".join(r["steps"]) for r in rows])], abs=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["bt", "margin", "kcomparisons", "plackett_luce"])
+def test_length_correlation_report_is_the_pearson_correlation_of_scores_and_lengths(trained, loss):
+    """The eval report's length bias: Pearson's r (statistics.correlation) between the final model's score of every
+    held-out completion and its length in trained tokens (the reply and its end-of-turn token)."""
+    import statistics
+
+    from posttrain.data.messages import conversation
+    from posttrain.data.render import render_conversation
+    from posttrain.models import load_tokenizer
+
+    path = trained[loss]
+    records = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (path.parent.parent / f"{loss}_eval.jsonl").read_text().splitlines()]
+    pairs = [(r["prompt"], c) for r in rows for c in (r["completions"] if "completions" in r else
+                                                        [r["chosen"], r["rejected"]])]
+    scores = ScalarRewardModel(path, device="cpu")([p for p, _ in pairs], [c for _, c in pairs])
+    tokenizer = load_tokenizer(path)
+    lengths = [float(sum(render_conversation(tokenizer, conversation(p, c), "final_turn_only")[1])) for p, c in pairs]
+    assert records[-1]["eval/length_correlation"] == pytest.approx(statistics.correlation(scores, lengths), abs=1e-3)
 
 
 def test_length_sorted_scoring_matches_one_by_one(trained, world):
@@ -207,3 +227,129 @@ def test_shared_prefix_layout_by_hand():
     assert [flat_index(batch["layout"][0], t) for t in range(4)] == [0, 1, 2, 3]
     assert [flat_index(batch["layout"][1], t) for t in range(3)] == [0, 1, 4]
     assert [flat_index(batch["layout"][2], t) for t in range(2)] == [5, 6]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reward specs (posttrain.rewards.reward_from_spec): orm:DIR[:agg], prm:DIR[:agg], rm:DIR, judge:DIR, checked
+# against plain HF forwards of the saved models.
+
+
+def _hf_token_logits(path, ids: list[int]) -> torch.Tensor:
+    """(T, labels) logits of AutoModelForTokenClassification on one unpadded sequence."""
+    from transformers import AutoModelForTokenClassification
+
+    model = AutoModelForTokenClassification.from_pretrained(str(path)).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].double()
+
+
+def _hf_completion_probabilities(path, prompts, completions) -> list[list[float]]:
+    """ORM: sigmoid of the logit at every token of the reply (as trained: the reply and its end-of-turn token)."""
+    from posttrain.data.messages import conversation
+    from posttrain.data.render import render_conversation
+    from posttrain.models import load_tokenizer
+
+    tokenizer = load_tokenizer(path)
+    out = []
+    for prompt, completion in zip(prompts, completions):
+        ids, mask = render_conversation(tokenizer, conversation(prompt, completion), "final_turn_only")
+        logits = _hf_token_logits(path, ids)[:, 0]
+        out.append([float(torch.sigmoid(logits[t])) for t in range(len(ids)) if mask[t]])
+    return out
+
+
+def _hf_step_probabilities(path, rows) -> list[list[float]]:
+    """PRM: P(correct) = softmax(logits)[2] at the token holding each step's last character, the token found from the
+    tokenizer's character offsets into the rendered text (steps joined by newlines)."""
+    from posttrain.models import load_tokenizer
+
+    tokenizer = load_tokenizer(path)
+    out = []
+    for row in rows:
+        reply = "\n".join(row["steps"])
+        messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": reply}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        start, ends, position = text.rindex(reply), [], 0
+        for step in row["steps"]:
+            position += len(step)
+            ends.append(start + position - 1)
+            position += 1
+        tokens = [next(t for t, (a, b) in enumerate(encoded["offset_mapping"]) if a <= end < b) for end in ends]
+        probabilities = torch.softmax(_hf_token_logits(path, encoded["input_ids"]), -1)[:, 2]
+        out.append([float(probabilities[t]) for t in tokens])
+    return out
+
+
+def test_orm_spec_aggregations(trained, world):
+    """orm:DIR is the ORM with `last`; orm:DIR:mean and orm:DIR:min aggregate the per-token P(correct) of the reply;
+    on these replies the three differ."""
+    from posttrain.rewards import reward_from_spec
+
+    rows = [json.loads(line) for line in (world.data / "outcome_heldout.jsonl").read_text().splitlines()[:4]]
+    prompts, completions = [r["prompt"] for r in rows], [r["completion"] for r in rows]
+    per_token = _hf_completion_probabilities(trained["orm"], prompts, completions)
+    expected = {"last": [p[-1] for p in per_token], "mean": [sum(p) / len(p) for p in per_token],
+                "min": [min(p) for p in per_token]}
+    for spec, aggregation in ((f"orm:{trained['orm']}", "last"), (f"orm:{trained['orm']}:last", "last"),
+                              (f"orm:{trained['orm']}:mean", "mean"), (f"orm:{trained['orm']}:min", "min")):
+        reward = reward_from_spec(spec, device="cpu")
+        assert type(reward) is OutcomeRewardModel and reward.aggregation == aggregation, spec
+        assert reward(prompts, completions) == pytest.approx(expected[aggregation], abs=1e-5), spec
+    assert all(len({round(expected[a][i], 4) for a in expected}) == 3 for i in range(len(rows)))
+    with pytest.raises(ValueError, match="ORM aggregation"):
+        reward_from_spec(f"orm:{trained['orm']}:product", device="cpu")
+
+
+def test_prm_spec_aggregations(trained, world):
+    """prm:DIR (and rm:DIR of a PRM) aggregate the per-step P(correct) with `min`; prm:DIR:mean / :last / :product
+    with theirs, each computed here from the HF per-step vector."""
+    from posttrain.rewards import reward_from_spec
+
+    rows = [json.loads(line) for line in (world.data / "process_heldout.jsonl").read_text().splitlines()[:4]]
+    prompts, completions = [r["prompt"] for r in rows], ["\n".join(r["steps"]) for r in rows]
+    per_step = _hf_step_probabilities(trained["prm"], rows)
+    assert [len(s) for s in per_step] == [len(r["steps"]) for r in rows] and min(map(len, per_step)) >= 2
+    expected = {"min": [min(s) for s in per_step], "mean": [sum(s) / len(s) for s in per_step],
+                "last": [s[-1] for s in per_step], "product": [float(torch.tensor(s).prod()) for s in per_step]}
+    path = trained["prm"]
+    for spec, aggregation in ((f"prm:{path}", "min"), (f"rm:{path}", "min"), (f"prm:{path}:mean", "mean"),
+                              (f"prm:{path}:last", "last"), (f"prm:{path}:product", "product")):
+        reward = reward_from_spec(spec, device="cpu")
+        assert type(reward) is ProcessRewardModel and reward.aggregation == aggregation, spec
+        assert reward(prompts, completions) == pytest.approx(expected[aggregation], abs=1e-5), spec
+    assert all(expected["min"][i] < expected["mean"][i] for i in range(len(rows)))  # min really is not mean here
+    weighted = reward_from_spec(f"0.5*prm:{path}:mean + 2*orm:{trained['orm']}", device="cpu")
+    orm_last = [p[-1] for p in _hf_completion_probabilities(trained["orm"], prompts, completions)]
+    assert weighted(prompts, completions) == pytest.approx(
+        [0.5 * m + 2 * o for m, o in zip(expected["mean"], orm_last)], abs=1e-5)
+
+
+def test_judge_spec_rates_with_the_local_model(tiny_model_dir, monkeypatch):
+    """judge:DIR is a pointwise MT-Bench judge on the local model in DIR (greedy, 64 new tokens): its reward is the
+    rating in the judge's reply (here scripted: 9 for the right answer, 2 for a wrong one, none when unreadable)."""
+    import posttrain.models.generation as generation
+    from posttrain.rewards import reward_from_spec
+    from posttrain.rewards.judge import SINGLE_SYSTEM, JudgeReward, LocalBackend
+
+    seen = []
+
+    def scripted_generate(model, tokenizer, conversations, **kwargs):
+        seen.append((model, conversations, kwargs))
+        replies = {"The answer is 5.": "Good. Rating: [[9]]", "The answer is 6.": "Wrong. Rating: [[2]]"}
+        texts = [next((r for a, r in replies.items() if a in c[-1]["content"]), "hmm") for c in conversations]
+        return [generation.Completion(text, [1], "stop") for text in texts]
+
+    monkeypatch.setattr(generation, "generate", scripted_generate)
+    reward = reward_from_spec(f"judge:{tiny_model_dir}", device="cpu")
+    assert isinstance(reward, JudgeReward) and isinstance(reward.backend, LocalBackend)
+    assert reward.backend.max_new_tokens == 64
+    prompts = ["What is 2 + 3?"] * 3
+    assert reward(prompts, ["The answer is 5.", "The answer is 6.", "No idea."]) == [9.0, 2.0, None]
+    model, conversations, kwargs = seen[0]
+    assert model is reward.backend.model and model.config.name_or_path == str(tiny_model_dir)
+    assert (kwargs["max_new_tokens"], kwargs["temperature"]) == (64, 0.0)
+    assert conversations[0][0] == {"role": "system", "content": SINGLE_SYSTEM}
+    assert "What is 2 + 3?" in conversations[0][1]["content"] and "The answer is 5." in conversations[0][1]["content"]
+    total = reward_from_spec(f"0.5*judge:{tiny_model_dir}+1*gold", device="cpu")
+    assert total(prompts[:1], ["The answer is 5."]) == pytest.approx([0.5 * 9 + 1.3 + 0.2 * 56 / 60])

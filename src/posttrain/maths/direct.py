@@ -136,18 +136,24 @@ def kto_loss(
     beta: float,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    reference_point: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """KTO on unpaired examples, averaged over the batch. All tensors (B,); ``desirable`` is bool.
 
     r = log pi(y|x) - log pi_ref(y|x); the reference point z0 = max(0, mean(kl_policy_logps - kl_ref_logps)) is
-    the batch estimate of KL(pi || pi_ref) from completions paired with *other* prompts (mismatched pairs), detached.
+    the batch estimate of KL(pi || pi_ref) from completions paired with *other* prompts (mismatched pairs), detached;
+    ``reference_point`` (a scalar tensor) replaces it when the batch is one micro-batch of a larger step whose z0 was
+    computed over the whole step (so gradient accumulation gives the gradient of the whole step).
       desirable:   lambda_D * (1 - sigma(beta (r - z0)))
       undesirable: lambda_U * (1 - sigma(beta (z0 - r)))
     Metrics (detached): kl = z0; rewards/chosen and rewards/rejected = mean beta * r over the desirable and the
     undesirable examples, rewards/margin their difference, logps/chosen and logps/rejected the policy's mean
     log pi(y|x) over each (NaN when the batch has none of that kind).
     """
-    z0 = (kl_policy_logps - kl_ref_logps).mean().clamp(min=0).detach()
+    if reference_point is None:
+        z0 = kto_reference_point(kl_policy_logps, kl_ref_logps)
+    else:
+        z0 = reference_point.detach()
     ratio = policy_logps - ref_logps
     desirable = desirable.bool()
     losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - z0))),
@@ -169,3 +175,8 @@ def kto_loss(
         "logps/chosen": mean_over(logps, desirable),
         "logps/rejected": mean_over(logps, ~desirable),
     }
+
+
+def kto_reference_point(kl_policy_logps: torch.Tensor, kl_ref_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's z0 = max(0, mean(log pi(y'|x) - log pi_ref(y'|x))) over mismatched pairs (x, y'), detached."""
+    return (kl_policy_logps - kl_ref_logps).mean().clamp(min=0).detach()

@@ -292,24 +292,25 @@ def _fill_world_defaults(config: DPOConfig) -> DPOConfig:
     if not config.model:
         raise ValueError("posttrain dpo needs --model=DIR (usually an SFT model)")
     if not config.data:
-        from posttrain.stages import world as build
+        from posttrain.world.cache import ensure_world_data
 
-        paths = build.ensure_world(base_model=False, progress=config.progress)
+        paths = ensure_world_data()
         config.data = str(paths.data / "preference_train.jsonl")
         config.eval_data = config.eval_data or str(paths.data / "preference_heldout.jsonl")
     return config
 
 
 def pair_loss(model, pairs: list[Pair] | list[Unpaired], ref: tuple[torch.Tensor, torch.Tensor] | None,
-              config: DPOConfig, device):
-    """(loss, metrics) of a micro-batch; ``ref`` = the pairs' reference log-probs (None for reference-free types)."""
+              config: DPOConfig, device, reference_point: torch.Tensor | None = None):
+    """(loss, metrics) of a micro-batch; ``ref`` = the pairs' reference log-probs (None for reference-free types);
+    ``reference_point``: KTO's z0 when computed over the whole step (else from this micro-batch)."""
     chosen, rejected, chosen_len, rejected_len = sequence_logps(model, pairs, device)
     ref_chosen, ref_rejected = (None, None) if ref is None else (ref[0].to(device), ref[1].to(device))
     if config.loss == losses.DPOLoss.kto:  # chosen = the examples, rejected = their mismatched completions
         desirable = torch.tensor([p.desirable for p in pairs], device=device)
         return losses.kto_loss(chosen, ref_chosen, desirable, rejected, ref_rejected, beta=config.beta,
                                desirable_weight=config.desirable_weight,
-                               undesirable_weight=config.undesirable_weight)
+                               undesirable_weight=config.undesirable_weight, reference_point=reference_point)
     return losses.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=config.beta, loss_type=config.loss,
                            label_smoothing=config.label_smoothing, chosen_lengths=chosen_len,
                            rejected_lengths=rejected_len, gamma=config.gamma,
@@ -378,12 +379,18 @@ def train_dpo(config: DPOConfig, *, on_step_end: Callable[[int, dict], None] | N
     with run:
         for step in run.steps():
             indices = list(next(batches))
+            chunks = micro_batches(indices, config.grad_accum)
+            z0 = None
+            if loss_type == losses.DPOLoss.kto and len(chunks) > 1:  # z0 is a batch statistic: over the whole step
+                with torch.no_grad(), autocast(device, config.precision):
+                    _, kl_policy, _, _ = sequence_logps(model, [pairs[i] for i in indices], device)
+                z0 = losses.kto_reference_point(kl_policy, reference(indices, ref_train, pairs)[1].to(device))
             means = WeightedMeans()
-            for chunk in micro_batches(indices, config.grad_accum):
+            for chunk in chunks:
                 share = len(chunk) / len(indices)  # each micro-batch's share of the step's pairs
                 with autocast(device, config.precision):
                     loss, metrics = pair_loss(model, [pairs[i] for i in chunk], reference(chunk, ref_train, pairs),
-                                              config, device)
+                                              config, device, reference_point=z0)
                 (loss * share).backward()
                 means.add(metrics, share)
             grad_norm = grad_norm_and_clip(model, config.max_grad_norm)

@@ -63,9 +63,9 @@ def token_blocks(texts: list[str], tokenizer, block_size: int) -> torch.Tensor:
 def _fill_defaults(config: PretrainConfig) -> PretrainConfig:
     if config.data and (config.model or config.tokenizer):
         return config
-    from posttrain.stages import world as build
+    from posttrain.world.cache import ensure_world_data
 
-    paths = build.ensure_world(base_model=False)
+    paths = ensure_world_data()
     if not config.data:
         config.data = str(paths.data / "pretrain_train.jsonl")
         config.eval_data = config.eval_data or str(paths.data / "pretrain_heldout.jsonl")

@@ -22,10 +22,12 @@ from posttrain.models.logprobs import policy_kl  # noqa: F401  (also importable 
 from posttrain.world.gold import follows_format, gold_reward, parse_final_answer
 
 
+# pragma: no mutate start (reads files or runs a model; `make mutate` covers the scoring functions only)
 def load_eval_prompts(path: str | Path, limit: int = 0) -> list[dict]:
     """Rows with ``prompt`` (messages; a string becomes one user turn) and ``answer`` (e.g. the world's
     rl_heldout.jsonl), read and checked by the one prompt loader (bad rows name file, line and field)."""
     return [{"prompt": messages, **extra} for messages, extra in load_prompt_rows(str(path), limit=limit)]
+# pragma: no mutate end
 
 
 def score_completions(rows: list[dict], completions) -> dict[str, float]:
@@ -42,6 +44,7 @@ def score_completions(rows: list[dict], completions) -> dict[str, float]:
             "mean_length": length / n, "stop_rate": stopped / n}
 
 
+# pragma: no mutate start (reads files or runs a model; `make mutate` covers the scoring functions only)
 def evaluate_model(model_dir: str | Path, prompts_path: str | Path, *, limit: int = 0, max_new_tokens: int = 64,
                    batch_size: int = 64, device: str = "auto", samples_path: Path | None = None) -> dict[str, float]:
     """Greedy replies of the model to held-out prompts, scored with the gold reward."""
@@ -56,6 +59,7 @@ def evaluate_model(model_dir: str | Path, prompts_path: str | Path, *, limit: in
                 f.write(json.dumps({"prompt": row["prompt"], "answer": row["answer"], "completion": c.text,
                                     "finish_reason": c.finish_reason}) + "\n")
     return score_completions(rows, completions)
+# pragma: no mutate end
 
 
 def _jsonl(path: Path, limit: int) -> list[dict]:
@@ -123,6 +127,7 @@ def evaluate_reward_on_world(reward, data_dir: str | Path, *, limit: int = 0) ->
             "pairs": len(scored), "rankings": len(rankings)}
 
 
+# pragma: no mutate start (reads files or runs a model; `make mutate` covers the scoring functions only)
 def sampled_gold_per_prompt(model_dir: str | Path, prompts: list[list[dict]], *, n: int, max_new_tokens: int = 64,
                             seed: int = 0, device: str = "auto") -> list[float]:
     """Per prompt, the mean gold reward of ``n`` samples at temperature 1: an estimate of the policy's expected gold
@@ -133,3 +138,4 @@ def sampled_gold_per_prompt(model_dir: str | Path, prompts: list[list[dict]], *,
     samples = engine.generate(prompts, SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed))
     return [sum(gold_reward(prompt, c.text) for c in completions) / n
             for prompt, completions in zip(prompts, samples)]
+# pragma: no mutate end

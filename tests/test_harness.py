@@ -1,0 +1,194 @@
+"""The run harness and every training stage's wiring: kill-and-resume is bit-identical, gradient accumulation equals
+one big batch, and the harness's pieces (micro-batch split, weighted means, multi-module checkpoints) are exact."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from posttrain.plumbing.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from posttrain.plumbing.harness import WeightedMeans
+from posttrain.plumbing.training import micro_batches
+
+STAGES = ["pretrain", "sft", "rm:bt", "rm:margin", "rm:kcomparisons", "rm:plackett_luce", "rm:orm", "rm:prm",
+          "dpo:dpo", "dpo:simpo", "dpo:kto"]
+
+
+def train(stage: str, model_dir: Path, world, out: Path, on_step_end=None, **overrides) -> Path:
+    """One tiny run of ``stage`` ("sft", "rm:LOSS", "dpo:LOSS", "pretrain") on held-out tiny-world data."""
+    common = dict(model=str(model_dir), out=str(out), max_steps=4, batch_size=2, grad_accum=1, lr=1e-3,
+                  warmup_steps=1, save_every=2, log_every=1, progress=False, device="cpu", max_grad_norm=0.0)
+    common.update(overrides)
+    name, _, loss = stage.partition(":")
+    data = world.data
+    match name:
+        case "pretrain":
+            from posttrain.stages.pretrain import PretrainConfig, train_pretrain
+
+            return train_pretrain(PretrainConfig(data=str(data / "pretrain_heldout.jsonl"), block_size=32,
+                                                 **common), on_step_end=on_step_end)
+        case "sft":
+            from posttrain.stages.sft import SFTConfig, train_sft
+
+            return train_sft(SFTConfig(data=str(data / "sft_heldout.jsonl"), **common), on_step_end=on_step_end)
+        case "rm":
+            from posttrain.stages.rm import RMConfig, RMLoss, train_rm
+
+            dataset = RMLoss(loss).world_dataset
+            return train_rm(RMConfig(loss=loss, data=str(data / f"{dataset}_heldout.jsonl"), **common),
+                            on_step_end=on_step_end)
+        case "dpo":
+            from posttrain.stages.dpo import DPOConfig, train_dpo
+
+            return train_dpo(DPOConfig(loss=loss, data=str(data / "preference_heldout.jsonl"), **common),
+                             on_step_end=on_step_end)
+    raise ValueError(stage)
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+def step_metrics(run_dir: Path, step: int) -> dict:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return next(r for r in records if r["step"] == step and "train/loss" in r)
+
+
+class Killed(Exception):
+    """Stands in for the process dying inside the loop: no clean-up of ours runs."""
+
+
+def kill_at(step_to_die: int):
+    def hook(step: int, info: dict) -> None:
+        if step == step_to_die:
+            raise Killed()
+    return hook
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_killed_and_resumed_run_is_bit_identical(stage, tiny_model_dir, world, tmp_path):
+    """Killed after step 3 (the last checkpoint is step 2), resumed: steps 3 and 4 replay exactly (same batches,
+    optimizer, scheduler and RNG states) and the final weights equal an uninterrupted run's bit for bit."""
+    reference = train(stage, tiny_model_dir, world, tmp_path / "reference")
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        train(stage, tiny_model_dir, world, out, on_step_end=kill_at(3))
+    assert latest_checkpoint(out).name == "step-000002"
+    assert not (out / "model").exists()
+    resumed = train(stage, tiny_model_dir, world, out, resume=True)
+    expected, got = weights(reference), weights(resumed)
+    assert expected.keys() == got.keys()
+    changed = [name for name in expected if not torch.equal(expected[name], weights(tiny_model_dir).get(name, expected[name]))]
+    assert changed, "training changed no weight: the comparison would be vacuous"
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    losses = lambda run_dir: [r["train/loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())  # noqa: E731
+                              if "train/loss" in r]
+    assert losses(out) == losses(reference.parent) and len(losses(out)) == 4
+
+
+def plain_sgd(monkeypatch, stage: str) -> None:
+    """Swap the stage's AdamW for plain SGD: w' = w - lr * g shows the gradient itself (Adam's first step is about
+    lr * sign(g), which would hide a wrongly scaled gradient and amplify float noise where g is ~0)."""
+    import importlib
+
+    module = importlib.import_module(f"posttrain.stages.{stage.partition(':')[0]}")
+    monkeypatch.setattr(module, "build_optimizer", lambda model, lr, weight_decay: torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=lr))
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_gradient_accumulation_equals_one_big_batch(stage, tiny_model_dir, world, tmp_path, monkeypatch):
+    """One optimizer step with grad_accum=2, batch_size=2 sees the same 4 units as grad_accum=1, batch_size=4 and
+    must give the same loss, the same gradient norm and the same gradient (each micro-batch's loss is normalised
+    over the WHOLE step: trained tokens for sft/pretrain/orm, steps for prm, pairs or rankings else; kto's z0 over
+    the whole step)."""
+    plain_sgd(monkeypatch, stage)
+    big = train(stage, tiny_model_dir, world, tmp_path / "big", max_steps=1, batch_size=4, grad_accum=1)
+    split = train(stage, tiny_model_dir, world, tmp_path / "split", max_steps=1, batch_size=2, grad_accum=2)
+    a, b = step_metrics(big.parent, 1), step_metrics(split.parent, 1)
+    assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5, abs=1e-7)
+    assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-5)
+    assert a["train/grad_norm"] > 0
+    start, wa, wb = weights(tiny_model_dir), weights(big), weights(split)
+    moved = 0
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], rtol=0, atol=1e-8), name  # lr * |g| is ~1e-5
+        moved += name in start and not torch.equal(start[name], wa[name])
+    assert moved > 0
+
+
+def test_accumulation_test_catches_per_micro_batch_means(tiny_model_dir, world, tmp_path, monkeypatch):
+    """The check above fails when SFT normalises each micro-batch by its own token count (the classic bug)."""
+    from posttrain.maths import sft as sft_maths
+    from posttrain.stages import sft
+
+    original = sft_maths.sft_loss
+    monkeypatch.setattr(sft, "sft_loss", lambda logits, targets, num_tokens=None: original(logits, targets))
+    plain_sgd(monkeypatch, "sft")
+    big = train("sft", tiny_model_dir, world, tmp_path / "big", max_steps=1, batch_size=4, grad_accum=1)
+    split = train("sft", tiny_model_dir, world, tmp_path / "split", max_steps=1, batch_size=2, grad_accum=2)
+    a, b = step_metrics(big.parent, 1), step_metrics(split.parent, 1)
+    assert b["train/loss"] != pytest.approx(a["train/loss"], rel=1e-3)
+    assert b["train/grad_norm"] != pytest.approx(a["train/grad_norm"], rel=1e-3)
+
+
+def test_micro_batches_cover_the_step_in_order():
+    assert micro_batches([7, 8, 9, 10], 2) == [[7, 8], [9, 10]]
+    assert micro_batches([1, 2, 3, 4, 5], 2) == [[1, 2, 3], [4, 5]]
+    assert micro_batches([1, 2, 3], 1) == [[1, 2, 3]]
+    assert micro_batches([1, 2, 3], 3) == [[1], [2], [3]]
+    assert micro_batches([1, 2], 4) == [[1], [2]]
+
+
+def test_weighted_means_skip_nan_per_metric():
+    means = WeightedMeans()
+    means.add({"loss": 1.0, "rewards/chosen": float("nan")}, 0.25)
+    means.add({"loss": 3.0, "rewards/chosen": 2.0}, 0.75)
+    means.add({"loss": torch.tensor(5.0)}, 1.0)
+    result = means.means()
+    # loss: (0.25 * 1 + 0.75 * 3 + 1 * 5) / 2 = 7.5 / 2; rewards/chosen: only the second micro-batch
+    assert result == {"loss": pytest.approx(3.75), "rewards/chosen": pytest.approx(2.0)}
+    assert WeightedMeans().means() == {}
+
+
+def test_checkpoint_holds_named_modules_optimizers_and_generators(tmp_path):
+    """A checkpoint of a policy plus a value head, two optimizers and a sampling generator restores all of them."""
+    torch.manual_seed(0)
+    policy, value = torch.nn.Linear(3, 2), torch.nn.Linear(2, 1)
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=0.1) for name, m in (("policy", policy), ("value", value))}
+    schedulers = {name: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 0.5 ** s) for name, o in optimizers.items()}
+    for module, optimizer, scheduler in zip((policy, value), optimizers.values(), schedulers.values()):
+        module(torch.ones(1, module.in_features)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+    sampling = torch.Generator().manual_seed(5)
+    sampling_next = torch.rand(3, generator=torch.Generator().manual_seed(5))  # what the saved stream draws next
+    save_checkpoint(tmp_path, 7, modules={"policy": policy, "value": value}, optimizers=optimizers,
+                    schedulers=schedulers, generators={"sampling": sampling}, extra={"note": 1})
+    global_next = torch.rand(2)
+
+    fresh_policy, fresh_value = torch.nn.Linear(3, 2), torch.nn.Linear(2, 1)
+    fresh_opt = {n: torch.optim.AdamW(m.parameters(), lr=0.1) for n, m in (("policy", fresh_policy), ("value", fresh_value))}
+    fresh_sched = {n: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 0.5 ** s) for n, o in fresh_opt.items()}
+    fresh_gen = torch.Generator().manual_seed(123)
+    state = load_checkpoint(latest_checkpoint(tmp_path), modules={"policy": fresh_policy, "value": fresh_value},
+                            optimizers=fresh_opt, schedulers=fresh_sched, generators={"sampling": fresh_gen})
+    assert state["step"] == 7 and state["note"] == 1
+    for a, b in ((policy, fresh_policy), (value, fresh_value)):
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            assert torch.equal(pa, pb)
+    assert torch.equal(fresh_opt["value"].state_dict()["state"][0]["exp_avg"],
+                       optimizers["value"].state_dict()["state"][0]["exp_avg"])
+    assert fresh_sched["policy"].last_epoch == 1
+    assert torch.equal(torch.rand(3, generator=fresh_gen), sampling_next)  # the sampling stream continues exactly
+    assert torch.equal(torch.rand(2), global_next)  # so does the global one
+    with pytest.raises(RuntimeError, match="optimizer"):
+        load_checkpoint(latest_checkpoint(tmp_path), modules={"policy": fresh_policy, "value": fresh_value},
+                        optimizers={"policy": fresh_opt["policy"]}, schedulers=fresh_sched)
+    assert math.isfinite(float(fresh_policy.weight.sum()))

@@ -1,0 +1,124 @@
+"""Evaluating a policy: the world's metrics of given completions (``score_completions``) by hand, and the Monte-Carlo
+``policy_kl`` between two different models against plain HF forwards over the very samples it drew."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from posttrain.models.generation import Completion
+
+
+def _prompt(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def test_score_completions_hand_values():
+    """Four replies (E = the end-of-turn token, part of ``token_ids`` of a stopped reply):
+
+      What is 2 + 3? (5)  "2 + 3 = 5. The answer is 5."  stop, 7 tokens + E: formatted, right, gold 1.3 + 0.2*51/60
+      What is 4 + 4? (8)  "The answer is 8."  length, 5 tokens: right but not formatted (it never stopped),
+                          gold 1.3 + 0.2*56/60 (the gold reward does not look at stopping)
+      What is 6 + 1? (7)  "The answer is 9."  stop, 4 + E: formatted, wrong, gold 0.3 + 0.2*56/60
+      What is 3 + 3? (6)  "It is six"  stop, 3 + E: no integer, not formatted, gold 0.2*57/60
+
+    format_rate 2/4, accuracy 2/4, stop_rate 3/4, mean_length (7 + 5 + 4 + 3) / 4 = 4.75 (stop token not counted),
+    gold_reward the mean of the four."""
+    from posttrain.world.evaluate import score_completions
+
+    E = 2
+    rows = [{"prompt": _prompt("What is 2 + 3?"), "answer": "5"}, {"prompt": _prompt("What is 4 + 4?"), "answer": "8"},
+            {"prompt": _prompt("What is 6 + 1?"), "answer": "7"}, {"prompt": _prompt("What is 3 + 3?"), "answer": "6"}]
+    completions = [Completion("2 + 3 = 5. The answer is 5.", [10] * 7 + [E], "stop"),
+                   Completion("The answer is 8.", [11] * 5, "length"),
+                   Completion("The answer is 9.", [12] * 4 + [E], "stop"),
+                   Completion("It is six", [13] * 3 + [E], "stop")]
+    metrics = score_completions(rows, completions)
+    gold = (1.3 + 0.2 * 51 / 60 + 1.3 + 0.2 * 56 / 60 + 0.3 + 0.2 * 56 / 60 + 0.2 * 57 / 60) / 4
+    assert metrics == pytest.approx({"format_rate": 0.5, "accuracy": 0.5, "gold_reward": gold, "mean_length": 4.75,
+                                     "stop_rate": 0.75}, abs=1e-12)
+
+
+def test_score_completions_accuracy_reads_the_answer_column():
+    """Accuracy compares the stated answer with the row's ``answer`` (as an integer, e.g. "-3"), not with some other
+    number in the reply."""
+    from posttrain.world.evaluate import score_completions
+
+    rows = [{"prompt": _prompt("What is 2 - 5?"), "answer": "-3"}, {"prompt": _prompt("What is 9 - 4?"), "answer": 5}]
+    completions = [Completion("2 - 5 = -3. The answer is -3.", [1, 2, 3], "length"),
+                   Completion("5 is close, but the answer is 6.", [1, 2, 3, 4, 5], "length")]
+    metrics = score_completions(rows, completions)
+    assert (metrics["accuracy"], metrics["format_rate"], metrics["stop_rate"], metrics["mean_length"]) == (
+        0.5, 0.0, 0.0, 4.0)
+
+
+@pytest.fixture(scope="module")
+def peaked_reference(world_tokenizer, tmp_path_factory):
+    """Another random tiny Llama (seed 1) whose final norm is scaled by 40, so its next-token distributions are far
+    from the near-uniform ones of the seed-0 model: the KL between them is several nats."""
+    from posttrain.world.model import init_tiny_model
+
+    path = tmp_path_factory.mktemp("peaked-llama")
+    model = init_tiny_model("world-llama", world_tokenizer, seed=1)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(40.0)
+    model.save_pretrained(path)
+    world_tokenizer.save_pretrained(path)
+    return path
+
+
+def _sequence_logp(model, prompt_ids: list[int], completion_ids: list[int]) -> float:
+    """sum_t log p(y_t | x, y_<t) by one plain forward over prompt + completion."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt_ids) - 1 : -1].double()  # position t predicts token t + 1
+    return float(logits.log_softmax(-1).gather(-1, ids[0, len(prompt_ids):, None]).sum())
+
+
+def test_policy_kl_equals_a_plain_hf_estimate_over_its_samples(tiny_model_dir, peaked_reference, world, monkeypatch):
+    """policy_kl(pi, pi_ref) = mean over its samples y ~ pi of sum_t [log pi(y_t) - log pi_ref(y_t)], over every
+    token the engine returned (whatever ``token_ids`` holds: the stop token too when it stopped). The samples are
+    recorded as the engine returns them; both log-probs are recomputed here by plain forwards of each model."""
+    from posttrain.data.render import render_prompt
+    from posttrain.models import load_causal_lm, load_tokenizer
+    from posttrain.models.generation import HFEngine
+    from posttrain.models.logprobs import policy_kl
+
+    prompts = [json.loads(line)["prompt"] for line in (world.data / "rl_heldout.jsonl").read_text().splitlines()[:3]]
+    recorded = []
+    original = HFEngine.generate
+
+    def recording_generate(self, prompts_, params):
+        out = original(self, prompts_, params)
+        recorded.append((prompts_, out))
+        return out
+
+    monkeypatch.setattr(HFEngine, "generate", recording_generate)
+    kl = policy_kl(tiny_model_dir, peaked_reference, prompts, n=2, max_new_tokens=6, seed=0, device="cpu")
+    reverse = policy_kl(peaked_reference, tiny_model_dir, prompts, n=2, max_new_tokens=6, seed=0, device="cpu")
+    assert len(recorded) == 2 and recorded[0][0] == prompts
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    models = {path: load_causal_lm(path).eval() for path in (tiny_model_dir, peaked_reference)}
+
+    def expected(samples, policy, reference) -> float:
+        terms = []
+        for prompt, completions in zip(prompts, samples):
+            prompt_ids = render_prompt(tokenizer, prompt)
+            for completion in completions:
+                assert completion.token_ids  # every sample counts in the mean
+                terms.append(_sequence_logp(models[policy], prompt_ids, completion.token_ids)
+                             - _sequence_logp(models[reference], prompt_ids, completion.token_ids))
+        assert len(terms) == 6
+        return sum(terms) / len(terms)
+
+    forward = expected(recorded[0][1], tiny_model_dir, peaked_reference)
+    backward = expected(recorded[1][1], peaked_reference, tiny_model_dir)
+    assert forward > 2.0 and backward > 2.0  # far from 0: a flipped sign or a dropped term cannot pass
+    assert kl == pytest.approx(forward, abs=2e-3)
+    assert reverse == pytest.approx(backward, abs=2e-3)
+    # a policy against itself: every sampled token has the same log-prob under both, so the estimate is 0
+    assert policy_kl(tiny_model_dir, tiny_model_dir, prompts, n=2, max_new_tokens=6, device="cpu") == pytest.approx(
+        0.0, abs=1e-4)
