@@ -92,13 +92,12 @@ def test_killed_and_resumed_run_is_bit_identical(stage, tiny_model_dir, world, t
     assert losses(out) == losses(reference.parent) and len(losses(out)) == 4
 
 
-def plain_sgd(monkeypatch, stage: str) -> None:
+def plain_sgd(monkeypatch) -> None:
     """Swap the stage's AdamW for plain SGD: w' = w - lr * g shows the gradient itself (Adam's first step is about
     lr * sign(g), which would hide a wrongly scaled gradient and amplify float noise where g is ~0)."""
-    import importlib
+    from posttrain.plumbing import training
 
-    module = importlib.import_module(f"posttrain.stages.{stage.partition(':')[0]}")
-    monkeypatch.setattr(module, "build_optimizer", lambda model, lr, weight_decay: torch.optim.SGD(
+    monkeypatch.setattr(training, "build_optimizer", lambda model, lr, weight_decay: torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad], lr=lr))
 
 
@@ -108,7 +107,7 @@ def test_gradient_accumulation_equals_one_big_batch(stage, tiny_model_dir, world
     must give the same loss, the same gradient norm and the same gradient (each micro-batch's loss is normalised
     over the WHOLE step: trained tokens for sft/pretrain/orm, steps for prm, pairs or rankings else; kto's z0 over
     the whole step)."""
-    plain_sgd(monkeypatch, stage)
+    plain_sgd(monkeypatch)
     big = train(stage, tiny_model_dir, world, tmp_path / "big", max_steps=1, batch_size=4, grad_accum=1)
     split = train(stage, tiny_model_dir, world, tmp_path / "split", max_steps=1, batch_size=2, grad_accum=2)
     a, b = step_metrics(big.parent, 1), step_metrics(split.parent, 1)
@@ -130,7 +129,7 @@ def test_accumulation_test_catches_per_micro_batch_means(tiny_model_dir, world, 
 
     original = sft_maths.sft_loss
     monkeypatch.setattr(sft, "sft_loss", lambda logits, targets, num_tokens=None: original(logits, targets))
-    plain_sgd(monkeypatch, "sft")
+    plain_sgd(monkeypatch)
     big = train("sft", tiny_model_dir, world, tmp_path / "big", max_steps=1, batch_size=4, grad_accum=1)
     split = train("sft", tiny_model_dir, world, tmp_path / "split", max_steps=1, batch_size=2, grad_accum=2)
     a, b = step_metrics(big.parent, 1), step_metrics(split.parent, 1)
@@ -192,3 +191,60 @@ def test_checkpoint_holds_named_modules_optimizers_and_generators(tmp_path):
         load_checkpoint(latest_checkpoint(tmp_path), modules={"policy": fresh_policy, "value": fresh_value},
                         optimizers={"policy": fresh_opt["policy"]}, schedulers=fresh_sched)
     assert math.isfinite(float(fresh_policy.weight.sum()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# plumbing/training.py: the pieces every loop uses, against hand-computed values
+
+
+def test_step_counts():
+    from types import SimpleNamespace
+
+    from posttrain.plumbing.training import step_counts
+
+    config = SimpleNamespace(batch_size=4, grad_accum=2, epochs=2.5, max_steps=0)
+    assert step_counts(100, config) == (12, 30)  # 100 // 8 = 12 steps per epoch; ceil(2.5 * 12) = 30
+    assert step_counts(5, config) == (1, 3)  # fewer units than a step: still one step per epoch; ceil(2.5)
+    config.max_steps = 7
+    assert step_counts(100, config) == (12, 7)
+
+
+def test_optimizer_groups_and_step():
+    """AdamW decays matrices but not biases / norm weights; optimizer_step returns the pre-clip norm and the lr the
+    step used, clips to max_norm, advances the schedule and zeroes the gradients."""
+    from types import SimpleNamespace
+
+    from posttrain.plumbing.training import grad_norm_and_clip, optimizer_and_scheduler, optimizer_step
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    config = SimpleNamespace(lr=0.1, weight_decay=0.5, warmup_steps=2, lr_schedule="constant")
+    optimizer, scheduler = optimizer_and_scheduler(model, config, total_steps=10)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.5 and no_decay["weight_decay"] == 0.0
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 3])]
+    assert sorted(p.numel() for p in no_decay["params"]) == [4, 4, 4]  # linear bias, norm weight and bias
+    model(torch.ones(2, 3)).pow(2).sum().backward()
+    expected_norm = float(torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters())))
+    grad_norm, lr = optimizer_step(model, optimizer, scheduler, max_grad_norm=1e-3)
+    assert grad_norm == pytest.approx(expected_norm, rel=1e-6) and grad_norm > 1e-3
+    assert lr == pytest.approx(0.05)  # warm-up step 1 of 2
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.1)
+    assert all(p.grad is None for p in model.parameters())
+    # clipping really scales the gradient to max_norm (and 0 = no clipping still reports the norm)
+    model(torch.ones(2, 3)).pow(2).sum().backward()
+    before = float(torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters())))
+    assert grad_norm_and_clip(model, 0.5) == pytest.approx(before, rel=1e-6)
+    assert float(torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters()))) == pytest.approx(0.5, rel=1e-5)
+    assert grad_norm_and_clip(model, 0.0) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_autocast_choices():
+    from posttrain.plumbing.training import autocast
+
+    cpu = torch.device("cpu")
+    assert isinstance(autocast(cpu, "bf16"), torch.autocast)
+    assert not isinstance(autocast(cpu, "auto"), torch.autocast)  # fp32 on CPU, where bf16 is slow
+    assert not isinstance(autocast(cpu, "fp32"), torch.autocast)
+    with pytest.raises(ValueError, match="precision"):
+        autocast(cpu, "fp8")

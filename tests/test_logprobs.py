@@ -101,3 +101,30 @@ def test_token_owners_of_flat_and_padded_batches():
     assert token_owners(collate_padded(examples, 0)).tolist() == [0, 0, 1, 2, 2]
     with pytest.raises(ValueError, match="packed"):
         token_owners(collate_packed([examples[:2], examples[2:]], 0))
+
+
+@torch.no_grad()
+def test_value_head_on_the_backbone(tiny_model_dir, tmp_path):
+    """load_value_model: the causal LM's backbone with a 1-output head per position; token_values reads V at the
+    position before each scored token (one forward); a saved critic reloads with the same values."""
+    from transformers import AutoModelForTokenClassification
+
+    from posttrain.models.heads import load_value_model, token_values
+
+    critic = load_value_model(tiny_model_dir).eval()
+    lm = load_causal_lm(tiny_model_dir)
+    lm_state, critic_state = lm.model.state_dict(), critic.model.state_dict()
+    assert lm_state.keys() == critic_state.keys()
+    assert all(torch.equal(lm_state[k], critic_state[k]) for k in lm_state)  # the backbone is the LM's
+    examples = make_examples(3, seed=4)
+    batch = collate_flat(examples, pad_token_id=0)
+    values = token_values(critic, batch)
+    # plain HF: the token-classification logits of each sequence alone, at positions t-1 of its trained tokens
+    expected = []
+    for e in examples:
+        logits = critic(input_ids=torch.tensor([e.input_ids])).logits[0, :, 0]
+        expected += [float(logits[t - 1]) for t in range(1, len(e)) if e.loss_mask[t]]
+    assert values.tolist() == pytest.approx(expected, abs=1e-5)
+    critic.save_pretrained(tmp_path / "critic")
+    reloaded = AutoModelForTokenClassification.from_pretrained(tmp_path / "critic").eval()
+    assert token_values(reloaded, batch).tolist() == pytest.approx(values.tolist(), abs=1e-6)

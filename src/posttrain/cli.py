@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from transformers.utils import logging as hf_logging
 
-    from posttrain.plumbing.config import ConfigError
     from posttrain.data import DataError, RenderError, TemplateNotPrefixStableError
+    from posttrain.plumbing.config import ConfigError
 
     hf_logging.disable_progress_bar()  # our own progress bars say what is going on
 

@@ -8,7 +8,14 @@ Public API::
 
 from posttrain.data.examples import load_sft_examples, load_texts
 from posttrain.data.io import DataError, LoadReport, Row, read_rows
-from posttrain.data.packing import Example, collate_flat, collate_packed, collate_padded, first_fit_decreasing, pack_batch
+from posttrain.data.packing import (
+    Example,
+    collate_flat,
+    collate_packed,
+    collate_padded,
+    first_fit_decreasing,
+    pack_batch,
+)
 from posttrain.data.render import (
     MultiTurnStrategy,
     RenderError,

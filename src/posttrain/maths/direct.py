@@ -11,7 +11,6 @@ from enum import StrEnum
 import torch
 import torch.nn.functional as F
 
-
 # completion's tokens of log pi(y_t | x, y_<t), shape (B,). Length-normalised variants also take token counts (B,).
 
 

@@ -5,6 +5,7 @@ functions) is this package."""
 from posttrain.models.loading import (
     load_causal_lm,
     load_tokenizer,
+    prepare_for_training,
     resize_for_tokenizer,
     resolve_device,
     set_threads,
@@ -24,6 +25,6 @@ from posttrain.models.logprobs import (
 
 __all__ = [
     "backbone_hidden", "flat_hidden_states", "load_causal_lm", "load_tokenizer", "output_logits", "policy_kl",
-    "resize_for_tokenizer", "resolve_device", "scored_positions", "sequence_sums", "set_threads", "token_logps",
+    "prepare_for_training", "resize_for_tokenizer", "resolve_device", "scored_positions", "sequence_sums", "set_threads", "token_logps",
     "trained_token_logits", "use_segment_attention", "varlen_kwargs",
 ]

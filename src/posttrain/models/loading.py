@@ -67,6 +67,17 @@ def use_segment_attention(model) -> None:
         model.config._attn_implementation = register()
 
 
+def prepare_for_training(model, *, gradient_checkpointing: bool = False, segment_attention: bool = True):
+    """Train mode, no KV cache, optional activation checkpointing, and padding-free segment attention."""
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    if segment_attention:
+        use_segment_attention(model)
+    model.train()
+    return model
+
+
 def set_threads() -> None:
     """Respect OMP_NUM_THREADS if set (torch reads it too late in some launchers)."""
     if threads := os.environ.get("OMP_NUM_THREADS"):

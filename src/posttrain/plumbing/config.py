@@ -11,10 +11,10 @@ and the closest valid one.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 import difflib
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

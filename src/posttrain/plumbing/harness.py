@@ -41,6 +41,7 @@ import torch
 from posttrain.plumbing.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_state, save_checkpoint
 from posttrain.plumbing.config import save_config
 from posttrain.plumbing.runlog import MetricsLog
+from posttrain.plumbing.training import seed_everything
 
 
 def is_complete(run_dir: str | Path) -> dict[str, Any] | None:
@@ -114,10 +115,11 @@ class Run:
     """One training run's plumbing (see the module docstring for the shape of a stage)."""
 
     def __init__(self, config, stage: str, *, on_step_end: Callable[[int, dict], None] | None = None):
-        """``config`` needs ``out``, ``resume``, ``log_every``, ``eval_every``, ``save_every``, ``keep_last`` and
+        """Seeds python and torch with ``config.seed``; ``config`` needs ``out``, ``resume``, ``log_every``, ``eval_every``, ``save_every``, ``keep_last`` and
         ``progress`` (every ``TrainConfig`` has them). ``on_step_end(step, info)`` is called after every optimizer
         step with the keyword arguments the stage gave :meth:`end_step` (benchmarks and tests hook in here)."""
         self.config, self.stage, self.on_step_end = config, stage, on_step_end
+        seed_everything(config.seed)  # python and torch: initialisation of new weights, dropout
         self.dir = Path(config.out)
         checkpoint = latest_checkpoint(self.dir)
         if checkpoint is not None and not config.resume:

@@ -45,6 +45,13 @@ def micro_batches(indices: list[int], grad_accum: int) -> list[list[int]]:
     return [indices[start : start + per_micro] for start in range(0, len(indices), per_micro)]
 
 
+def step_counts(num_items: int, config) -> tuple[int, int]:
+    """(optimizer steps per epoch, total steps) of a run over ``num_items`` training units: ``config.max_steps``
+    when set, else ``config.epochs`` passes of ``batch_size * grad_accum`` units per step."""
+    steps_per_epoch = max(1, num_items // (config.batch_size * config.grad_accum))
+    return steps_per_epoch, config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+
+
 def build_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
     """AdamW; no weight decay on biases and norm weights (1-D parameters), the usual convention."""
     decay, no_decay = [], []
@@ -79,6 +86,23 @@ def build_scheduler(optimizer, *, warmup_steps: int, total_steps: int, schedule:
         optimizer,
         lambda step: lr_multiplier(step, warmup_steps=warmup_steps, total_steps=total_steps, schedule=schedule),
     )
+
+
+def optimizer_and_scheduler(model, config, total_steps: int):
+    """AdamW (``config.lr``, ``config.weight_decay``) and its warm-up + decay schedule over ``total_steps``."""
+    optimizer = build_optimizer(model, config.lr, config.weight_decay)
+    return optimizer, build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=total_steps,
+                                      schedule=config.lr_schedule)
+
+
+def optimizer_step(model, optimizer, scheduler, max_grad_norm: float) -> tuple[float, float]:
+    """Clip, step, schedule, zero the gradients; returns (gradient norm before clipping, the step's learning rate)."""
+    grad_norm = grad_norm_and_clip(model, max_grad_norm)
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
 
 
 def autocast(device: torch.device, precision: str):

@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, Sequence
 
-from posttrain.plumbing.config import ConfigError
 from posttrain.data.messages import message_text
+from posttrain.plumbing.config import ConfigError
 
 Verdict = Literal["A", "B", "tie"]
 

@@ -13,17 +13,17 @@ Other columns of the prompt rows (e.g. ``answer`` for a verifier) are carried th
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from posttrain.plumbing.config import SamplingConfig, stage_config, device_option, option, overwrite_option
 from posttrain.data.io import write_jsonl
 from posttrain.data.prompts import GENERATED_KEYS, load_generated, load_prompt_rows
-from posttrain.models.generation import SamplingParams, load_engine
 from posttrain.maths.selection import best_worst_pairs, mean_or_nan, ordered_pairs, select_top_k, select_top_per_prompt
+from posttrain.models.generation import SamplingParams, load_engine
+from posttrain.plumbing.config import SamplingConfig, device_option, option, overwrite_option, stage_config
+
 
 def _check_out(out: str, overwrite: bool) -> None:
     if os.path.exists(out) and not overwrite:

@@ -26,8 +26,8 @@ class ChatConfig:
 
 
 def run_chat(config: ChatConfig) -> None:
-    from posttrain.models.generation import generate
     from posttrain.models import load_causal_lm, load_tokenizer, resolve_device
+    from posttrain.models.generation import generate
 
     if not config.model:
         from posttrain.stages.world import ensure_world

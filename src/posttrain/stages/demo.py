@@ -23,8 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from posttrain.maths.stats import mean_or_nan
 from posttrain.plumbing.config import config_to_dict, device_option, option, progress_option
-from posttrain.maths.selection import mean_or_nan
 from posttrain.plumbing.harness import is_complete
 
 METRICS = ("format_rate", "accuracy", "gold_reward", "mean_length", "stop_rate")
@@ -69,9 +69,9 @@ def _discard_if_config_changed(run_dir: Path, config) -> None:
 
 
 def _reward_model_stage(config: DemoConfig, paths, sft_model: Path, out: Path) -> dict:
-    from posttrain.world.evaluate import evaluate_reward_on_world
     from posttrain.rewards import ScalarRewardModel
     from posttrain.stages.rm import RMConfig, train_rm
+    from posttrain.world.evaluate import evaluate_reward_on_world
 
     rm_dir = out / "rm"
     rm_config = RMConfig(
@@ -87,10 +87,11 @@ def _reward_model_stage(config: DemoConfig, paths, sft_model: Path, out: Path) -
 
 def _best_of_n_stage(config: DemoConfig, paths, sft_model: Path, rm_model: Path | None) -> dict:
     """Sample N per held-out prompt once; pick by the BT RM and by the math verifier; report the picks' gold."""
-    from posttrain.stages.bestofn import load_prompt_rows, reward_matrix, sample
+    from posttrain.data.prompts import load_prompt_rows
+    from posttrain.maths.selection import pass_at_k, select_top_per_prompt
     from posttrain.models.generation import SamplingParams, load_engine
     from posttrain.rewards import reward_from_spec
-    from posttrain.maths.selection import pass_at_k, select_top_per_prompt
+    from posttrain.stages.bestofn import reward_matrix, sample
 
     prompt_rows = load_prompt_rows(str(paths.data / "rl_heldout.jsonl"), limit=config.bon_prompts)
     engine = load_engine(sft_model, backend="hf", device=config.device)
@@ -130,10 +131,12 @@ def _dpo_stage(config: DemoConfig, paths, sft_model: Path, out: Path) -> tuple[d
     """On-policy DPO from the SFT model (Tülu 3 / Iterative RPO style): sample 8 replies per training prompt from the
     SFT model, label them with the gold reward, pair better with worse replies (up to 4 distinct pairs per prompt),
     train dpo_nll (DPO + NLL on the chosen reply) for one epoch."""
-    from posttrain.stages.bestofn import load_prompt_rows, reward_matrix, sample, select_rows, write_jsonl
-    from posttrain.stages.dpo import DPOConfig, train_dpo
+    from posttrain.data.io import write_jsonl
+    from posttrain.data.prompts import load_prompt_rows
     from posttrain.models.generation import SamplingParams, load_engine
     from posttrain.rewards import reward_from_spec
+    from posttrain.stages.bestofn import reward_matrix, sample, select_rows
+    from posttrain.stages.dpo import DPOConfig, train_dpo
 
     pairs_path = out / "dpo_pairs.jsonl"
     settings = {"model": str(sft_model), "prompts": config.dpo_prompts, "n": 8, "pairs_per_prompt": 4}
@@ -169,9 +172,9 @@ def _greedy_gold(samples_path: Path) -> list[float]:
 
 
 def run_demo(config: DemoConfig) -> dict:
-    from posttrain.world.evaluate import evaluate_model
-    from posttrain.stages.sft import SFTConfig, train_sft
     from posttrain.stages import world as build
+    from posttrain.stages.sft import SFTConfig, train_sft
+    from posttrain.world.evaluate import evaluate_model
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -217,7 +220,9 @@ def run_demo(config: DemoConfig) -> dict:
         summary["rejection_sampling"], rs_model = _rejection_sampling_stage(config, paths, sft_model, out)
         stages["rs"] = evaluate(rs_model, "rs")
     if config.dpo_prompts:
-        from posttrain.world.evaluate import load_eval_prompts, policy_kl, sampled_gold_per_prompt, win_rate
+        from posttrain.maths.stats import win_rate
+        from posttrain.models.logprobs import policy_kl
+        from posttrain.world.evaluate import load_eval_prompts, sampled_gold_per_prompt
 
         stage += 1
         print(f"[{stage}/{stage_count}] on-policy DPO from the SFT model ({config.dpo_prompts} prompts x 8 "

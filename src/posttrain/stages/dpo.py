@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,18 +34,17 @@ from posttrain.data.io import DataError, Row, as_messages, check_messages, read_
 from posttrain.data.packing import Example, add_scored_tokens, collate_shared_prefix
 from posttrain.data.render import RenderError, render_conversation
 from posttrain.maths import direct as losses
-from posttrain.models import load_causal_lm, load_tokenizer, resolve_device, use_segment_attention
+from posttrain.models import load_causal_lm, load_tokenizer, prepare_for_training, resolve_device, use_segment_attention
 from posttrain.models.logprobs import sequence_sums, token_logps
-from posttrain.plumbing.config import ChatTrainConfig, stage_config, option
+from posttrain.plumbing.config import ChatTrainConfig, option, stage_config
 from posttrain.plumbing.harness import Run, WeightedMeans
 from posttrain.plumbing.training import (
     autocast,
     batch_indices,
-    build_optimizer,
-    build_scheduler,
-    grad_norm_and_clip,
     micro_batches,
-    seed_everything,
+    optimizer_and_scheduler,
+    optimizer_step,
+    step_counts,
 )
 
 
@@ -322,7 +320,6 @@ def train_dpo(config: DPOConfig, *, on_step_end: Callable[[int, dict], None] | N
     config = _fill_world_defaults(config)
     loss_type = losses.DPOLoss(config.loss)
     device = resolve_device(config.device)
-    seed_everything(config.seed)
     run = Run(config, "dpo", on_step_end=on_step_end)
     if run.complete:
         return run.final_dir
@@ -360,17 +357,10 @@ def train_dpo(config: DPOConfig, *, on_step_end: Callable[[int, dict], None] | N
         return cached[0][indices], cached[1][indices]
 
     step_size = config.batch_size * config.grad_accum
-    steps_per_epoch = max(1, len(pairs) // step_size)
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    steps_per_epoch, total_steps = step_counts(len(pairs), config)
     model = load_causal_lm(config.model, device=device)
-    use_segment_attention(model)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.config.use_cache = False
-    model.train()
-    optimizer = build_optimizer(model, config.lr, config.weight_decay)
-    scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=total_steps,
-                                schedule=config.lr_schedule)
+    prepare_for_training(model, gradient_checkpointing=config.gradient_checkpointing)
+    optimizer, scheduler = optimizer_and_scheduler(model, config, total_steps)
     run.start(total_steps, modules={"model": model}, optimizers={"model": optimizer},
               schedulers={"model": scheduler}, tokenizer=tokenizer)
     batches = batch_indices(len(pairs), step_size, config.seed, shuffle=config.shuffle, start_batch=run.start_step)
@@ -393,11 +383,7 @@ def train_dpo(config: DPOConfig, *, on_step_end: Callable[[int, dict], None] | N
                                               config, device, reference_point=z0)
                 (loss * share).backward()
                 means.add(metrics, share)
-            grad_norm = grad_norm_and_clip(model, config.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = optimizer_step(model, optimizer, scheduler, config.max_grad_norm)
 
             if eval_pairs and run.eval_due(step):
                 run.log_metrics(step, {f"eval/{k}": v for k, v in evaluate().items()})

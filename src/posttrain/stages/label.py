@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from posttrain.plumbing.config import ConfigError, chat_template_option, device_option, option, progress_option
 from posttrain.data.io import Row, as_messages, read_rows
-from posttrain.rewards.judge import JudgeBackend, JudgeStats, LocalBackend, OpenAIBackend, Verdict, judge_pairs
 from posttrain.data.messages import message_text
+from posttrain.plumbing.config import ConfigError, chat_template_option, device_option, option, progress_option
+from posttrain.rewards.judge import JudgeBackend, JudgeStats, LocalBackend, OpenAIBackend, Verdict, judge_pairs
 from posttrain.world.gold import gold_reward
 from posttrain.world.tasks import solve
 

@@ -7,7 +7,6 @@ is dropped). loss = mean over all positions of -log p(x_{t+1} | x_<=t).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -15,17 +14,16 @@ import torch
 
 from posttrain.data import load_texts
 from posttrain.maths.sft import sft_loss
-from posttrain.models import load_causal_lm, load_tokenizer, resolve_device
-from posttrain.plumbing.config import TrainConfig, stage_config, option
+from posttrain.models import load_causal_lm, load_tokenizer, prepare_for_training, resolve_device
+from posttrain.plumbing.config import TrainConfig, option, stage_config
 from posttrain.plumbing.harness import Run
 from posttrain.plumbing.training import (
     autocast,
     batch_indices,
-    build_optimizer,
-    build_scheduler,
-    grad_norm_and_clip,
     micro_batches,
-    seed_everything,
+    optimizer_and_scheduler,
+    optimizer_step,
+    step_counts,
 )
 
 
@@ -104,7 +102,6 @@ def train_pretrain(config: PretrainConfig, *, on_step_end: Callable[[int, dict],
     """Run pretraining; returns the final model directory (``out/model``)."""
     config = _fill_defaults(config)
     device = resolve_device(config.device)
-    seed_everything(config.seed)
     run = Run(config, "pretrain", on_step_end=on_step_end)
     if run.complete:
         return run.final_dir
@@ -119,16 +116,10 @@ def train_pretrain(config: PretrainConfig, *, on_step_end: Callable[[int, dict],
         eval_blocks = token_blocks(eval_texts, tokenizer, config.block_size)
 
     step_size = config.batch_size * config.grad_accum
-    steps_per_epoch = max(1, len(blocks) // step_size)
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    steps_per_epoch, total_steps = step_counts(len(blocks), config)
     model = _make_model(config, tokenizer, device)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.config.use_cache = False
-    model.train()
-    optimizer = build_optimizer(model, config.lr, config.weight_decay)
-    scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=total_steps,
-                                schedule=config.lr_schedule)
+    prepare_for_training(model, gradient_checkpointing=config.gradient_checkpointing, segment_attention=False)
+    optimizer, scheduler = optimizer_and_scheduler(model, config, total_steps)
     run.start(total_steps, modules={"model": model}, optimizers={"model": optimizer},
               schedulers={"model": scheduler}, tokenizer=tokenizer)
     batches = batch_indices(len(blocks), step_size, config.seed, shuffle=config.shuffle, start_batch=run.start_step)
@@ -144,11 +135,7 @@ def train_pretrain(config: PretrainConfig, *, on_step_end: Callable[[int, dict],
                     loss, metrics = _next_token_loss(model, blocks[chunk].to(device), num_tokens)
                 loss.backward()
                 loss_sum += float(metrics["loss"])
-            grad_norm = grad_norm_and_clip(model, config.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = optimizer_step(model, optimizer, scheduler, config.max_grad_norm)
 
             if eval_blocks is not None and run.eval_due(step):
                 run.log_metrics(step, {"eval/loss": evaluate()})

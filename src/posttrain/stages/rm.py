@@ -18,7 +18,6 @@ completion. Usually one epoch (reward models overfit fast).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -31,18 +30,17 @@ from posttrain.data.messages import completion_text
 from posttrain.data.packing import Example, collate_flat, collate_shared_prefix, flat_index
 from posttrain.data.render import RenderError, render_conversation
 from posttrain.maths import reward as losses
-from posttrain.models import flat_hidden_states, load_tokenizer, resolve_device, use_segment_attention
+from posttrain.models import flat_hidden_states, load_tokenizer, prepare_for_training, resolve_device
 from posttrain.models.heads import load_head_model
-from posttrain.plumbing.config import ChatTrainConfig, stage_config, option
+from posttrain.plumbing.config import ChatTrainConfig, option, stage_config
 from posttrain.plumbing.harness import Run, WeightedMeans
 from posttrain.plumbing.training import (
     autocast,
     batch_indices,
-    build_optimizer,
-    build_scheduler,
-    grad_norm_and_clip,
     micro_batches,
-    seed_everything,
+    optimizer_and_scheduler,
+    optimizer_step,
+    step_counts,
 )
 from posttrain.rewards import STEP_SEPARATOR, step_boundary_tokens
 
@@ -312,7 +310,6 @@ def train_rm(config: RMConfig, *, on_step_end: Callable[[int, dict], None] | Non
     config = _fill_world_defaults(config)
     loss_type = RMLoss(config.loss)
     device = resolve_device(config.device)
-    seed_everything(config.seed)
     run = Run(config, "rm", on_step_end=on_step_end)
     if run.complete:
         return run.final_dir
@@ -322,17 +319,11 @@ def train_rm(config: RMConfig, *, on_step_end: Callable[[int, dict], None] | Non
     print(summary)
     eval_groups = load_groups(config.eval_data, tokenizer, config)[0] if config.eval_data else []
     step_size = config.batch_size * config.grad_accum
-    steps_per_epoch = max(1, len(groups) // step_size)
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    steps_per_epoch, total_steps = step_counts(len(groups), config)
 
     model = _load_model(config.model, loss_type, tokenizer, device)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    use_segment_attention(model)
-    model.train()
-    optimizer = build_optimizer(model, config.lr, config.weight_decay)
-    scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=total_steps,
-                                schedule=config.lr_schedule)
+    prepare_for_training(model, gradient_checkpointing=config.gradient_checkpointing)
+    optimizer, scheduler = optimizer_and_scheduler(model, config, total_steps)
     run.start(total_steps, modules={"model": model}, optimizers={"model": optimizer},
               schedulers={"model": scheduler}, tokenizer=tokenizer)
     pad_id = tokenizer.pad_token_id
@@ -351,11 +342,7 @@ def train_rm(config: RMConfig, *, on_step_end: Callable[[int, dict], None] | Non
                     loss, metrics, _ = group_loss(model, chunk, loss_type, pad_id, device)
                 (loss * (n / sum(units))).backward()
                 means.add(metrics, n / sum(units))
-            grad_norm = grad_norm_and_clip(model, config.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = optimizer_step(model, optimizer, scheduler, config.max_grad_norm)
 
             if eval_groups and run.eval_due(step):
                 run.log_metrics(step, {f"eval/{k}": v for k, v in evaluate().items()})

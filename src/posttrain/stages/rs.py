@@ -22,7 +22,7 @@ from pathlib import Path
 from posttrain.data.io import write_jsonl
 from posttrain.data.prompts import load_generated, load_prompt_rows
 from posttrain.models.generation import SamplingParams, load_engine
-from posttrain.plumbing.config import SamplingConfig, stage_config, option, progress_option, save_config
+from posttrain.plumbing.config import SamplingConfig, option, progress_option, save_config, stage_config
 from posttrain.plumbing.harness import is_complete
 from posttrain.stages.bestofn import REWARD_SPEC_HELP, reward_matrix, sample, sampling_params, select_rows
 

@@ -19,9 +19,6 @@ from pathlib import Path
 
 from posttrain.data.io import write_jsonl
 from posttrain.data.prompts import load_prompt_rows
-from posttrain.stages.bestofn import REWARD_SPEC_HELP, reward_matrix, sample, sampling_params
-from posttrain.plumbing.config import SamplingConfig, stage_config, option
-from posttrain.models.generation import load_engine
 from posttrain.maths.selection import (
     best_of_n_kl,
     maj_at_k,
@@ -30,6 +27,9 @@ from posttrain.maths.selection import (
     powers_of_two,
     select_top_per_prompt,
 )
+from posttrain.models.generation import load_engine
+from posttrain.plumbing.config import SamplingConfig, option, stage_config
+from posttrain.stages.bestofn import REWARD_SPEC_HELP, reward_matrix, sample, sampling_params
 
 
 @stage_config

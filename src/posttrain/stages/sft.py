@@ -12,7 +12,6 @@ log / eval / checkpoint. Batches are a pure function of (seed, step), so a resum
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -23,21 +22,20 @@ from posttrain.maths.sft import sft_loss
 from posttrain.models import (
     load_causal_lm,
     load_tokenizer,
+    prepare_for_training,
     resize_for_tokenizer,
     resolve_device,
     trained_token_logits,
-    use_segment_attention,
 )
-from posttrain.plumbing.config import ChatTrainConfig, stage_config, option
+from posttrain.plumbing.config import ChatTrainConfig, option, stage_config
 from posttrain.plumbing.harness import Run
 from posttrain.plumbing.training import (
     autocast,
     batch_indices,
-    build_optimizer,
-    build_scheduler,
-    grad_norm_and_clip,
     micro_batches,
-    seed_everything,
+    optimizer_and_scheduler,
+    optimizer_step,
+    step_counts,
 )
 
 
@@ -94,7 +92,6 @@ def train_sft(config: SFTConfig, *, on_step_end: Callable[[int, dict], None] | N
     """
     config = _default_world_paths(config)
     device = resolve_device(config.device)
-    seed_everything(config.seed)
     run = Run(config, "sft", on_step_end=on_step_end)
     if run.complete:
         return run.final_dir
@@ -114,19 +111,12 @@ def train_sft(config: SFTConfig, *, on_step_end: Callable[[int, dict], None] | N
     else:
         items = [[e] for e in examples]
     step_size = config.batch_size * config.grad_accum
-    steps_per_epoch = max(1, len(items) // step_size)
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+    steps_per_epoch, total_steps = step_counts(len(items), config)
 
     model = load_causal_lm(config.model, device=device)
     resize_for_tokenizer(model, tokenizer)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.config.use_cache = False
-    use_segment_attention(model)
-    model.train()
-    optimizer = build_optimizer(model, config.lr, config.weight_decay)
-    scheduler = build_scheduler(optimizer, warmup_steps=config.warmup_steps, total_steps=total_steps,
-                                schedule=config.lr_schedule)
+    prepare_for_training(model, gradient_checkpointing=config.gradient_checkpointing)
+    optimizer, scheduler = optimizer_and_scheduler(model, config, total_steps)
     run.start(total_steps, modules={"model": model}, optimizers={"model": optimizer},
               schedulers={"model": scheduler}, tokenizer=tokenizer)
     pad_id = tokenizer.pad_token_id
@@ -147,11 +137,7 @@ def train_sft(config: SFTConfig, *, on_step_end: Callable[[int, dict], None] | N
                 loss, metrics = sft_loss(logits, targets, num_tokens=num_tokens)
                 loss.backward()
                 loss_sum += float(metrics["loss"])
-            grad_norm = grad_norm_and_clip(model, config.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = optimizer_step(model, optimizer, scheduler, config.max_grad_norm)
 
             if eval_examples and run.eval_due(step):
                 run.log_metrics(step, {"eval/loss": evaluate()})

@@ -21,7 +21,6 @@ strictly lower.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from typing import Callable
