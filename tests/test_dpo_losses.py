@@ -194,3 +194,60 @@ def test_kto_naive_reference():
         sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
         expected += wd * (1 - sig(beta * (p - r - z0))) if d else wu * (1 - sig(beta * (z0 - (p - r))))
     assert float(loss) == pytest.approx(expected / 32, rel=1e-12)
+
+
+def test_simpo_default_target_margin_is_one_half():
+    """gamma defaults to 0.5: the simpo case of test_hand_derived_values without passing gamma, 0.474077."""
+    loss, _ = dpo_loss(_t(-2.0), _t(-2.0), None, None, beta=2.0, loss_type="simpo", chosen_lengths=_t(4.0),
+                       rejected_lengths=_t(2.0))
+    assert float(loss) == pytest.approx(0.474077, abs=1e-6)
+
+
+def test_ipo_needs_both_lengths_for_the_per_token_form():
+    """With only one length given, IPO uses the sequence-level form: (1 - 2)^2 = 1 at beta 0.25 (as in
+    test_hand_derived_values), not the per-token one."""
+    loss, _ = dpo_loss(**dict(PAIR, rejected_lengths=None), beta=0.25, loss_type="ipo")
+    assert float(loss) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_metric_names_and_a_tie_is_not_accurate():
+    """policy = reference: both implicit rewards 0, a tie, so rewards/accuracy 0; loss -log sigma(0) = log 2."""
+    loss, metrics = dpo_loss(_t(-1.0), _t(-2.0), _t(-1.0), _t(-2.0), beta=0.5)
+    assert set(metrics) == {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
+                            "logps/chosen", "logps/rejected"}
+    assert float(metrics["loss"]) == float(loss) == pytest.approx(math.log(2.0), abs=1e-12)
+    assert float(metrics["rewards/accuracy"]) == 0.0
+
+
+def test_dpo_errors_name_what_is_missing():
+    """Each check fires when only one of the two tensors is missing, and says what is wrong."""
+    with pytest.raises(ValueError, match=r"^loss_type=dpo needs the reference log-probs$"):
+        dpo_loss(_t(-2.0), _t(-3.0), _t(-2.0), None, beta=0.5)
+    with pytest.raises(ValueError, match=r"^loss_type=dpo needs the reference log-probs$"):
+        dpo_loss(_t(-2.0), _t(-3.0), None, _t(-3.0), beta=0.5)
+    with pytest.raises(ValueError, match=r"^loss_type=simpo needs chosen_lengths and rejected_lengths$"):
+        dpo_loss(_t(-2.0), _t(-3.0), None, None, beta=0.5, loss_type="simpo", chosen_lengths=_t(4.0))
+    with pytest.raises(ValueError, match=r"^loss_type=dpo_nll needs chosen_lengths and rejected_lengths$"):
+        dpo_loss(_t(-2.0), _t(-3.0), _t(-2.0), _t(-3.0), beta=0.5, loss_type="dpo_nll", rejected_lengths=_t(3.0))
+    unpaired = r"^kto is unpaired: use kto_loss\(policy_logps, ref_logps, desirable, \.\.\.\)$"
+    with pytest.raises(ValueError, match=unpaired):
+        dpo_loss(_t(-2.0), _t(-3.0), _t(-2.0), _t(-3.0), beta=0.5, loss_type="kto")
+    with pytest.raises(ValueError, match=r"^label_smoothing must be in \[0, 0\.5\), got 0\.5$"):
+        dpo_loss(_t(-2.0), _t(-3.0), _t(-2.0), _t(-3.0), beta=0.5, loss_type="cdpo", label_smoothing=0.5)
+
+
+def test_kto_given_reference_point():
+    """A reference point computed over the whole step replaces the batch's own z0: the batch of test_kto_hand_values
+    with z0 = 0.2 given (its own mismatched pairs would give z0 = 0) has the same loss, 0.320919; z0 carries no
+    gradient. Metric names as documented."""
+    reference_point = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    policy = _t(-1.0, -2.5).requires_grad_()
+    loss, metrics = kto_loss(policy, _t(-2.0, -2.0), torch.tensor([True, False]), _t(-1.0, -1.0), _t(-1.0, -1.0),
+                             beta=1.0, reference_point=reference_point)
+    assert set(metrics) == {"loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margin", "logps/chosen",
+                            "logps/rejected"}
+    assert float(metrics["loss"]) == float(loss.detach()) == pytest.approx(0.320919, abs=1e-6)
+    assert float(metrics["kl"]) == pytest.approx(0.2) and float(metrics["logps/chosen"]) == -1.0
+    loss.backward()
+    assert reference_point.grad is None
+    assert policy.grad is not None

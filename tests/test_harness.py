@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from posttrain.plumbing.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from posttrain.plumbing.harness import WeightedMeans
+from posttrain.plumbing.training import WeightedMeans
 from posttrain.plumbing.training import micro_batches
 
 STAGES = ["pretrain", "sft", "rm:bt", "rm:margin", "rm:kcomparisons", "rm:plackett_luce", "rm:orm", "rm:prm",
@@ -37,9 +37,9 @@ def train(stage: str, model_dir: Path, world, out: Path, on_step_end=None, **ove
 
             return train_sft(SFTConfig(data=str(data / "sft_heldout.jsonl"), **common), on_step_end=on_step_end)
         case "rm":
-            from posttrain.stages.rm import RMConfig, RMLoss, train_rm
+            from posttrain.stages.rm import WORLD_DATASETS, RMConfig, RMLoss, train_rm
 
-            dataset = RMLoss(loss).world_dataset
+            dataset = WORLD_DATASETS[RMLoss(loss)]
             return train_rm(RMConfig(loss=loss, data=str(data / f"{dataset}_heldout.jsonl"), **common),
                             on_step_end=on_step_end)
         case "dpo":

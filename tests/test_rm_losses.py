@@ -138,3 +138,76 @@ def test_prm_loss_float64_reference():
                 expected.append(math.log(sum(math.exp(v) for v in z)) - z[y])
     loss, _ = prm_loss(logits, labels)
     assert loss.item() == pytest.approx(sum(expected) / len(expected), abs=1e-10)
+
+
+def test_bradley_terry_ties_count_as_wrong_and_metric_names():
+    """pairs (1, 1) and (2, 0): -log sigma(0) = log 2 = 0.6931472, -log sigma(2) = 0.1269280, mean 0.4100376; the tie is
+    not a correct ranking, so accuracy = 1/2."""
+    loss, metrics = bradley_terry_loss(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 0.0]))
+    assert set(metrics) == {"loss", "accuracy", "margin", "chosen_mean", "rejected_mean"}
+    assert metrics["loss"].item() == loss.item() == pytest.approx(0.4100376, abs=1e-6)
+    assert metrics["accuracy"].item() == 0.5
+
+
+def test_bradley_terry_margin_keeps_the_reward_dtype():
+    """float64 margins (as a data loader may give them) leave a float32 loss float32; values as in
+    test_bradley_terry_hand_derived: 0.8132617."""
+    loss, _ = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0]),
+                                 margin=torch.tensor([1.0, 0.0], dtype=torch.float64))
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(0.8132617, abs=1e-6)
+
+
+# Four rankings best-first: correctly ordered; best first but the rest swapped; a tie at the top; reversed.
+RANKINGS = [[3.0, 1.0, 0.0], [3.0, 0.0, 1.0], [2.0, 2.0, 1.0], [0.0, 1.0, 3.0]]
+
+
+def test_plackett_luce_metrics_hand_derived():
+    """RANKINGS: only the first is strictly ordered (ranking_accuracy 1/4; a tie is not an order); best above worst in
+    the first three (accuracy 3/4); best mean (3 + 3 + 2 + 0)/4 = 2, worst mean (0 + 1 + 1 + 3)/4 = 1.25, margin
+    0.75. The loss is the float64 reference's."""
+    loss, metrics = plackett_luce_loss(torch.tensor(RANKINGS, dtype=torch.float64))
+    assert set(metrics) == {"loss", "accuracy", "margin", "chosen_mean", "rejected_mean", "ranking_accuracy"}
+    assert metrics["loss"].item() == loss.item() == pytest.approx(naive_pl_float64(RANKINGS), abs=1e-12)
+    assert metrics["ranking_accuracy"].item() == 0.25
+    assert metrics["accuracy"].item() == 0.75
+    assert metrics["chosen_mean"].item() == 2.0 and metrics["rejected_mean"].item() == 1.25
+    assert metrics["margin"].item() == 0.75
+
+
+def test_kcomparisons_metrics_hand_derived():
+    """RANKINGS, pairs (0,1), (0,2), (1,2): differences (2, 3, 1), (3, 2, -1), (0, 1, 1), (-1, -3, -2); positive in
+    3 + 2 + 2 + 0 = 7 of 12 (a zero difference is not a win); margin = (6 + 4 + 2 - 6) / 12 = 0.5; best mean 2, worst
+    mean 1.25 (the first and the last column)."""
+    loss, metrics = kcomparisons_loss(torch.tensor(RANKINGS, dtype=torch.float64))
+    assert set(metrics) == {"loss", "accuracy", "margin", "chosen_mean", "rejected_mean"}
+    assert metrics["loss"].item() == loss.item() == pytest.approx(naive_kcomparisons_float64(RANKINGS), abs=1e-12)
+    assert metrics["accuracy"].item() == pytest.approx(7 / 12, abs=1e-7)
+    assert metrics["margin"].item() == 0.5
+    assert metrics["chosen_mean"].item() == 2.0 and metrics["rejected_mean"].item() == 1.25
+
+
+def test_orm_token_accuracy_hand_derived():
+    """logits (0.5, -1, 2, 9), labels (1, 1, 0, -100): predictions (logit > 0) 1, 0, 1: one of three right, 1/3.
+    BCE: log(1 + e^-0.5) = 0.4740770, log(1 + e) = 1.3132617, log(1 + e^2) = 2.1269280; mean 1.3047556.
+    One labelled token (logit 2, label 1): accuracy 1, loss log(1 + e^-2) = 0.1269280."""
+    loss, metrics = orm_loss(torch.tensor([[0.5, -1.0, 2.0, 9.0]]), torch.tensor([[1, 1, 0, -100]]))
+    assert set(metrics) == {"loss", "token_accuracy"}
+    assert metrics["loss"].item() == loss.item() == pytest.approx(1.3047556, abs=1e-6)
+    assert metrics["token_accuracy"].item() == pytest.approx(1 / 3, abs=1e-7)
+    loss, metrics = orm_loss(torch.tensor([[2.0, 0.0]]), torch.tensor([[1, -100]]))
+    assert metrics["token_accuracy"].item() == 1.0
+    assert loss.item() == pytest.approx(0.1269280, abs=1e-6)
+
+
+def test_prm_step_accuracy_hand_derived():
+    """Steps with logits (0, 0, 1) class 2 (right), (1, 0, 0) class 1 (argmax 0: wrong), (0, 2, 0) class 1 (right):
+    accuracy 2/3. Losses log(e + 2) - 1 = 0.5514447, log(e + 2) = 1.5514447, log(e^2 + 2) - 2 = 0.2395448; mean
+    0.7808114. One labelled step, right: accuracy 1."""
+    logits = torch.tensor([[[5.0, 5.0, 5.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]])
+    loss, metrics = prm_loss(logits, torch.tensor([[-100, 2, 1, 1]]))
+    assert set(metrics) == {"loss", "step_accuracy"}
+    assert metrics["loss"].item() == loss.item() == pytest.approx(0.7808114, abs=1e-6)
+    assert metrics["step_accuracy"].item() == pytest.approx(2 / 3, abs=1e-7)
+    _, metrics = prm_loss(torch.tensor([[[0.0, 0.0, 1.0], [3.0, 0.0, 0.0]]]), torch.tensor([[2, -100]]))
+    assert metrics["step_accuracy"].item() == 1.0

@@ -1,4 +1,5 @@
-"""Selection rules and inference-time-scaling metrics (posttrain.maths.selection) against the book and brute force."""
+"""Selection rules and inference-time-scaling metrics (posttrain.maths.selection) against the book and brute force;
+the small statistics of posttrain.maths.stats by hand and against the standard library."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from posttrain.maths.selection import (
     select_top_k,
     select_top_per_prompt,
 )
+from posttrain.maths.stats import mean_or_nan, pearson, win_rate
 
 BOOK_R = [[.7, .3, .5, .2], [.4, .8, .6, .5], [.9, .3, .4, .7], [.2, .5, .8, .6], [.5, .4, .3, .6]]
 
@@ -122,3 +124,80 @@ def test_powers_of_two():
     assert powers_of_two(16) == [1, 2, 4, 8, 16]
     assert powers_of_two(12) == [1, 2, 4, 8, 12]
     assert powers_of_two(1) == [1]
+
+
+def test_empty_rows_and_two_scored_completions():
+    """A prompt without completions picks -1; a prompt with exactly two scored, different rewards gives its pair."""
+    assert select_top_per_prompt([[], [0.2]]) == [-1, 0]
+    assert best_worst_pairs([[0.1, 0.9], [0.4, None, 0.3]]) == [(0, 1, 0), (1, 0, 2)]
+
+
+def test_ordered_pairs_default_seed_is_zero():
+    """The default draw is the seed-0 draw (seed 1 draws another pair here)."""
+    R = [[.7, .3, .5, .2]]
+    assert ordered_pairs(R, 2) == ordered_pairs(R, 2, seed=0) == [(0, 2, 1), (0, 0, 3)]
+    assert ordered_pairs(R, 2, seed=1) != ordered_pairs(R, 2)
+
+
+def test_maj_at_k_over_every_sample():
+    """k = len(answers) is allowed: [3, 5, 5, 3, 7] ties 3 and 5 twice each, 3 came first."""
+    assert maj_at_k([3, 5, 5, 3, 7], truth=3, k=5) == 1.0
+    assert maj_at_k([3, 5, 5, 3, 7], truth=5, k=5) == 0.0
+
+
+def test_selection_errors_name_the_bad_argument():
+    with pytest.raises(ValueError, match=r"^k must be >= 0, got -1$"):
+        select_top_k([[1.0]], -1)
+    with pytest.raises(ValueError, match=r"^every prompt needs the same number of completions for flat indices$"):
+        select_top_k([[1.0], [1.0, 2.0]], 1)
+    with pytest.raises(ValueError, match=r"^max_per_prompt must be >= 0, got -1$"):
+        ordered_pairs([[1.0]], -1)
+    with pytest.raises(ValueError, match=r"^need 0 <= c <= n and 1 <= k <= n, got n=3, c=4, k=1$"):
+        pass_at_k(3, 4, 1)
+    with pytest.raises(ValueError, match=r"^k must be in 1\.\.2, got 3$"):
+        maj_at_k([1, 2], truth=1, k=3)
+    with pytest.raises(ValueError, match=r"^n must be >= 1, got 0$"):
+        best_of_n_kl(0)
+
+
+def test_mean_or_nan():
+    assert mean_or_nan([1.0, 2.0, 6.0]) == 3.0
+    assert mean_or_nan([0.5]) == 0.5
+    assert math.isnan(mean_or_nan([]))
+
+
+def test_pearson_hand_derived():
+    """xs (1, 2, 3, 4), ys (2, 4, 5, 9): deviations (-1.5, -0.5, 0.5, 1.5) and (-3, -1, 0, 4);
+    cov = 4.5 + 0.5 + 0 + 6 = 11, var_x = 5, var_y = 26, r = 11 / sqrt(130) = 0.9647638. Reversing ys negates the
+    deviations of x against them: r = -0.9647638 for ys (9, 5, 4, 2). Scaling a side (variance 26 -> 0.26) leaves r
+    unchanged. A constant side gives 0."""
+    assert pearson([1, 2, 3, 4], [2, 4, 5, 9]) == pytest.approx(0.9647638, abs=1e-7)
+    assert pearson([1, 2, 3, 4], [9, 5, 4, 2]) == pytest.approx(-0.9647638, abs=1e-7)
+    assert pearson([1, 2, 3, 4], [0.2, 0.4, 0.5, 0.9]) == pytest.approx(0.9647638, abs=1e-7)
+    assert pearson([1, 2, 3, 4], [2.0, 2.0, 2.0, 2.0]) == 0.0
+    assert pearson([7, 7, 7], [1, 2, 3]) == 0.0
+
+
+def test_pearson_matches_the_standard_library_and_ignores_offsets():
+    """Against statistics.correlation; shifting both sides by -+1e6 (rewards far from zero) changes r by < 1e-9 (the
+    deviations from the means are formed before multiplying, so no large offset enters the sums)."""
+    import statistics
+
+    rng = random.Random(3)
+    for n in (2, 3, 10, 50):
+        xs = [rng.gauss(0, 1) for _ in range(n)]
+        ys = [0.5 * x + rng.gauss(0, 1) for x in xs]
+        expected = statistics.correlation(xs, ys)
+        assert math.isclose(pearson(xs, ys), expected, rel_tol=1e-12, abs_tol=1e-12)
+        assert pearson([x + 1e6 for x in xs], [y - 1e6 for y in ys]) == pytest.approx(expected, abs=1e-9)
+
+
+def test_win_rate_hand_values_and_errors():
+    """A beats B on prompt 1, ties on 2, loses on 3: (1 + 0.5 + 0) / 3 = 0.5; all ties: 0.5; all wins: 1."""
+    assert win_rate([1.0, 0.5, 0.2], [0.5, 0.5, 0.3]) == 0.5
+    assert win_rate([1.0, 2.0], [1.0, 2.0]) == 0.5
+    assert win_rate([3.0, 2.0], [1.0, 1.0]) == 1.0
+    assert win_rate([0.0, 0.0, 0.0, 5.0], [1.0, 1.0, 1.0, 1.0]) == 0.25
+    for a, b in (([1.0, 2.0], [1.0]), ([], [])):
+        with pytest.raises(ValueError, match=r"^win_rate needs two equally long, non-empty reward lists$"):
+            win_rate(a, b)

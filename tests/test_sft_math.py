@@ -84,6 +84,27 @@ def test_token_nll_float32_under_bf16():
     assert token_nll(logits, torch.tensor([0, 1, 2])).dtype == torch.float32
 
 
+def test_sft_loss_metrics_hand_derived():
+    """The example of test_sft_loss_hand_derived: nll_sum = log 3 - log 0.6 = log 5 = 1.6094379 over the 2 trained
+    tokens (the ignored position adds nothing); loss = nll_sum / tokens."""
+    logits = torch.tensor([[0.0, 0.0, 0.0], [math.log(3.0), 0.0, 0.0], [5.0, -1.0, 2.0]])
+    loss, metrics = sft_loss(logits, torch.tensor([2, 0, -100]))
+    assert set(metrics) == {"loss", "nll_sum", "tokens"}
+    assert metrics["nll_sum"].item() == pytest.approx(math.log(5.0), abs=1e-6)
+    assert metrics["loss"].item() == loss.item() == pytest.approx(math.log(5.0) / 2, abs=1e-6)
+    assert metrics["tokens"].item() == 2
+
+
+def test_reduction_keeps_the_loss_dtype_whatever_the_mask_dtype():
+    """A float64 mask (e.g. an attention mask) must not promote a float32 loss to float64; the values are those of
+    test_reductions_hand_derived."""
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.float64)
+    for mode, expected in ((Reduction.token_mean, 2.5), (Reduction.sequence_mean, 3.0), (Reduction.sum, 10.0)):
+        reduced = reduce_per_token(per_token, mask, mode)
+        assert reduced.dtype == torch.float32 and reduced.item() == expected
+
+
 def test_first_fit_decreasing_packs_within_capacity():
     lengths = [5, 9, 3, 7, 2, 8, 1]
     rows = first_fit_decreasing(lengths, 10)

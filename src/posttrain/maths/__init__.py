@@ -5,7 +5,7 @@ no models, no files. ``posttrain.losses`` (the losses' first home) is this packa
 
   reduction.py   IGNORE_INDEX, Reduction, reduce_per_token, token_nll
   sft.py         sft_loss (pretraining and instruction tuning)
-  reward.py      bradley_terry_loss (+ margin), kcomparisons_loss, plackett_luce_loss, orm_loss, prm_loss
+  reward.py      RMLoss, bradley_terry_loss (+ margin), kcomparisons_loss, plackett_luce_loss, orm_loss, prm_loss
   direct.py      DPOLoss, dpo_loss (dpo, cdpo, robust, ipo, dpo_nll, simpo, orpo), kto_loss
   selection.py   selection rules over a reward matrix, pass@k, maj@k, best-of-n KL  (``posttrain.sampling``)
   stats.py       mean_or_nan, pearson, win_rate
@@ -13,10 +13,10 @@ no models, no files. ``posttrain.losses`` (the losses' first home) is this packa
 
 from posttrain.maths.direct import DEFAULT_ALPHA, DPOLoss, dpo_loss, kto_loss
 from posttrain.maths.reduction import IGNORE_INDEX, Reduction, reduce_per_token, token_nll
-from posttrain.maths.reward import bradley_terry_loss, kcomparisons_loss, orm_loss, plackett_luce_loss, prm_loss
+from posttrain.maths.reward import RMLoss, bradley_terry_loss, kcomparisons_loss, orm_loss, plackett_luce_loss, prm_loss
 from posttrain.maths.sft import sft_loss
 
 __all__ = [
-    "DEFAULT_ALPHA", "DPOLoss", "IGNORE_INDEX", "Reduction", "bradley_terry_loss", "dpo_loss", "kcomparisons_loss",
+    "DEFAULT_ALPHA", "DPOLoss", "IGNORE_INDEX", "RMLoss", "Reduction", "bradley_terry_loss", "dpo_loss", "kcomparisons_loss",
     "kto_loss", "orm_loss", "plackett_luce_loss", "prm_loss", "reduce_per_token", "sft_loss", "token_nll",
 ]

@@ -5,10 +5,28 @@ Every loss returns ``(loss, metrics)``: a scalar tensor to back-propagate and a 
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 import torch
 import torch.nn.functional as F
 
 from posttrain.maths.reduction import IGNORE_INDEX, Reduction, reduce_per_token, token_nll
+
+
+class RMLoss(StrEnum):
+    """The reward-model losses of ``posttrain rm``."""
+
+    bt = "bt"  # Bradley-Terry on pairs
+    margin = "margin"  # Bradley-Terry with a margin (Llama 2)
+    kcomparisons = "kcomparisons"  # every pair of a K-wise ranking (InstructGPT)
+    plackett_luce = "plackett_luce"  # K-wise ranking likelihood (Starling)
+    orm = "orm"  # outcome RM: per-token BCE of correctness
+    prm = "prm"  # process RM: 3-class CE at each step's end
+
+    @property
+    def is_scalar(self) -> bool:
+        """One score per sequence (the BT family), rather than per token (orm, prm)."""
+        return self not in (RMLoss.orm, RMLoss.prm)
 
 
 def _pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:

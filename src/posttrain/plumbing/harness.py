@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import shlex
 import signal
 import sys
@@ -87,28 +86,6 @@ def save_final_model(run_dir: Path, model, tokenizer, info: dict[str, Any]) -> P
     (final / "complete.json").write_text(json.dumps(info))
     plot_metrics(run_dir)
     return final
-
-
-class WeightedMeans:
-    """Weighted means of step metrics over micro-batches: ``add(metrics, weight)`` then ``means()``.
-
-    A NaN value (a KTO micro-batch with no desirable example has no rewards/chosen) is left out of its metric's
-    mean rather than spoiling it; the other metrics of that micro-batch still count.
-    """
-
-    def __init__(self) -> None:
-        self.totals: dict[str, list[float]] = {}  # key -> [weighted sum, total weight]
-
-    def add(self, metrics: dict[str, Any], weight: float) -> None:
-        for key, value in metrics.items():
-            value = float(value)
-            if not math.isnan(value):
-                total = self.totals.setdefault(key, [0.0, 0.0])
-                total[0] += value * weight
-                total[1] += weight
-
-    def means(self) -> dict[str, float]:
-        return {key: total / weight for key, (total, weight) in self.totals.items()}
 
 
 class Run:

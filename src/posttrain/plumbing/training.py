@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -50,6 +50,28 @@ def step_counts(num_items: int, config) -> tuple[int, int]:
     when set, else ``config.epochs`` passes of ``batch_size * grad_accum`` units per step."""
     steps_per_epoch = max(1, num_items // (config.batch_size * config.grad_accum))
     return steps_per_epoch, config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+
+
+class WeightedMeans:
+    """Weighted means of step metrics over micro-batches: ``add(metrics, weight)`` then ``means()``.
+
+    A NaN value (a KTO micro-batch with no desirable example has no rewards/chosen) is left out of its metric's
+    mean rather than spoiling it; the other metrics of that micro-batch still count.
+    """
+
+    def __init__(self) -> None:
+        self.totals: dict[str, list[float]] = {}  # key -> [weighted sum, total weight]
+
+    def add(self, metrics: dict[str, Any], weight: float) -> None:
+        for key, value in metrics.items():
+            value = float(value)
+            if not math.isnan(value):
+                total = self.totals.setdefault(key, [0.0, 0.0])
+                total[0] += value * weight
+                total[1] += weight
+
+    def means(self) -> dict[str, float]:
+        return {key: total / weight for key, (total, weight) in self.totals.items()}
 
 
 def build_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8):

@@ -37,8 +37,9 @@ from posttrain.maths import direct as losses
 from posttrain.models import load_causal_lm, load_tokenizer, prepare_for_training, resolve_device, use_segment_attention
 from posttrain.models.logprobs import sequence_sums, token_logps
 from posttrain.plumbing.config import ChatTrainConfig, option, stage_config
-from posttrain.plumbing.harness import Run, WeightedMeans
+from posttrain.plumbing.harness import Run
 from posttrain.plumbing.training import (
+    WeightedMeans,
     autocast,
     batch_indices,
     micro_batches,

@@ -19,7 +19,6 @@ completion. Usually one epoch (reward models overfit fast).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Callable
 
@@ -30,11 +29,13 @@ from posttrain.data.messages import completion_text
 from posttrain.data.packing import Example, collate_flat, collate_shared_prefix, flat_index
 from posttrain.data.render import RenderError, render_conversation
 from posttrain.maths import reward as losses
+from posttrain.maths.reward import RMLoss
 from posttrain.models import flat_hidden_states, load_tokenizer, prepare_for_training, resolve_device
 from posttrain.models.heads import load_head_model
 from posttrain.plumbing.config import ChatTrainConfig, option, stage_config
-from posttrain.plumbing.harness import Run, WeightedMeans
+from posttrain.plumbing.harness import Run
 from posttrain.plumbing.training import (
+    WeightedMeans,
     autocast,
     batch_indices,
     micro_batches,
@@ -44,25 +45,9 @@ from posttrain.plumbing.training import (
 )
 from posttrain.rewards import STEP_SEPARATOR, step_boundary_tokens
 
-
-class RMLoss(StrEnum):
-    bt = "bt"
-    margin = "margin"
-    kcomparisons = "kcomparisons"
-    plackett_luce = "plackett_luce"
-    orm = "orm"
-    prm = "prm"
-
-    @property
-    def is_scalar(self) -> bool:
-        return self not in (RMLoss.orm, RMLoss.prm)
-
-    @property
-    def world_dataset(self) -> str:
-        """The tiny world's dataset for this loss."""
-        return {"bt": "preference", "margin": "preference", "kcomparisons": "rankings",
-                "plackett_luce": "rankings", "orm": "outcome", "prm": "process"}[self.value]
-
+WORLD_DATASETS = {RMLoss.bt: "preference", RMLoss.margin: "preference", RMLoss.kcomparisons: "rankings",
+                  RMLoss.plackett_luce: "rankings", RMLoss.orm: "outcome", RMLoss.prm: "process"}
+"""The tiny world's dataset (``{name}_train.jsonl`` / ``{name}_heldout.jsonl``) for each loss."""
 
 PRM_CLASSES = {-1: 0, 0: 1, 1: 2}  # step label -> class (incorrect, neutral, correct)
 
@@ -297,7 +282,7 @@ def _fill_world_defaults(config: RMConfig) -> RMConfig:
     from posttrain.stages import world as build
 
     paths = build.ensure_world(base_model=not config.model, progress=config.progress)
-    name = RMLoss(config.loss).world_dataset
+    name = WORLD_DATASETS[RMLoss(config.loss)]
     config.model = config.model or str(paths.base_model)
     if not config.data:
         config.data = str(paths.data / f"{name}_train.jsonl")
