@@ -38,15 +38,8 @@ from posttrain.models import load_causal_lm, load_tokenizer, prepare_for_trainin
 from posttrain.models.logprobs import sequence_sums, token_logps
 from posttrain.plumbing.config import ChatTrainConfig, option, stage_config
 from posttrain.plumbing.harness import Run
-from posttrain.plumbing.training import (
-    WeightedMeans,
-    autocast,
-    batch_indices,
-    micro_batches,
-    optimizer_and_scheduler,
-    optimizer_step,
-    step_counts,
-)
+from posttrain.plumbing.training import (WeightedMeans, autocast, batch_indices, micro_batches, optimizer_and_scheduler,
+                                         optimizer_step, step_counts)
 
 
 @stage_config

@@ -17,14 +17,8 @@ from posttrain.maths.sft import sft_loss
 from posttrain.models import load_causal_lm, load_tokenizer, prepare_for_training, resolve_device
 from posttrain.plumbing.config import TrainConfig, option, stage_config
 from posttrain.plumbing.harness import Run
-from posttrain.plumbing.training import (
-    autocast,
-    batch_indices,
-    micro_batches,
-    optimizer_and_scheduler,
-    optimizer_step,
-    step_counts,
-)
+from posttrain.plumbing.training import (autocast, batch_indices, micro_batches, optimizer_and_scheduler,
+                                         optimizer_step, step_counts)
 
 
 @stage_config

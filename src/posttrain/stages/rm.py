@@ -34,15 +34,8 @@ from posttrain.models import flat_hidden_states, load_tokenizer, prepare_for_tra
 from posttrain.models.heads import load_head_model
 from posttrain.plumbing.config import ChatTrainConfig, option, stage_config
 from posttrain.plumbing.harness import Run
-from posttrain.plumbing.training import (
-    WeightedMeans,
-    autocast,
-    batch_indices,
-    micro_batches,
-    optimizer_and_scheduler,
-    optimizer_step,
-    step_counts,
-)
+from posttrain.plumbing.training import (WeightedMeans, autocast, batch_indices, micro_batches, optimizer_and_scheduler,
+                                         optimizer_step, step_counts)
 from posttrain.rewards import STEP_SEPARATOR, step_boundary_tokens
 
 WORLD_DATASETS = {RMLoss.bt: "preference", RMLoss.margin: "preference", RMLoss.kcomparisons: "rankings",

@@ -19,24 +19,12 @@ import torch
 
 from posttrain.data import Example, collate_flat, first_fit_decreasing, load_sft_examples
 from posttrain.maths.sft import sft_loss
-from posttrain.models import (
-    load_causal_lm,
-    load_tokenizer,
-    prepare_for_training,
-    resize_for_tokenizer,
-    resolve_device,
-    trained_token_logits,
-)
+from posttrain.models import (load_causal_lm, load_tokenizer, prepare_for_training, resize_for_tokenizer,
+                              resolve_device, trained_token_logits)
 from posttrain.plumbing.config import ChatTrainConfig, option, stage_config
 from posttrain.plumbing.harness import Run
-from posttrain.plumbing.training import (
-    autocast,
-    batch_indices,
-    micro_batches,
-    optimizer_and_scheduler,
-    optimizer_step,
-    step_counts,
-)
+from posttrain.plumbing.training import (autocast, batch_indices, micro_batches, optimizer_and_scheduler,
+                                         optimizer_step, step_counts)
 
 
 @stage_config
