@@ -248,3 +248,44 @@ def test_autocast_choices():
     assert not isinstance(autocast(cpu, "fp32"), torch.autocast)
     with pytest.raises(ValueError, match="precision"):
         autocast(cpu, "fp8")
+
+
+def test_epoch_order_is_pinned():
+    """The data order is a pure function of (seed, epoch), and a checkpoint written by an older posttrain resumes
+    onto the same order only if that function never changes: these permutations are pinned (taken from the release
+    that introduced them)."""
+    from posttrain.plumbing.training import epoch_order
+
+    assert epoch_order(8, seed=3, epoch=0) == [0, 3, 2, 4, 1, 5, 6, 7]
+    assert epoch_order(8, seed=3, epoch=1) == [3, 7, 0, 4, 6, 5, 2, 1]
+    assert epoch_order(8, seed=0, epoch=1) == [5, 4, 2, 6, 7, 3, 1, 0]
+    assert epoch_order(8, seed=3, epoch=1, shuffle=False) == list(range(8))
+
+
+def test_small_datasets_and_short_runs():
+    """Fewer items than a batch: every step sees all of them (one batch per epoch, never an empty one); a fraction of
+    an epoch rounds up to whole steps, at least one."""
+    from itertools import islice
+    from types import SimpleNamespace
+
+    from posttrain.plumbing.training import batch_indices, step_counts
+
+    assert [sorted(b) for b in islice(batch_indices(3, 5, seed=1), 3)] == [[0, 1, 2]] * 3
+    config = SimpleNamespace(batch_size=2, grad_accum=1, epochs=0.1, max_steps=0)
+    assert step_counts(10, config) == (5, 1)  # ceil(0.1 * 5) = 1
+    config.epochs = 0.01
+    assert step_counts(10, config) == (5, 1)
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_autocast_on_a_gpu_device_is_bf16_by_default():
+    """On a CUDA device `auto` means bf16 autocast (constructed here without a GPU: torch disables it at run time,
+    but the context's dtype and device are what a GPU run gets); fp32 means none."""
+    from posttrain.plumbing.training import autocast
+
+    cuda = torch.device("cuda")
+    for precision in ("auto", "bf16"):
+        context = autocast(cuda, precision)
+        assert isinstance(context, torch.autocast) and context.fast_dtype == torch.bfloat16 and context.device == "cuda"
+    assert not isinstance(autocast(cuda, "fp32"), torch.autocast)
+    assert autocast(torch.device("cpu"), "bf16").fast_dtype == torch.bfloat16
