@@ -307,3 +307,34 @@ def test_seeding_and_adamw_settings():
     optimizer = build_optimizer(torch.nn.Linear(2, 2), lr=0.1, weight_decay=0.0, betas=(0.8, 0.9), eps=1e-6)
     assert optimizer.defaults["betas"] == (0.8, 0.9) and optimizer.defaults["eps"] == 1e-6
     assert optimizer.defaults["fused"] is True
+
+
+def test_optimizer_step_clips_and_follows_the_schedule():
+    """With plain SGD the update shows the clipped gradient: w' = w - lr * g * (max_norm / |g|); the learning rates
+    follow warm-up then cosine decay over total_steps (hand values: 0.5, 1, cos(pi/3)=... of peak 0.1)."""
+    import math as m
+    from types import SimpleNamespace
+
+    from posttrain.plumbing import training
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -2.0]]))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = training.build_scheduler(optimizer, warmup_steps=2, total_steps=5, schedule="cosine")
+    lrs = []
+    for _ in range(5):
+        model(torch.tensor([[3.0, 4.0]])).sum().backward()  # gradient (3, 4), norm 5
+        before = model.weight.detach().clone()
+        grad_norm, lr = training.optimizer_step(model, optimizer, scheduler, max_grad_norm=1.0)
+        assert grad_norm == pytest.approx(5.0)
+        assert torch.allclose(model.weight, before - lr * torch.tensor([[0.6, 0.8]]))  # clipped to norm 1
+        lrs.append(lr)
+    # warm-up 1/2, 2/2; then cosine over the 3 remaining steps: progress 0, 1/3, 2/3
+    expected = [0.05, 0.1] + [0.1 * 0.5 * (1 + m.cos(m.pi * p)) for p in (0, 1 / 3, 2 / 3)]
+    assert lrs == pytest.approx(expected)
+    config = SimpleNamespace(lr=0.1, weight_decay=0.0, warmup_steps=0, lr_schedule="linear")
+    _, linear = training.optimizer_and_scheduler(model, config, total_steps=4)
+    linear.step()
+    linear.step()
+    assert linear.get_last_lr()[0] == pytest.approx(0.05)  # half-way down the linear decay
