@@ -15,6 +15,7 @@ A finished round is skipped when the command is run again, so an interrupted run
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -75,8 +76,8 @@ def run_rs(config: RSConfig) -> Path:
         eval_rows = load_prompt_rows(config.eval_prompts, columns=config.columns, skip_invalid=config.skip_invalid,
                                      limit=config.eval_limit)
         eval_reward = reward_from_spec(config.eval_reward, device=config.device) if config.eval_reward else reward
-    eval_params = SamplingParams(n=config.eval_n, max_new_tokens=config.max_new_tokens,
-                                 temperature=config.temperature, top_p=config.top_p, seed=10_000 + config.seed)
+    # held-out samples come from the same sampling settings as training's (top_k and min_p included)
+    eval_params = dataclasses.replace(sampling_params(config), n=config.eval_n, seed=10_000 + config.seed)
     log_path = out / "rounds.jsonl"
     done = {r["round"]: r for r in map(json.loads, log_path.read_text().splitlines())} if log_path.exists() else {}
 
