@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see posttrain/__init__.py)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -47,3 +49,14 @@ def tiny_model_dir(world, world_tokenizer, tmp_path_factory):
     model.save_pretrained(path)
     world_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_run(world_with_base, tmp_path_factory):
+    """`posttrain demo` end to end, once per test session, shared by every learning test: base model (cached) ->
+    SFT -> evaluation on held-out prompts -> BT RM -> best-of-16 -> rejection sampling (RM and verifier) -> DPO.
+    Returns ``(out_dir, summary)``."""
+    from posttrain.stages.demo import DemoConfig, run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(DemoConfig(out=str(out), progress=False, device="cpu"))

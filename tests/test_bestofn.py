@@ -130,7 +130,7 @@ def test_reward_specs(tmp_path):
     assert isinstance(total, WeightedSum) and [w for w, _ in total.components] == [0.25, 0.75]
     prompts = [[{"role": "user", "content": "What is 2 + 3?"}]] * 2
     assert total(prompts, ["2 + 3 = 5. The answer is 5.", "The answer is 6."], answer=["5", "5"]) == pytest.approx(
-        [0.25 * GoldReward()(prompts[:1], ["2 + 3 = 5. The answer is 5."])[0] + 0.75, 0.25 * 0.3 + 0.25 * 0.2 * (1 - 4 / 60)])
+        [0.25 * GoldReward()(prompts[:1], ["2 + 3 = 5. The answer is 5."])[0] + 0.75, 0.25 * (0.3 + 0.4 + 0.2)])  # wrong, formatted, nothing asked: 0.9
     for bad in ["nope", "verifier:chess", "rm:/does/not/exist", "x*gold"]:
         with pytest.raises((ValueError, FileNotFoundError)):
             reward_from_spec(bad)
@@ -271,12 +271,11 @@ def test_best_of_n_picks_the_first_highest_scored_completion():
 
 def test_bon_command_with_gold_reward_hand_values(monkeypatch, tmp_path, capsys):
     """`posttrain bon --reward=gold` on fixed completions (the engine is a fake). Gold rewards by hand
-    (1.0 correct + 0.3 format + 0.2 (1 - words/60)):
-      What is 2 + 3?  "The answer is 6." 0.3 + 0.2*56/60 = 0.4867; "2 + 3 = 5. The answer is 5." (9 words)
-                      1.3 + 0.2*51/60 = 1.47; "5" 1 + 0.2*59/60 = 1.1967; "I think it is 5 or maybe 6" (last
-                      integer 6: wrong, 8 words) 0.2*52/60 = 0.1733                      -> pick 1
-      What is 4 + 4?  "The answer is 8." 1.3 + 0.2*56/60 = 1.4867; the 9-word solution 1.47; "The answer is 9."
-                      0.4867; "eight" 0.2*59/60 = 0.1967                                   -> pick 0 (brevity)"""
+    (1.0 correct + 0.3 format + 0.4 request (none asked: 1) + 0.2 concision (nothing beyond the 9-word worked form)):
+      What is 2 + 3?  "The answer is 6." 0.9; "2 + 3 = 5. The answer is 5." 1.9; "5" 1.6; "I think it is 5 or maybe
+                      6" (last integer 6: wrong, 8 words) 0.6                                   -> pick 1
+      What is 4 + 4?  "The answer is 8." 1.9; the 9-word solution 1.9; "The answer is 9." 0.9; "eight" 0.6
+                                                                   -> pick 0 (a tie goes to the first)"""
     import posttrain.stages.bestofn as bestofn
 
     table = {"What is 2 + 3?": ["The answer is 6.", "2 + 3 = 5. The answer is 5.", "5", "I think it is 5 or maybe 6"],
@@ -296,13 +295,12 @@ def test_bon_command_with_gold_reward_hand_values(monkeypatch, tmp_path, capsys)
     picks = _rows(out)
     assert [(p["index"], p["completion"]) for p in picks] == [(1, "2 + 3 = 5. The answer is 5."),
                                                              (0, "The answer is 8.")]
-    assert [p["reward"] for p in picks] == pytest.approx([1.3 + 0.2 * 51 / 60, 1.3 + 0.2 * 56 / 60])
+    assert [p["reward"] for p in picks] == pytest.approx([1.9, 1.9])  # right, formatted, no request, concise
     assert [p["report_reward"] for p in picks] == [1.0, 1.0]
     summary = capsys.readouterr().out
     # mean selector reward of the picks, and of all 8 single samples
-    single = (0.3 + 0.2 * 56 / 60 + 1.3 + 0.2 * 51 / 60 + 1 + 0.2 * 59 / 60 + 0.2 * 52 / 60
-              + 1.3 + 0.2 * 56 / 60 + 1.3 + 0.2 * 51 / 60 + 0.3 + 0.2 * 56 / 60 + 0.2 * 59 / 60) / 8
-    assert f"mean selector reward {(2.6 + 0.2 * 107 / 60) / 2:.4f} (single samples {single:.4f})" in summary
+    single = (0.9 + 1.9 + 1.6 + 0.6 + 1.9 + 1.9 + 0.9 + 0.6) / 8
+    assert f"mean selector reward {1.9:.4f} (single samples {single:.4f})" in summary
 
 
 def _scored_rows():
@@ -329,14 +327,17 @@ def test_select_rows_min_reward_drops_picks_below_and_keeps_the_threshold():
 
 def test_select_rows_drops_empty_replies():
     """An empty (or blank) best reply is no SFT example (the SFT loader refuses it): the pick is dropped, not
-    replaced by the second best. Pairs are unaffected."""
+    replaced by the second best. Nor is it either side of a preference pair (the DPO loader refuses it too): pairs are
+    formed among the non-empty replies only (q3: "b" 0.5 over "a" 0.1, though the empty reply scored 0.9)."""
     rows = [{"prompt": [{"role": "user", "content": "q0"}], "completions": ["", "x"], "rewards": [0.2, 0.1]},
             {"prompt": [{"role": "user", "content": "q1"}], "completions": ["y", " \n"], "rewards": [0.0, 0.3]},
             {"prompt": [{"role": "user", "content": "q2"}], "completions": ["z", ""], "rewards": [0.5, 0.4]}]
     assert [p["messages"][-1]["content"] for p in select_rows(rows, "top_per_prompt")] == ["z"]
     assert [p["messages"][-1]["content"] for p in select_rows(rows, "top_k", k=4)] == ["z"]  # 0.5, 0.4, 0.3, 0.2
-    assert [p["chosen"][0]["content"] for p in select_rows(rows, "top_per_prompt", pairs="best_worst")] == [
-        "", " \n", "z"]
+    rows.append({"prompt": [{"role": "user", "content": "q3"}], "completions": ["a", "", "b"], "rewards": [0.1, 0.9, 0.5]})
+    for rule in ("best_worst", "all"):
+        assert [(p["chosen"][0]["content"], p["rejected"][0]["content"])
+                for p in select_rows(rows, "top_per_prompt", pairs=rule)] == [("b", "a")]
 
 
 def test_select_command_min_reward(tmp_path, capsys):

@@ -7,114 +7,136 @@ import math
 
 import pytest
 
+from posttrain.world import follows_request
+
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def demo_summary(world_with_base, tmp_path_factory):
-    """`posttrain demo` end to end: base model (cached) -> SFT -> evaluation on held-out prompts -> BT RM ->
-    best-of-16 -> one rejection-sampling round -> DPO."""
-    from posttrain.stages.demo import DemoConfig, run_demo
-
-    out = tmp_path_factory.mktemp("demo")
-    summary = run_demo(DemoConfig(out=str(out), progress=False, device="cpu"))
-    return out, summary
-
-
-def _greedy_win_rate(samples_a, samples_b) -> float:
-    """Per held-out prompt, 1 if A's greedy reply has the higher gold reward, 1/2 on a tie, 0 if lower; the mean."""
-    from posttrain.world.gold import gold_reward
-
-    def gold(path):
-        return [gold_reward(r["prompt"], r["completion"]) for r in map(json.loads, path.read_text().splitlines())]
-
-    a, b = gold(samples_a), gold(samples_b)
-    assert len(a) == len(b) == 200
-    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
+def demo_summary(demo_run):
+    """The one shared `posttrain demo` run (conftest.demo_run)."""
+    return demo_run
 
 
 def test_base_model_is_pretrained(world_with_base):
-    """The base model learned the corpus, arithmetic included: held-out LM loss below 0.6 nats (uniform: ln 1024 =
-    6.9; measured 0.52 after 1500 steps, 0.69 after 500 when it could not yet copy operands)."""
+    """The base model learned the corpus (held-out LM loss below 1.0 nats; uniform: ln 1024 = 6.9; measured 0.52 after
+    1500 steps), arithmetic included: continuing "Question: <held-out level-1 or level-2 question>" greedily, it
+    copies the operands and gets the result of >= 60 % of them right (measured 100 % of level 1 and 70 % of level 2
+    on 30 each; a 1000-step model at lr 4e-3 got 10 % and 0 %: it had not learned to copy)."""
+    import torch
+
+    from posttrain.models import load_causal_lm, load_tokenizer
+    from posttrain.world.gold import parse_final_answer
+    from posttrain.world.tasks import questions
+
     metrics = [json.loads(line) for line in (world_with_base.base_model / "pretrain_metrics.jsonl").read_text().splitlines()]
     eval_losses = [m["eval/loss"] for m in metrics if "eval/loss" in m]
-    assert eval_losses and eval_losses[-1] < 0.6
+    assert eval_losses and eval_losses[-1] < 1.0
+    tokenizer = load_tokenizer(world_with_base.base_model)
+    model = load_causal_lm(world_with_base.base_model, device="cpu").eval()
+    held_out = questions("heldout", 40, seed=5, levels=(1, 2))
+    right = 0
+    for q in held_out:
+        ids = tokenizer(f"Question: {q.text}", return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        text = tokenizer.decode(out[0, ids.shape[1]:]).split("\n")[0]
+        right += parse_final_answer(text) == q.answer
+    assert right / len(held_out) >= 0.6, right
 
 
-def test_sft_learns_format_and_stopping(demo_summary):
-    """After SFT >= 95 % of held-out replies end with 'The answer is N.' and stop at end-of-turn; the base model
-    (never saw the chat format) almost never does."""
+def test_sft_learns_format_and_stopping_but_follows_requests_only_half_the_time(demo_summary):
+    """After SFT >= 95 % of held-out (greedy) replies end with 'The answer is N.' and stop at end-of-turn (the base
+    model, which never saw the chat format, almost never does), >= 50 % are right, and the share that follows the
+    prompt's request sits between 0.3 and 0.7: the demonstrations follow it with probability 0.5, so SFT teaches the
+    format and leaves the preferences to preference tuning."""
     _, summary = demo_summary
     base, sft = summary["stages"]["base"], summary["stages"]["sft"]
     assert base["format_rate"] <= 0.05
-    assert sft["format_rate"] >= 0.95
-    assert sft["stop_rate"] >= 0.95
+    assert sft["format_rate"] >= 0.95 and sft["stop_rate"] >= 0.95
+    assert sft["accuracy"] >= 0.5, sft
+    assert 0.3 <= sft["request_rate"] <= 0.7, sft
     assert sft["gold_reward"] > base["gold_reward"] + 0.3
-    assert sft["accuracy"] > base["accuracy"]
-    assert sft["accuracy"] >= 0.4  # measured 0.655: the base model can do the arithmetic, SFT teaches the format
+    assert set(sft["request_rate_by_style"]) == {"terse", "worked", "checked", "friendly"}
 
 
 def test_demo_writes_summary_and_runs(demo_summary):
     out, summary = demo_summary
     on_disk = json.loads((out / "summary.json").read_text())
-    assert set(on_disk["stages"]) == {"base", "sft", "rs", "dpo"}
+    assert set(on_disk["stages"]) == {"base", "sft", "rs", "rs_rm", "dpo"}
     assert on_disk["reward_model"]["pair_accuracy"] == summary["reward_model"]["pair_accuracy"]
     for stage in on_disk["stages"].values():
-        assert {"format_rate", "accuracy", "gold_reward", "mean_length"} <= set(stage)
+        assert {"format_rate", "accuracy", "request_rate", "gold_reward", "mean_length", "stop_rate",
+                "request_rate_by_style"} <= set(stage)
+    assert set(on_disk["stage_seconds"]) >= {"sft", "reward model", "best-of-n", "rejection sampling", "dpo"}
     assert (out / "sft" / "model" / "model.safetensors").exists()
     assert (out / "sft" / "plots" / "train.png").exists()
     samples = [json.loads(line) for line in (out / "samples_sft.jsonl").read_text().splitlines()]
     assert len(samples) == 200 and all("completion" in s for s in samples)
 
 
-def test_demo_reward_model_learns_surface_preferences(demo_summary):
-    """The demo's Bradley-Terry RM (one epoch from the SFT model) prefers the gold-preferred reply on >= 85 % of the
-    held-out pairs that do not need the answer checked (measured 0.93) and reports its length correlation. Pairs that
-    do need it checked stay near chance at this scale (docs/reward-models.md, Status)."""
+def test_demo_reward_model_learns_surface_and_some_of_the_requests(demo_summary):
+    """The demo's Bradley-Terry RM (one epoch of the annotators' noisy, length-biased pairs, from the SFT model),
+    scored against the gold reward on held-out questions. Measured: surface 0.98 (the issue's 0.95 met), request
+    0.80, request pairs whose preferred reply is the shorter one 0.77 (a length proxy scores 0 there),
+    counterfactual flips 0.57, unseen phrasings 0.53, answer check 0.47. The issue's 0.95 / 0.90 / 0.90 on requests,
+    shorter-preferred pairs and counterfactual flips are NOT met (docs/reward-models.md, Status); these bounds pin
+    what is learned so a regression shows."""
     _, summary = demo_summary
     rm = summary["reward_model"]
-    assert rm["pair_accuracy_rest"] >= 0.85, rm
-    assert rm["pairs"] > 100 and rm["answer_check_pairs"] > 50
-    assert math.isfinite(rm["length_correlation"])
+    assert rm["pair_accuracy_surface"] >= 0.95, rm
+    assert rm["pair_accuracy_request"] >= 0.72, rm
+    assert rm["pair_accuracy_request_shorter"] >= 0.65, rm  # well above a length proxy's 0
+    assert rm["counterfactual_flip_rate"] > 0.45, rm  # a prompt-blind reward scores 0
+    assert rm["request_pairs"] > 150 and rm["request_shorter_pairs"] > 60 and rm["answer_check_pairs"] > 40
+    for key in ("pair_accuracy_answer_check", "pair_accuracy_request_unseen_phrasing", "length_correlation"):
+        assert math.isfinite(rm[key]), key
 
 
-def test_demo_best_of_n_with_a_verifier_raises_gold_reward(demo_summary):
-    """Best-of-16 on held-out prompts: picking a verified answer raises the mean gold reward over single samples by
-    >= 0.15 (measured 0.99 -> 1.33). The BT RM's picks are reported; they fall below single samples (0.78), because
-    the policy's samples differ mostly in correctness, which the tiny RM has not learned to check (docs/sampling.md)."""
+def test_demo_best_of_n_with_the_reward_model_beats_single_samples(demo_summary):
+    """Best-of-16 on held-out prompts: the BT RM's picks follow the request >= 15 points more often than single
+    samples (measured 0.52 vs 0.31: the issue's +0.20 met) and have a higher mean gold reward (measured 1.171 vs
+    1.092: +0.08, the issue's +0.10 not met); the verifier's picks raise the gold reward most (1.60)."""
     _, summary = demo_summary
     bon = summary["best_of_n"]
     assert bon["n"] == 16 and bon["prompts"] == 100
-    assert bon["verifier_pick_gold"] >= bon["single_gold"] + 0.15, bon
-    assert bon["reward_model_pick_gold"] < bon["verifier_pick_gold"] - 0.2, bon  # the RM does not check answers
+    assert bon["reward_model_pick_request_rate"] >= bon["single_request_rate"] + 0.15, bon
+    assert bon["reward_model_pick_gold"] >= bon["single_gold"] + 0.04, bon
+    assert bon["verifier_pick_gold"] >= bon["single_gold"] + 0.3, bon
     assert bon["pass_at_n"] >= summary["stages"]["sft"]["accuracy"]
 
 
-def test_demo_rejection_sampling_round_raises_held_out_gold(demo_summary):
-    """One round of rejection-sampling fine-tuning (8 samples on 600 training prompts, verified-correct picks, SFT)
-    raises the held-out gold reward of the policy's samples (measured 0.995 -> 1.052)."""
+def test_demo_rejection_sampling_rounds_raise_held_out_gold(demo_summary):
+    """One round of rejection-sampling fine-tuning (8 samples on 400 training prompts, SFT on the picks) raises the
+    held-out gold reward of the policy's samples with the verifier as the selector by >= 0.03 (measured 1.083 ->
+    1.144). With the RM as the selector it measured 1.083 -> 1.099, within the noise of 800 samples (standard error
+    about 0.02), so the test only guards against a drop; the issue's claim is not shown yet."""
     _, summary = demo_summary
-    rs = summary["rejection_sampling"]
-    assert rs["selected"] > 300
-    assert rs["eval_gold_after"] >= rs["eval_gold_before"] + 0.02, rs
-    assert summary["stages"]["rs"]["format_rate"] >= 0.95
+    for name in ("rm", "verifier"):
+        assert summary["rejection_sampling"][name]["selected"] > 200, summary["rejection_sampling"]
+    verifier, rm = summary["rejection_sampling"]["verifier"], summary["rejection_sampling"]["rm"]
+    assert verifier["eval_gold_after"] >= verifier["eval_gold_before"] + 0.03, verifier
+    assert rm["eval_gold_after"] > rm["eval_gold_before"] - 0.01, rm
+    assert summary["stages"]["rs"]["format_rate"] >= 0.95 and summary["stages"]["rs_rm"]["format_rate"] >= 0.95
 
 
 def test_demo_on_policy_dpo_beats_sft_under_the_gold_reward(demo_summary):
-    """On-policy DPO (dpo_nll, beta 0.1, one epoch) from the SFT model on pairs of its own replies (2000 training
-    prompts x 8 samples, gold-labelled, up to 4 distinct better/worse pairs per prompt):
-    * its expected gold reward (32 samples per held-out prompt) beats the SFT model's on >= 0.53 of the 200 held-out
-      prompts, ties half (measured 0.64; the issue's 0.70 is not met, see docs/direct-alignment.md);
-    * the mean gold reward of its samples rises by >= 0.03 (measured 0.989 -> 1.066);
-    * it keeps the format, its KL to the SFT reference is reported, and its implicit reward beta * log pi/pi_ref
-      ranks the world's held-out gold pairs better than chance (measured 0.71; KL 0.45 nats)."""
+    """On-policy DPO (dpo_nll, beta 0.1, one epoch) from the SFT model on pairs of its own replies (1000 training
+    prompts x 8 samples, gold-labelled, up to 4 distinct better/worse pairs per prompt): its expected gold reward
+    (16 samples per held-out prompt) beats the SFT model's on more than half of the 200 held-out prompts (measured
+    0.56; the issue's 0.70 is NOT met, and its request rate does not rise: 0.40 vs 0.44, docs/direct-alignment.md),
+    the mean gold reward of its samples rises, it keeps the format, its KL to the SFT reference is reported, and its
+    implicit reward beta * log pi/pi_ref ranks the world's held-out pairs better than chance."""
     out, summary = demo_summary
     dpo = summary["dpo"]
-    assert dpo["pairs"] > 1500 and dpo["prompts"] == 2000
-    assert dpo["win_rate_vs_sft"] >= 0.53, dpo
-    assert dpo["sampled_gold_dpo"] >= dpo["sampled_gold_sft"] + 0.03, dpo
-    assert dpo["win_rate_vs_sft_greedy"] == pytest.approx(_greedy_win_rate(out / "samples_dpo.jsonl",
-                                                                           out / "samples_sft.jsonl"))
+    assert dpo["pairs"] > 1000 and dpo["prompts"] == 1000
+    assert dpo["win_rate_vs_sft"] > 0.5, dpo
+    assert dpo["sampled_gold_dpo"] > dpo["sampled_gold_sft"], dpo
+    samples = [json.loads(line) for line in (out / "samples_dpo.jsonl").read_text().splitlines()]
+    assert len(samples) == 200  # one greedy reply per held-out prompt
+    followed = [follows_request(s["prompt"], s["completion"]) for s in samples]
+    followed = [f for f in followed if f is not None]
+    assert summary["stages"]["dpo"]["request_rate"] == pytest.approx(sum(followed) / len(followed))
     assert 0.0 < dpo["kl_to_reference"] < 5.0
     assert dpo["implicit_reward_accuracy"] > 0.55, dpo
     assert summary["stages"]["dpo"]["format_rate"] >= 0.95

@@ -18,14 +18,15 @@ def _prompt(text: str) -> list[dict]:
 def test_score_completions_hand_values():
     """Four replies (E = the end-of-turn token, part of ``token_ids`` of a stopped reply):
 
-      What is 2 + 3? (5)  "2 + 3 = 5. The answer is 5."  stop, 7 tokens + E: formatted, right, gold 1.3 + 0.2*51/60
+      What is 2 + 3? (5)  "2 + 3 = 5. The answer is 5."  stop, 7 tokens + E: formatted, right, 9 words (what a
+                          prompt without a request allows): gold 1 + 0.3 + 0.4 + 0.2 = 1.9
       What is 4 + 4? (8)  "The answer is 8."  length, 5 tokens: right but not formatted (it never stopped),
-                          gold 1.3 + 0.2*56/60 (the gold reward does not look at stopping)
-      What is 6 + 1? (7)  "The answer is 9."  stop, 4 + E: formatted, wrong, gold 0.3 + 0.2*56/60
-      What is 3 + 3? (6)  "It is six"  stop, 3 + E: no integer, not formatted, gold 0.2*57/60
+                          gold 1.9 (the gold reward does not look at stopping)
+      What is 6 + 1? (7)  "The answer is 9."  stop, 4 + E: formatted, wrong, gold 0.3 + 0.4 + 0.2 = 0.9
+      What is 3 + 3? (6)  "It is six"  stop, 3 + E: no integer, not formatted, gold 0.4 + 0.2 = 0.6
 
     format_rate 2/4, accuracy 2/4, stop_rate 3/4, mean_length (7 + 5 + 4 + 3) / 4 = 4.75 (stop token not counted),
-    gold_reward the mean of the four."""
+    gold_reward 5.3 / 4 = 1.325."""
     from posttrain.world.evaluate import score_completions
 
     E = 2
@@ -36,8 +37,8 @@ def test_score_completions_hand_values():
                    Completion("The answer is 9.", [12] * 4 + [E], "stop"),
                    Completion("It is six", [13] * 3 + [E], "stop")]
     metrics = score_completions(rows, completions)
-    gold = (1.3 + 0.2 * 51 / 60 + 1.3 + 0.2 * 56 / 60 + 0.3 + 0.2 * 56 / 60 + 0.2 * 57 / 60) / 4
-    assert metrics == pytest.approx({"format_rate": 0.5, "accuracy": 0.5, "gold_reward": gold, "mean_length": 4.75,
+    scalars = {k: metrics[k] for k in ("format_rate", "accuracy", "gold_reward", "mean_length", "stop_rate")}
+    assert scalars == pytest.approx({"format_rate": 0.5, "accuracy": 0.5, "gold_reward": 1.325, "mean_length": 4.75,
                                      "stop_rate": 0.75}, abs=1e-12)
 
 
@@ -52,6 +53,27 @@ def test_score_completions_accuracy_reads_the_answer_column():
     metrics = score_completions(rows, completions)
     assert (metrics["accuracy"], metrics["format_rate"], metrics["stop_rate"], metrics["mean_length"]) == (
         0.5, 0.0, 0.0, 4.0)
+
+
+def test_evaluate_model_samples_n_replies_per_prompt(tiny_model_dir, world, tmp_path):
+    """temperature > 0: n samples per prompt, each scored and written (prompt order kept, n rows per prompt),
+    reproducible from the seed; greedy (the default) writes one reply per prompt."""
+    from posttrain.world.evaluate import evaluate_model
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join((world.data / "rl_heldout.jsonl").read_text().splitlines()[:3]) + "\n")
+    first, second, greedy = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "g.jsonl"
+    metrics = evaluate_model(tiny_model_dir, prompts, max_new_tokens=6, device="cpu", samples_path=first,
+                             temperature=1.0, n=2, seed=3)
+    evaluate_model(tiny_model_dir, prompts, max_new_tokens=6, device="cpu", samples_path=second, temperature=1.0,
+                   n=2, seed=3)
+    rows = [json.loads(line) for line in first.read_text().splitlines()]
+    expected = [json.loads(line)["prompt"] for line in prompts.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [p for p in expected for _ in range(2)]
+    assert first.read_text() == second.read_text()
+    assert 0.0 <= metrics["gold_reward"] <= 1.9
+    evaluate_model(tiny_model_dir, prompts, max_new_tokens=6, device="cpu", samples_path=greedy, n=2)
+    assert len(greedy.read_text().splitlines()) == 3
 
 
 @pytest.fixture(scope="module")

@@ -143,7 +143,7 @@ def test_gold_verifier_and_weighted_sum():
     prompts = [[{"role": "user", "content": "What is 2 + 3?"}], "Not a world question at all"]
     completions = ["2 + 3 = 5. The answer is 5.", "5"]
     gold = GoldReward()(prompts, completions)
-    assert gold[0] == pytest.approx(1.0 + 0.3 + 0.2 * (1 - 9 / 60)) and gold[1] is None  # 9 words
+    assert gold[0] == pytest.approx(1.0 + 0.3 + 0.4 + 0.2) and gold[1] is None  # 9 words: the worked form
     exact = VerifierReward(lambda text, answer: text.strip().endswith(f"{answer}."))
     assert exact(prompts, completions, answer=["5", "5"]) == [1.0, 0.0]
     crashing = VerifierReward(lambda text: 1 / 0)
@@ -352,4 +352,4 @@ def test_judge_spec_rates_with_the_local_model(tiny_model_dir, monkeypatch):
     assert conversations[0][0] == {"role": "system", "content": SINGLE_SYSTEM}
     assert "What is 2 + 3?" in conversations[0][1]["content"] and "The answer is 5." in conversations[0][1]["content"]
     total = reward_from_spec(f"0.5*judge:{tiny_model_dir}+1*gold", device="cpu")
-    assert total(prompts[:1], ["The answer is 5."]) == pytest.approx([0.5 * 9 + 1.3 + 0.2 * 56 / 60])
+    assert total(prompts[:1], ["The answer is 5."]) == pytest.approx([0.5 * 9 + 1.9])

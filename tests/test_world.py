@@ -20,7 +20,7 @@ from posttrain.world import (
     questions,
     solve,
 )
-from posttrain.world import datagen
+from posttrain.world import datagen, request_of
 from posttrain.world.tasks import parse_step, step_operations
 
 SMALL = 40  # rows per generator in the generator tests
@@ -189,32 +189,34 @@ def test_follows_format():
 
 
 def test_gold_reward_hand_checked_good():
-    """"37 + 48 = 85. The answer is 85." has 9 words:
-    1.0 * 1 + 0.3 * 1 + 0.2 * (1 - 9/60) = 1.3 + 0.17 = 1.47."""
+    """"37 + 48 = 85. The answer is 85." has 9 words, the worked form a prompt without a request allows:
+    1.0 * 1 + 0.3 * 1 + 0.4 * 1 (no request to miss) + 0.2 * 1 = 1.9, the maximum."""
     parts = gold_components("What is 37 + 48?", "37 + 48 = 85. The answer is 85.")
-    assert parts["correct"] == 1.0 and parts["format_ok"] == 1.0
-    assert parts["brevity"] == pytest.approx(1 - 9 / 60)
-    assert parts["reward"] == pytest.approx(1.47)
+    assert parts["correct"] == 1.0 and parts["format_ok"] == 1.0 and parts["request_ok"] == 1.0
+    assert parts["concision"] == 1.0 and parts["has_request"] == 0.0
+    assert parts["reward"] == pytest.approx(1.9)
 
 
 def test_gold_reward_hand_checked_flaws():
-    """No format, 9 words: 1.0 + 0.0 + 0.2 * (1 - 9/60) = 1.17.
-    Wrong answer, formatted, 9 words: 0 + 0.3 + 0.2 * (1 - 9/60) = 0.47.
-    Bare "85", 1 word: 1.0 + 0 + 0.2 * (59/60) = 1.19666...
-    Non-world prompt, formatted, 4 words: 0 + 0.3 + 0.2 * (56/60) = 0.48666...
-    Empty completion: 0 + 0 + 0.2 * 1 = 0.2."""
+    """No request (9 words allowed). No format, 9 words: 1.0 + 0.0 + 0.4 + 0.2 = 1.6.
+    Wrong answer, formatted, 9 words: 0 + 0.3 + 0.4 + 0.2 = 0.9.
+    Bare "85", 1 word: 1.0 + 0 + 0.4 + 0.2 = 1.6.
+    12 words (3 over): 1.3 + 0.4 + 0.2 * (1 - 3/30) = 1.88.
+    Non-world prompt, formatted, 4 words: 0 + 0.3 + 0.4 + 0.2 = 0.9.
+    Empty completion: 0 + 0 + 0.4 + 0.2 = 0.6."""
     q = "What is 37 + 48?"
-    assert gold_reward(q, "37 + 48 = 85. So it is 85.") == pytest.approx(1.17)
-    assert gold_reward(q, "37 + 48 = 86. The answer is 86.") == pytest.approx(0.47)
-    assert gold_reward(q, "85") == pytest.approx(1.0 + 0.2 * 59 / 60)
-    assert gold_reward("Tell me a joke.", "The answer is 85.") == pytest.approx(0.3 + 0.2 * 56 / 60)
-    assert gold_reward(q, "") == pytest.approx(0.2)
+    assert gold_reward(q, "37 + 48 = 85. So it is 85.") == pytest.approx(1.6)
+    assert gold_reward(q, "37 + 48 = 86. The answer is 86.") == pytest.approx(0.9)
+    assert gold_reward(q, "85") == pytest.approx(1.6)
+    assert gold_reward(q, "Well, well, well. 37 + 48 = 85. The answer is 85.") == pytest.approx(1.88)
+    assert gold_reward("Tell me a joke.", "The answer is 85.") == pytest.approx(0.9)
+    assert gold_reward(q, "") == pytest.approx(0.6)
 
 
-def test_gold_reward_brevity_floors_at_zero():
-    """100 filler words + "The answer is 85.": 1.0 + 0.3 + 0.2 * 0 = 1.3."""
+def test_gold_reward_concision_floors_at_zero():
+    """100 filler words + "The answer is 85.": 1.0 + 0.3 + 0.4 + 0.2 * 0 = 1.7."""
     completion = "word " * 100 + "The answer is 85."
-    assert gold_reward("What is 37 + 48?", completion) == pytest.approx(1.3)
+    assert gold_reward("What is 37 + 48?", completion) == pytest.approx(1.7)
 
 
 def test_gold_reward_accepts_messages():
@@ -264,7 +266,11 @@ def test_flaws_do_what_they_say():
         assert not follows_format(no_format) and parse_final_answer(no_format) == q.answer
         verbose = datagen.flawed_completion(rng, q, "verbose")
         extra_words = len(verbose.split()) - len(datagen.good_completion(q).split())
-        assert 40 <= extra_words <= 80 and verbose.endswith(datagen.good_completion(q))
+        assert 20 <= extra_words <= 45 and verbose.endswith(datagen.good_completion(q))
+        padded = datagen.flawed_completion(rng, q, "padded")
+        extra_words = len(padded.split()) - len(datagen.good_completion(q).split())
+        assert 3 <= extra_words <= 9 and padded.endswith(datagen.good_completion(q))
+        assert 0 < gold_reward(q.text, datagen.good_completion(q)) - gold_reward(q.text, padded) <= 0.1
         wrong_final = datagen.flawed_completion(rng, q, "wrong_final")
         assert follows_format(wrong_final) and parse_final_answer(wrong_final) != q.answer
         assert parse_final_answer(datagen.flawed_completion(rng, q, "no_answer")) is None
@@ -285,6 +291,12 @@ def rows() -> dict[tuple[str, str], list[dict]]:
         for name, generate in datagen.GENERATORS.items()
         for split in ("train", "heldout")
     }
+
+
+def _prompt_messages(value) -> bool:
+    """A prompt: one user turn, optionally after a system turn."""
+    roles = [m["role"] for m in value] if isinstance(value, list) else []
+    return roles in (["user"], ["system", "user"]) and all(isinstance(m["content"], str) for m in value)
 
 
 def _message_list(value, role: str) -> bool:
@@ -315,7 +327,8 @@ def test_sft_rows(rows):
         assert set(row) == {"messages"}
         messages = row["messages"]
         if messages[0]["role"] == "system":
-            assert messages[0]["content"] in datagen.SYSTEM_PROMPTS
+            content = messages[0]["content"]
+            assert content in datagen.SYSTEM_PROMPTS or request_of([messages[0]]) is not None, content
             messages = messages[1:]
         assert len(messages) in (2, 4)
         assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2)
@@ -333,12 +346,11 @@ def test_sft_mix_of_shapes():
 
 def test_preference_rows(rows):
     for row in rows["preference", "train"]:
-        assert set(row) == {"prompt", "chosen", "rejected", "score_chosen", "score_rejected"}
-        assert _message_list(row["prompt"], "user")
+        assert set(row) == {"prompt", "chosen", "rejected", "score_chosen", "score_rejected", "kind"}
+        assert _prompt_messages(row["prompt"])
         assert _message_list(row["chosen"], "assistant") and _message_list(row["rejected"], "assistant")
         chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
-        assert chosen != rejected
-        assert gold_reward(row["prompt"], chosen) > gold_reward(row["prompt"], rejected)
+        assert chosen != rejected and row["kind"] in datagen.PAIR_MIX
         assert isinstance(row["score_chosen"], int) and isinstance(row["score_rejected"], int)
         assert 1 <= row["score_rejected"] <= row["score_chosen"] <= 5
 
@@ -346,25 +358,29 @@ def test_preference_rows(rows):
 def test_ranking_rows(rows):
     for row in rows["rankings", "train"]:
         assert set(row) == {"prompt", "completions"}
-        assert _message_list(row["prompt"], "user")
+        assert _prompt_messages(row["prompt"])
         assert len(row["completions"]) == 4 and all(isinstance(c, str) for c in row["completions"])
-        rewards = [gold_reward(row["prompt"], c) for c in row["completions"]]
-        assert all(a > b for a, b in zip(rewards, rewards[1:])), rewards
+        assert len(set(row["completions"])) == 4
+    # best first as the annotator ranks: by gold, up to length-biased near ties and a noisy adjacent swap
+    generated = datagen.ranking_rows(400, 0)
+    ordered = sum(gold_reward(r["prompt"], r["completions"][0]) >= gold_reward(r["prompt"], r["completions"][-1])
+                  for r in generated)
+    assert ordered / len(generated) > 0.95
 
 
 def test_rl_rows(rows):
     for row in rows["rl", "train"]:
-        assert set(row) == {"prompt", "answer", "level"}
-        assert _message_list(row["prompt"], "user")
-        assert row["answer"] == str(solve(row["prompt"][0]["content"]))
-        assert row["level"] in (1, 2, 3)
+        assert set(row) == {"prompt", "answer", "level", "request"}
+        assert _prompt_messages(row["prompt"])
+        assert row["answer"] == str(solve(row["prompt"][-1]["content"]))
+        assert row["level"] in (1, 2, 3) and row["request"] == request_of(row["prompt"])
 
 
 def test_outcome_rows(rows):
     labels = []
     for row in rows["outcome", "train"]:
         assert set(row) == {"prompt", "completion", "label"}
-        assert _message_list(row["prompt"], "user") and _message_list(row["completion"], "assistant")
+        assert _prompt_messages(row["prompt"]) and _message_list(row["completion"], "assistant")
         correct = gold_components(row["prompt"], row["completion"])["correct"]
         assert row["label"] == int(correct)
         labels.append(row["label"])
@@ -468,14 +484,15 @@ def test_pretrain_respects_splits():
 
 
 def test_write_all(tmp_path):
-    sizes = {name: 8 for name in datagen.DEFAULT_SIZES}
+    sizes = {name: 8 for name in [*datagen.DEFAULT_SIZES, *datagen.EVAL_SIZES]}
     paths = datagen.write_all(tmp_path / "data", seed=0, sizes=sizes)
-    assert set(paths) == {f"{name}_{split}" for name in datagen.GENERATORS for split in ("train", "heldout")}
+    assert set(paths) == {f"{name}_{split}" for name in datagen.GENERATORS for split in ("train", "heldout")} | set(
+        datagen.EVAL_SETS)
     for key, path in paths.items():
         assert path.endswith(f"{key}.jsonl")
         with open(path, encoding="utf-8") as handle:
             lines = handle.read().splitlines()
-        assert len(lines) == (8 if key.endswith("_train") else 64)
+        assert len(lines) == (64 if key.endswith("_heldout") and key not in datagen.EVAL_SETS else 8)
         assert all(isinstance(json.loads(line), dict) for line in lines)
 
 

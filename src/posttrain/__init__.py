@@ -16,9 +16,16 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.util
+import os
 import sys
 
 __version__ = "0.1.0"
+
+# OpenMP threads that wait at a barrier sleep instead of spinning (set before torch loads its OpenMP runtime; an
+# explicit setting wins). On a 2-core machine with another busy process, spinning threads steal the cores the work
+# needs: pretraining the tiny world's base model ran at 2170 tokens/s with the default and 3650-4170 with PASSIVE
+# (6020 on an idle machine; benchmarks/RESULTS.md, "Threads on a busy machine").
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 MOVED_MODULES = {
     "posttrain.attention": "posttrain.models.attention",

@@ -150,10 +150,12 @@ class SelectConfig:
 def select_rows(rows: list[dict], strategy: str, k: int = 0, pairs: str = "",
                 min_reward: float = float("-inf"), pairs_per_prompt: int = 4, seed: int = 0) -> list[dict]:
     """SFT rows (``messages`` = prompt + chosen completion) or preference rows, from scored rows; SFT picks with a
-    reward below ``min_reward`` are dropped, and so are empty replies (nothing to train on: SFT refuses them)."""
+    reward below ``min_reward`` are dropped, and empty replies never enter a pair or a pick (nothing to train on:
+    SFT and DPO refuse them)."""
     R = [r["rewards"] for r in rows]
     extra = [{key: v for key, v in r.items() if key not in GENERATED_KEYS} for r in rows]
     if pairs:
+        R = [[None if not c.strip() else x for c, x in zip(r["completions"], rewards)] for r, rewards in zip(rows, R)]
         if pairs == "best_worst":
             chosen_pairs = best_worst_pairs(R)
         elif pairs == "all":

@@ -1,17 +1,19 @@
 """``posttrain demo``: the pipeline tour on the tiny world, offline, on a CPU, in minutes.
 
-Stages so far: build the world (cached) -> pretrain the base model (cached) -> SFT -> evaluate both on held-out
-prompts against the gold reward -> a Bradley-Terry reward model from the SFT model, measured against the gold
-preferences -> best-of-N on held-out prompts with the RM and with a verifier -> one round of rejection-sampling
-fine-tuning (verifier-selected samples, SFT) from the SFT model -> on-policy DPO from the SFT model on pairs of its
-own replies labelled by the gold reward (win-rate against the SFT model under the gold reward, KL to it). Every
-stage's run directory lives under ``--out``; ``summary.json`` holds ``{"stages": {"base": {...}, "sft": {...},
-"rs": {...}, "dpo": {...}}, "reward_model": {...}, "best_of_n": {...}, "rejection_sampling": {...}, "dpo": {...}}``:
-per policy format_rate, accuracy, gold_reward, mean_length, stop_rate (greedy); for the RM held-out pair accuracy,
-top-1 selection and length correlation; for best-of-N the gold reward of single samples and of each selector's
-picks; for rejection sampling the held-out gold reward of the policy's samples before and after the round; for DPO
-the win-rate against SFT (per-prompt expected gold from samples, and greedy), the mean sampled gold of both, the KL
-to the SFT model and the implicit-reward pair accuracy.
+Stages: build the world (cached) -> pretrain the base model (cached) -> SFT -> evaluate both on held-out prompts
+against the gold reward -> a Bradley-Terry reward model from the SFT model (trained on the annotators' noisy,
+length-biased pairs), scored against the gold reward -> best-of-N on held-out prompts with the RM and with a
+verifier -> one round of rejection-sampling fine-tuning from the SFT model selected by the RM, and one selected by
+the verifier -> on-policy DPO from the SFT model on pairs of its own replies labelled by the gold reward (win-rate
+against the SFT model under the gold reward, KL to it). Every stage's run directory lives under ``--out``;
+``summary.json`` holds ``{"stages": {"base", "sft", "rs_rm", "rs", "dpo"}, "reward_model", "best_of_n",
+"rejection_sampling": {"rm", "verifier"}, "dpo", "seconds", "stage_seconds"}``: per policy format_rate, accuracy,
+request_rate (and per style), gold_reward, mean_length, stop_rate of greedy replies to held-out prompts;
+for the RM the pair accuracies by kind against the gold reward (request, surface, answer check, near ties, unseen
+phrasings), the counterfactual flip rate and length correlation; for best-of-N the gold reward and request rate of
+single samples and of each selector's picks; for rejection sampling the held-out gold reward of the policy's samples
+before and after each round; for DPO the win-rate against SFT (per-prompt expected gold from samples), the mean
+sampled gold of both, the KL to the SFT model and the implicit-reward pair accuracy.
 """
 
 from __future__ import annotations
@@ -27,25 +29,26 @@ from posttrain.maths.stats import mean_or_nan
 from posttrain.plumbing.config import config_to_dict, device_option, option, progress_option
 from posttrain.plumbing.harness import is_complete
 
-METRICS = ("format_rate", "accuracy", "gold_reward", "mean_length", "stop_rate")
+METRICS = ("format_rate", "accuracy", "request_rate", "gold_reward", "mean_length", "stop_rate")
 
 
 @dataclass
 class DemoConfig:
     out: str = option("runs/demo", "directory for every stage's run directory and summary.json")
-    sft_steps: int = option(150, "SFT optimizer steps")
-    sft_batch_size: int = option(16, "SFT conversations per step")
+    sft_steps: int = option(300, "SFT optimizer steps (300 x 32 = 2.4 epochs of the world's 4000 conversations)")
+    sft_batch_size: int = option(32, "SFT conversations per step")
     sft_lr: float = option(1e-3, "SFT peak learning rate")
     rm_steps: int = option(250, "Bradley-Terry reward-model optimizer steps (16 pairs each; 250 = one epoch of the "
                                 "world's preference pairs); 0 = skip the RM stage")
     bon_n: int = option(16, "best-of-N: samples per held-out prompt; 0 = skip the stage")
     bon_prompts: int = option(100, "best-of-N: held-out prompts")
-    rs_prompts: int = option(600, "rejection sampling: training prompts sampled (8 samples each); 0 = skip the stage")
-    dpo_prompts: int = option(2000, "on-policy DPO: training prompts sampled from the SFT model (8 replies each, "
+    rs_prompts: int = option(400, "rejection sampling: training prompts sampled (8 samples each), one round selected "
+                                  "by the reward model and one by the math verifier; 0 = skip the stage")
+    dpo_prompts: int = option(1000, "on-policy DPO: training prompts sampled from the SFT model (8 replies each, "
                                     "gold-labelled, up to 4 pairs per prompt); 0 = skip the stage")
-    dpo_eval_samples: int = option(32, "DPO win-rate: samples per held-out prompt for each policy's expected gold")
+    dpo_eval_samples: int = option(16, "DPO win-rate: samples per held-out prompt for each policy's expected gold")
     eval_prompts: int = option(200, "held-out prompts to evaluate each stage on")
-    max_new_tokens: int = option(48, "generation budget per reply")
+    max_new_tokens: int = option(64, "generation budget per reply")
     device: str = device_option()
     progress: bool = progress_option()
 
@@ -54,7 +57,7 @@ def format_table(stages: dict[str, dict[str, float]]) -> str:
     header = f"{'stage':<8}" + "".join(f"{m:>13}" for m in METRICS)
     lines = [header, "-" * len(header)]
     for name, metrics in stages.items():
-        lines.append(f"{name:<8}" + "".join(f"{metrics[m]:>13.3f}" for m in METRICS))
+        lines.append(f"{name:<8}" + "".join(f"{metrics.get(m, float('nan')):>13.3f}" for m in METRICS))
     return "\n".join(lines)
 
 
@@ -92,6 +95,7 @@ def _best_of_n_stage(config: DemoConfig, paths, sft_model: Path, rm_model: Path 
     from posttrain.models.generation import SamplingParams, load_engine
     from posttrain.rewards import reward_from_spec
     from posttrain.stages.bestofn import reward_matrix, sample
+    from posttrain.world.requests import follows_request, request_of
 
     prompt_rows = load_prompt_rows(str(paths.data / "rl_heldout.jsonl"), limit=config.bon_prompts)
     engine = load_engine(sft_model, backend="hf", device=config.device)
@@ -102,29 +106,37 @@ def _best_of_n_stage(config: DemoConfig, paths, sft_model: Path, rm_model: Path 
     selectors = {"verifier": correct}
     if rm_model is not None:
         selectors["reward_model"] = reward_matrix(reward_from_spec(f"rm:{rm_model}", device=config.device), rows)
+    follows = [[follows_request(row["prompt"], c) for c in row["completions"]] for row in rows]
+    asked = [i for i, row in enumerate(rows) if request_of(row["prompt"]) is not None]
     report = {"n": config.bon_n, "prompts": len(rows), "single_gold": mean_or_nan([g for row in gold for g in row]),
+              "single_request_rate": mean_or_nan([float(f) for i in asked for f in follows[i]]),
               "pass_at_n": mean_or_nan([pass_at_k(config.bon_n, int(sum(c)), config.bon_n) for c in correct])}
     for name, R in selectors.items():
-        report[f"{name}_pick_gold"] = mean_or_nan([gold[i][j] for i, j in enumerate(select_top_per_prompt(R)) if j >= 0])
+        picks = select_top_per_prompt(R)
+        report[f"{name}_pick_gold"] = mean_or_nan([gold[i][j] for i, j in enumerate(picks) if j >= 0])
+        report[f"{name}_pick_request_rate"] = mean_or_nan([float(follows[i][picks[i]]) for i in asked if picks[i] >= 0])
     return report
 
 
-def _rejection_sampling_stage(config: DemoConfig, paths, sft_model: Path, out: Path) -> tuple[dict, Path]:
-    """One round: 8 samples per training prompt, keep each prompt's verified-correct best, SFT on them."""
+def _rejection_sampling_stage(config: DemoConfig, paths, sft_model: Path, out: Path, selector: str,
+                              name: str) -> tuple[dict, Path]:
+    """One round from the SFT model: 8 samples per training prompt, keep each prompt's best by ``selector``, SFT on
+    them; the held-out gold reward of the policy's samples before and after."""
     from posttrain.stages.rs import RSConfig, run_rs
 
+    verifier = selector == "verifier:math"
     rs_config = RSConfig(
         model=str(sft_model), prompts=str(paths.data / "rl_train.jsonl"), limit=config.rs_prompts,
-        reward="verifier:math", min_reward=1.0, out=str(out / "rs"), rounds=1, n=8,
+        reward=selector, min_reward=1.0 if verifier else float("-inf"), out=str(out / name), rounds=1, n=8,
         max_new_tokens=config.max_new_tokens, sft_lr=3e-4, sft_epochs=3.0, eval_prompts=str(
             paths.data / "rl_heldout.jsonl"), eval_reward="gold", eval_limit=config.eval_prompts, eval_n=4,
         backend="hf", device=config.device, progress=config.progress)
-    _discard_if_config_changed(out / "rs", rs_config)
+    _discard_if_config_changed(out / name, rs_config)
     model = run_rs(rs_config)
-    rounds = {r["round"]: r for r in map(json.loads, (out / "rs" / "rounds.jsonl").read_text().splitlines())}
-    return {"selector": "verifier:math (correct only)", "prompts": rounds[1]["prompts"],
-            "selected": rounds[1]["selected"], "eval_gold_before": rounds[0]["eval_reward"],
-            "eval_gold_after": rounds[1]["eval_reward"]}, model
+    rounds = {r["round"]: r for r in map(json.loads, (out / name / "rounds.jsonl").read_text().splitlines())}
+    return {"selector": "verifier:math (correct only)" if verifier else "reward model (bt)",
+            "prompts": rounds[1]["prompts"], "selected": rounds[1]["selected"],
+            "eval_gold_before": rounds[0]["eval_reward"], "eval_gold_after": rounds[1]["eval_reward"]}, model
 
 
 def _dpo_stage(config: DemoConfig, paths, sft_model: Path, out: Path) -> tuple[dict, Path]:
@@ -164,13 +176,6 @@ def _dpo_stage(config: DemoConfig, paths, sft_model: Path, out: Path) -> tuple[d
             "implicit_reward_margin": done["eval"]["rewards/margin"]}, model
 
 
-def _greedy_gold(samples_path: Path) -> list[float]:
-    from posttrain.world.gold import gold_reward
-
-    rows = [json.loads(line) for line in samples_path.read_text().splitlines()]
-    return [gold_reward(row["prompt"], row["completion"]) for row in rows]
-
-
 def run_demo(config: DemoConfig) -> dict:
     from posttrain.stages import world as build
     from posttrain.stages.sft import SFTConfig, train_sft
@@ -178,10 +183,19 @@ def run_demo(config: DemoConfig) -> dict:
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
+    started = last = time.time()
+    stage_seconds: dict[str, float] = {}
+
+    def timed(name: str) -> None:
+        nonlocal last
+        stage_seconds[name] = round(time.time() - last, 1)
+        last = time.time()
+        print(f"    ({name}: {stage_seconds[name]:.0f} s)")
+
     stage_count = 3 + bool(config.rm_steps) + bool(config.bon_n) + bool(config.rs_prompts) + bool(config.dpo_prompts)
     print(f"[1/{stage_count}] tiny world: tokenizer, datasets, base model (cached after the first run)")
     paths = build.ensure_world(base_model=True, progress=config.progress)
+    timed("world")
     prompts = paths.data / "rl_heldout.jsonl"
     evaluate = lambda model_dir, name: evaluate_model(  # noqa: E731
         model_dir, prompts, limit=config.eval_prompts, max_new_tokens=config.max_new_tokens, device=config.device,
@@ -190,6 +204,7 @@ def run_demo(config: DemoConfig) -> dict:
 
     print(f"[2/{stage_count}] evaluating the base model")
     stages["base"] = evaluate(paths.base_model, "base")
+    timed("base evaluation")
 
     print(f"[3/{stage_count}] SFT ({config.sft_steps} steps)")
     sft_dir = out / "sft"
@@ -202,6 +217,7 @@ def run_demo(config: DemoConfig) -> dict:
     _discard_if_config_changed(sft_dir, sft_config)
     sft_model = sft_dir / "model" if is_complete(sft_dir) else train_sft(sft_config)
     stages["sft"] = evaluate(sft_model, "sft")
+    timed("sft")
 
     summary = {"stages": stages}
     stage = 3
@@ -209,16 +225,26 @@ def run_demo(config: DemoConfig) -> dict:
         stage += 1
         print(f"[{stage}/{stage_count}] Bradley-Terry reward model from the SFT model ({config.rm_steps} steps)")
         summary["reward_model"] = _reward_model_stage(config, paths, sft_model, out)
+        timed("reward model")
     if config.bon_n:
         stage += 1
         print(f"[{stage}/{stage_count}] best-of-{config.bon_n} on {config.bon_prompts} held-out prompts")
         rm_model = Path(summary["reward_model"]["model"]) if "reward_model" in summary else None
         summary["best_of_n"] = _best_of_n_stage(config, paths, sft_model, rm_model)
+        timed("best-of-n")
     if config.rs_prompts:
         stage += 1
-        print(f"[{stage}/{stage_count}] one round of rejection-sampling fine-tuning ({config.rs_prompts} prompts)")
-        summary["rejection_sampling"], rs_model = _rejection_sampling_stage(config, paths, sft_model, out)
-        stages["rs"] = evaluate(rs_model, "rs")
+        print(f"[{stage}/{stage_count}] rejection-sampling fine-tuning, one round each selected by the reward model "
+              f"and by the verifier ({config.rs_prompts} prompts)")
+        summary["rejection_sampling"] = {}
+        selectors = [("rm", f"rm:{summary['reward_model']['model']}")] if "reward_model" in summary else []
+        for name, selector in selectors + [("verifier", "verifier:math")]:
+            report, rs_model = _rejection_sampling_stage(config, paths, sft_model, out, selector,
+                                                         "rs" if name == "verifier" else f"rs_{name}")
+            summary["rejection_sampling"][name] = report
+            stage_name = "rs" if name == "verifier" else f"rs_{name}"
+            stages[stage_name] = evaluate(rs_model, stage_name)
+        timed("rejection sampling")
     if config.dpo_prompts:
         from posttrain.maths.stats import win_rate
         from posttrain.models.logprobs import policy_kl
@@ -235,34 +261,39 @@ def run_demo(config: DemoConfig) -> dict:
                     for name, model in (("dpo", dpo_model), ("sft", sft_model))}
         summary["dpo"].update(
             win_rate_vs_sft=win_rate(expected["dpo"], expected["sft"]),
-            win_rate_vs_sft_greedy=win_rate(_greedy_gold(out / "samples_dpo.jsonl"),
-                                            _greedy_gold(out / "samples_sft.jsonl")),
             sampled_gold_dpo=mean_or_nan(expected["dpo"]), sampled_gold_sft=mean_or_nan(expected["sft"]),
             kl_to_reference=policy_kl(dpo_model, sft_model, eval_prompts[:100], n=4,
                                       max_new_tokens=config.max_new_tokens, device=config.device))
-    summary.update(world=str(paths.root), seconds=round(time.time() - started, 1))
+        timed("dpo")
+    summary.update(world=str(paths.data.parent), base_model=str(paths.base_model),
+                   seconds=round(time.time() - started, 1), stage_seconds=stage_seconds)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print()
     print(format_table(stages))
     if rm := summary.get("reward_model"):
-        print(f"\nreward model (bt): held-out pair accuracy {rm['pair_accuracy']:.3f} (pairs that need the answer "
-              f"checked: {rm['pair_accuracy_answer_check']:.3f}; the rest: {rm['pair_accuracy_rest']:.3f}), top-1 "
-              f"selection {rm['top1_accuracy']:.3f} (random {rm['random_top1']:.3f}), length correlation "
-              f"{rm['length_correlation']:+.3f}")
+        print(f"\nreward model (bt), held-out pairs against the gold reward: all {rm['pair_accuracy']:.3f}; request "
+              f"{rm['pair_accuracy_request']:.3f} (preferred reply shorter: {rm['pair_accuracy_request_shorter']:.3f}; "
+              f"unseen phrasings: {rm['pair_accuracy_request_unseen_phrasing']:.3f}); surface "
+              f"{rm['pair_accuracy_surface']:.3f}; answer check {rm['pair_accuracy_answer_check']:.3f}; near ties "
+              f"{rm['pair_accuracy_near_tie']:.3f}; counterfactual flips {rm['counterfactual_flip_rate']:.3f}; "
+              f"length correlation {rm['length_correlation']:+.3f}")
     if bon := summary.get("best_of_n"):
         picks = ", ".join(f"{name[:-10].replace('_', ' ')} picks {value:.3f}" for name, value in bon.items()
                           if name.endswith("_pick_gold"))
+        rates = ", ".join(f"{name[:-18].replace('_', ' ')} picks {value:.3f}" for name, value in bon.items()
+                          if name.endswith("_pick_request_rate"))
         print(f"best-of-{bon['n']} (held-out, T=1): gold of single samples {bon['single_gold']:.3f}; {picks}; "
+              f"request rate of single samples {bon['single_request_rate']:.3f}; {rates}; "
               f"pass@{bon['n']} {bon['pass_at_n']:.3f}")
-    if rs := summary.get("rejection_sampling"):
-        print(f"rejection sampling, 1 round ({rs['selected']} verified samples): held-out gold of the policy's "
-              f"samples {rs['eval_gold_before']:.3f} -> {rs['eval_gold_after']:.3f}")
+    for name, rs in summary.get("rejection_sampling", {}).items():
+        print(f"rejection sampling, 1 round selected by the {rs['selector']} ({rs['selected']} samples): held-out "
+              f"gold of the policy's samples {rs['eval_gold_before']:.3f} -> {rs['eval_gold_after']:.3f}")
     if dpo := summary.get("dpo"):
         print(f"on-policy DPO ({dpo['loss']}, {dpo['pairs']} pairs, {dpo['steps']} steps, beta {dpo['beta']}): "
               f"win-rate vs SFT under the gold reward {dpo['win_rate_vs_sft']:.3f} of held-out prompts (expected "
-              f"gold from {config.dpo_eval_samples} samples each; ties half; greedy replies: "
-              f"{dpo['win_rate_vs_sft_greedy']:.3f}), sampled gold {dpo['sampled_gold_sft']:.3f} -> "
+              f"gold from {config.dpo_eval_samples} samples each; ties half), sampled gold {dpo['sampled_gold_sft']:.3f} -> "
               f"{dpo['sampled_gold_dpo']:.3f}, KL to the SFT reference {dpo['kl_to_reference']:.3f} nats, held-out "
               f"implicit-reward pair accuracy {dpo['implicit_reward_accuracy']:.3f}")
-    print(f"\nsummary: {out / 'summary.json'}   ({summary['seconds']} s)")
+    times = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stage_seconds.items())
+    print(f"\nsummary: {out / 'summary.json'}   ({summary['seconds']:.0f} s: {times})")
     return summary

@@ -1,22 +1,23 @@
-"""Completions and datasets of the tiny world.
+"""Completions and datasets of the tiny world (v3: requests, imperfect demonstrations, biased annotators).
 
 Every generator has the signature ``(n, seed, split="train") -> list[dict]``,
 is deterministic in ``(n, seed, split)``, uses only questions of ``split``
-(so held-out data never shares a problem with train data) and returns
-JSON-serialisable rows:
+(so held-out data never shares a problem with train data), uses only the
+training phrasings of requests (``posttrain.world.requests``; the ``*_unseen``
+evaluation sets use only the held-out ones) and returns JSON-serialisable rows:
 
-* ``pretrain_rows``:   ``{"text": str}`` plain documents of 3-8 worked examples.
-* ``sft_rows``:        ``{"messages": [{"role", "content"}, ...]}`` ending with an assistant turn.
-* ``preference_rows``: ``{"prompt": [user msg], "chosen": [assistant msg],
-  "rejected": [assistant msg], "score_chosen": int, "score_rejected": int}``.
-* ``ranking_rows``:    ``{"prompt": [user msg], "completions": [str] * 4}`` best first.
-* ``rl_rows``:         ``{"prompt": [user msg], "answer": str, "level": int}``.
-* ``outcome_rows``:    ``{"prompt": [user msg], "completion": [assistant msg], "label": 0 | 1}``.
+* ``pretrain_rows``:   ``{"text": str}`` plain documents of 3-8 worked examples (no chat markup, no requests).
+* ``sft_rows``:        ``{"messages": [...]}`` ending with an assistant turn; correct and formatted, following the
+  request with probability ``P_FOLLOW``.
+* ``preference_rows``: ``{"prompt": [msgs], "chosen": [assistant msg], "rejected": [assistant msg],
+  "score_chosen": int, "score_rejected": int, "kind": str}`` labelled by a biased annotator (:func:`annotate`).
+* ``ranking_rows``:    ``{"prompt": [msgs], "completions": [str] * 4}`` best first, as the annotator ranks them.
+* ``rl_rows``:         ``{"prompt": [msgs], "answer": str, "level": int, "request": str | None}``.
+* ``outcome_rows``:    ``{"prompt": [msgs], "completion": [assistant msg], "label": 0 | 1}``.
 * ``process_rows``:    ``{"prompt": str, "steps": [str], "labels": [int]}`` with labels in {-1, 0, 1}.
 
-Completions: :func:`good_completion` (worked steps, then "The answer is N.")
-has the highest gold reward; each flaw of :func:`flawed_completion` scores
-strictly lower.
+Completions: :func:`good_completion` (in any style) is correct and formatted;
+each flaw of :func:`flawed_completion` scores lower in the same style.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Callable
 from posttrain.data.io import write_jsonl
 
 from .gold import MAX_REWARD, gold_reward, parse_final_answer
+from .requests import STYLES, phrasings, request_of, styled_reply
 from .tasks import (
     LEVELS,
     Question,
@@ -40,14 +42,19 @@ from .tasks import (
     step_operations,
 )
 
-FLAWS = ("wrong_arithmetic", "misread", "no_format", "verbose", "wrong_final", "no_answer")
+FLAWS = ("wrong_arithmetic", "misread", "no_format", "verbose", "wrong_final", "no_answer", "padded")
+ANSWER_FLAWS = ("wrong_arithmetic", "misread", "wrong_final")
+"""Flaws that keep the form and change only the final answer: telling them apart needs the answer checked."""
+SURFACE_FLAWS = ("no_format", "verbose", "no_answer")
+"""Flaws visible in the form of the reply."""
 
 SYSTEM_PROMPTS = (
     "You are a careful math tutor.",
-    "You are a helpful assistant. Answer arithmetic questions concisely.",
-    "Solve the problem step by step and end with 'The answer is N.'",
-    "You are a precise calculator that shows its work.",
+    "You are a helpful assistant.",
+    "You help people with arithmetic.",
+    "You are an assistant for school math.",
 )
+"""Neutral system prompts (no request in them); a request may be appended to one."""
 
 FILLER_SENTENCES = (
     "Let me think about this carefully.",
@@ -214,58 +221,146 @@ def _ramble(rng: random.Random, min_words: int, max_words: int) -> str:
 
 
 # --------------------------------------------------------------------------
+# prompts with requests
+
+
+REQUEST_SHARE = 0.75
+"""Share of prompts that carry a request about the reply."""
+
+P_FOLLOW = 0.5
+"""Probability that an SFT demonstration follows its prompt's request (the rest: the writer's habitual style)."""
+
+
+def make_prompt(rng: random.Random, q: Question, style: str | None = "random", which: str = "train",
+                request_share: float = REQUEST_SHARE) -> tuple[list[dict], str | None]:
+    """Chat messages asking ``q``, and the style they request.
+
+    ``style="random"``: a request with probability ``request_share``, its style uniform; ``None``: no request; a
+    style name: that request. The phrasing comes from ``phrasings(style, which)``; it follows the question in the
+    user turn (70 %), precedes it (10 %) or sits in the system prompt (20 %, after a neutral system prompt half the
+    time). A prompt without a request has a neutral system prompt with probability 0.2.
+    """
+    if style == "random":
+        style = rng.choice(STYLES) if rng.random() < request_share else None
+    if style is None:
+        system = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < 0.2 else []
+        return system + [_user(q.text)], None
+    phrase = rng.choice(phrasings(style, which))
+    where = rng.random()
+    if where < 0.7:
+        return [_user(f"{q.text} {phrase}")], style
+    if where < 0.8:
+        return [_user(f"{phrase} {q.text}")], style
+    system = f"{rng.choice(SYSTEM_PROMPTS)} {phrase}" if rng.random() < 0.5 else phrase
+    return [{"role": "system", "content": system}, _user(q.text)], style
+
+
+def other_style(rng: random.Random, style: str | None) -> str:
+    """A style drawn uniformly from those other than ``style`` (any style when ``style`` is None)."""
+    return rng.choice([s for s in STYLES if s != style])
+
+
+def habitual_style(rng: random.Random, request: str | None, p_follow: float = P_FOLLOW) -> str:
+    """The style an imperfect demonstrator writes in: the requested one with probability ``p_follow``, otherwise
+    (and for a prompt without a request) another one, uniformly."""
+    if request is not None and rng.random() < p_follow:
+        return request
+    return other_style(rng, request)
+
+
+# --------------------------------------------------------------------------
 # completions
 
 
-def good_completion(q: Question) -> str:
-    """Worked steps then the answer: ``"5 + 7 = 12. 12 * 2 = 24. The answer is 24."``"""
-    return f"{_sentences([text for text, _ in q.steps])} The answer is {q.answer}."
+def good_completion(q: Question, style: str = "worked", rng: random.Random | None = None) -> str:
+    """The correct reply in ``style``; worked: ``"5 + 7 = 12. 12 * 2 = 24. The answer is 24."``"""
+    return styled_reply([text for text, _ in q.steps], q.answer, style, rng)
 
 
-def flawed_completion(rng: random.Random, q: Question, flaw: str) -> str:
-    """A completion with one flaw; its gold reward is strictly below :func:`good_completion`'s.
+def _pad(reply: str, padding: str) -> str:
+    """``padding`` inserted before the work, after a warm opener if the reply starts with one."""
+    from .requests import WARM_OPENERS
+
+    for opener in WARM_OPENERS:
+        if reply.startswith(opener + " "):
+            return f"{opener} {padding} {reply[len(opener) + 1:]}"
+    return f"{padding} {reply}"
+
+
+def flawed_completion(rng: random.Random, q: Question, flaw: str, style: str = "worked") -> str:
+    """A reply in ``style`` with one flaw; its gold reward is below :func:`good_completion`'s in that style.
 
     * ``wrong_arithmetic``: one step result off by 1-3, propagated; formatted, wrong answer.
     * ``misread``: one number of the question (or one carried value) copied off by 1-3, the
       arithmetic done right from it (:func:`misread_steps`); formatted, wrong answer. Falls back
       to ``wrong_arithmetic`` when no misreading changes the answer.
-    * ``no_format``: correct work ending "So it is N." (no "The answer is N.").
-    * ``verbose``: a 40-80 word rambling preamble, then the good completion.
     * ``wrong_final``: correct steps, but "The answer is M." with M != answer.
+    * ``no_format``: the reply ends "So it is N." instead of "The answer is N.".
+    * ``verbose``: a 20-45 word rambling preamble (costs most of the concision term).
     * ``no_answer``: rambling with no integer at all.
+    * ``padded``: one short filler sentence (3-9 words) before the work: a near tie in gold reward.
     """
-    equations = [text for text, _ in q.steps]
     if flaw == "wrong_arithmetic":
         wrong_at = rng.randrange(len(q.steps))
         error = _small_error(rng, q.steps[wrong_at][1])
-        wrong_equations, value = worked_steps(q, wrong_at, error)
-        return f"{_sentences(wrong_equations)} The answer is {value}."
+        equations, value = worked_steps(q, wrong_at, error)
+        return styled_reply(equations, value, style, rng)
     if flaw == "misread" and (misread := misread_steps(rng, q)) is not None:
         equations, value = misread
-        return f"{_sentences(equations)} The answer is {value}."
+        return styled_reply(equations, value, style, rng)
     if flaw == "misread":  # no misreading changes the answer (e.g. 0 * 0)
-        return flawed_completion(rng, q, "wrong_arithmetic")
-    if flaw == "no_format":
-        ending = rng.choice(NO_FORMAT_ENDINGS).format(n=q.answer)
-        return f"{_sentences(equations)} {ending}"
-    if flaw == "verbose":
-        return f"{_ramble(rng, 40, 80)} {good_completion(q)}"
+        return flawed_completion(rng, q, "wrong_arithmetic", style)
     if flaw == "wrong_final":
         wrong = q.answer + _small_error(rng, q.answer)
-        return f"{_sentences(equations)} The answer is {wrong}."
+        good = good_completion(q, style, rng)
+        return good[: good.rindex("The answer is")] + f"The answer is {wrong}."
+    if flaw == "no_format":
+        good = good_completion(q, style, rng)
+        return good[: good.rindex("The answer is")] + rng.choice(NO_FORMAT_ENDINGS).format(n=q.answer)
+    if flaw == "verbose":
+        return _pad(good_completion(q, style, rng), _ramble(rng, 20, 45))
+    if flaw == "padded":
+        short = [s for s in FILLER_SENTENCES if len(s.split()) <= 9]
+        return _pad(good_completion(q, style, rng), rng.choice(short))
     if flaw == "no_answer":
         return f"{_ramble(rng, 12, 30)} {rng.choice(GIVE_UP_SENTENCES)}"
     raise ValueError(f"unknown flaw {flaw!r}; expected one of {FLAWS}")
 
 
-def candidate_completions(rng: random.Random, q: Question) -> list[str]:
-    """The good completion followed by one completion per flaw (in :data:`FLAWS` order)."""
-    return [good_completion(q)] + [flawed_completion(rng, q, flaw) for flaw in FLAWS]
-
-
 def likert_score(reward: float) -> int:
-    """Map a gold reward in [0, 1.5] to 1..5: ``1 + round(4 * reward / 1.5)``, clipped."""
+    """Map a gold reward in [0, 1.9] to 1..5: ``1 + round(4 * reward / 1.9)``, clipped."""
     return min(5, max(1, 1 + round(4 * reward / MAX_REWARD)))
+
+
+# --------------------------------------------------------------------------
+# annotators
+
+
+ANNOTATOR_NOISE = 0.1
+"""Share of preference labels an annotator flips (the case conservative / robust DPO losses exist for)."""
+LENGTH_BIAS_DELTA = 0.1
+"""Two replies within this much gold reward of each other: the annotator picks the longer one."""
+
+
+def annotate(rng: random.Random, prompt, a: str, b: str, noise: float = ANNOTATOR_NOISE,
+             delta: float = LENGTH_BIAS_DELTA) -> tuple[str, str]:
+    """``(chosen, rejected)`` as a biased annotator labels them.
+
+    The annotator prefers the higher gold reward, except that when the two are within ``delta`` it picks the reply
+    with more words (length bias; equal length: the higher gold, then at random); then, with probability ``noise``,
+    it flips its label (label noise). Both biases are documented world properties, measured by the tests.
+    """
+    gold_a, gold_b = gold_reward(prompt, a), gold_reward(prompt, b)
+    len_a, len_b = len(a.split()), len(b.split())
+    if abs(gold_a - gold_b) <= delta and len_a != len_b:
+        prefer_a = len_a > len_b
+    elif gold_a != gold_b:
+        prefer_a = gold_a > gold_b
+    else:
+        prefer_a = rng.random() < 0.5
+    if rng.random() < noise:
+        prefer_a = not prefer_a
+    return (a, b) if prefer_a else (b, a)
 
 
 # --------------------------------------------------------------------------
@@ -290,7 +385,9 @@ def _pretrain_example(q: Question, style: str) -> str:
 
 def pretrain_rows(n: int, seed: int, split: str = "train") -> list[dict]:
     """``{"text": doc}``: 3-8 worked examples, one per line, in one style (25 % mixed),
-    with an occasional filler line (probability 0.15 before each example). No chat markup.
+    with an occasional filler line (probability 0.15 before each example). No chat markup and no requests.
+
+    Unchanged since world v2 (the base model's cache key depends on it: ``posttrain.world.cache.base_key``).
     """
     rng = _rng("pretrain", seed, split)
     rows = []
@@ -310,88 +407,166 @@ def pretrain_rows(n: int, seed: int, split: str = "train") -> list[dict]:
 # chat datasets
 
 
-def sft_rows(n: int, seed: int, split: str = "train") -> list[dict]:
-    """``{"messages": [...]}``: user question -> assistant good completion.
+def sft_rows(n: int, seed: int, split: str = "train", p_follow: float = P_FOLLOW) -> list[dict]:
+    """``{"messages": [...]}``: prompts (:func:`make_prompt`) answered by imperfect demonstrators.
 
-    A system message comes first with probability 0.2; a second round
-    (another question and its good completion) follows with probability 0.15.
+    Every demonstration is correct and formatted; it follows its request with probability ``p_follow``
+    (:func:`habitual_style`). A second round (another question and reply) follows with probability 0.15.
     """
     rng = _rng("sft", seed, split)
     rows = []
     for _ in range(n):
-        messages = []
-        if rng.random() < 0.2:
-            messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
-        rounds = 2 if rng.random() < 0.15 else 1
-        for _ in range(rounds):
-            q = draw_question(rng, split)
-            messages += [_user(q.text), _assistant(good_completion(q))]
+        q = draw_question(rng, split)
+        messages, request = make_prompt(rng, q)
+        messages.append(_assistant(good_completion(q, habitual_style(rng, request, p_follow), rng)))
+        if rng.random() < 0.15:  # a second round; its request (if any) follows the question, else the system's holds
+            q2 = draw_question(rng, split)
+            asked = rng.choice(STYLES) if rng.random() < REQUEST_SHARE else None
+            messages.append(_user(q2.text if asked is None else f"{q2.text} {rng.choice(phrasings(asked))}"))
+            style = habitual_style(rng, request_of(messages), p_follow)
+            messages.append(_assistant(good_completion(q2, style, rng)))
         rows.append({"messages": messages})
     return rows
 
 
-def preference_rows(n: int, seed: int, split: str = "train") -> list[dict]:
-    """TRL explicit-prompt preference pairs with Likert scores (:func:`likert_score`).
+PAIR_MIX = {"request": 0.40, "surface": 0.30, "answer_check": 0.15, "near_tie": 0.15}
+"""Shares of the kinds of preference pairs (``kind`` column):
 
-    Half of the pairs are good vs. a random flaw, the rest two random distinct
-    candidates; pairs with equal gold reward are redrawn. ``chosen`` has the
-    higher gold reward.
+* ``request``: both replies correct and formatted, one in the requested style and one not;
+* ``surface``: a good reply vs the same reply with a visible flaw (:data:`SURFACE_FLAWS`);
+* ``answer_check``: a right vs a wrong answer in the same form (:data:`ANSWER_FLAWS`);
+* ``near_tie``: two replies within ``LENGTH_BIAS_DELTA`` in gold reward (a short filler sentence, or two styles
+  under a prompt without a request), where the annotator's length bias decides.
+"""
+
+
+def preference_pair(rng: random.Random, q: Question, kind: str, which: str = "train") -> tuple[list[dict], str, str]:
+    """``(prompt, better, worse)`` of one pair of ``kind`` (:data:`PAIR_MIX`), ``better`` by gold reward."""
+    if kind == "request":
+        request = rng.choice(STYLES)
+        prompt, _ = make_prompt(rng, q, request, which)
+        return prompt, good_completion(q, request, rng), good_completion(q, other_style(rng, request), rng)
+    if kind == "near_tie" and rng.random() < 0.5:
+        prompt, _ = make_prompt(rng, q, None, which)
+        first, second = rng.sample(STYLES, 2)
+        return prompt, good_completion(q, first, rng), good_completion(q, second, rng)
+    prompt, request = make_prompt(rng, q, "random", which)
+    style = habitual_style(rng, request)
+    flaw = {"surface": SURFACE_FLAWS, "answer_check": ANSWER_FLAWS, "near_tie": ("padded",)}[kind]
+    return prompt, good_completion(q, style, rng), flawed_completion(rng, q, rng.choice(flaw), style)
+
+
+def _pair_kind(rng: random.Random) -> str:
+    draw, total = rng.random(), 0.0
+    for kind, share in PAIR_MIX.items():
+        total += share
+        if draw < total:
+            return kind
+    return kind
+
+
+def preference_rows(n: int, seed: int, split: str = "train", noise: float = ANNOTATOR_NOISE,
+                    delta: float = LENGTH_BIAS_DELTA, which: str = "train") -> list[dict]:
+    """TRL explicit-prompt preference pairs labelled by a biased annotator (:func:`annotate`), with Likert scores
+    (:func:`likert_score` of each reply's gold reward, the higher one on the chosen side) and the pair's ``kind``.
+
+    The mix is :data:`PAIR_MIX`. Evaluations score these pairs against the gold reward, not the labels.
     """
-    rng = _rng("preference", seed, split)
+    rng = _rng("preference" if which == "train" else f"preference-{which}", seed, split)
     rows = []
     for _ in range(n):
-        q = draw_question(rng, split)
-        candidates = candidate_completions(rng, q)
-        while True:
-            if rng.random() < 0.5:
-                a, b = candidates[0], rng.choice(candidates[1:])
-            else:
-                a, b = rng.sample(candidates, 2)
-            reward_a, reward_b = gold_reward(q.text, a), gold_reward(q.text, b)
-            if reward_a != reward_b:
-                break
-        if reward_a < reward_b:
-            a, b, reward_a, reward_b = b, a, reward_b, reward_a
-        rows.append({
-            "prompt": [_user(q.text)],
-            "chosen": [_assistant(a)],
-            "rejected": [_assistant(b)],
-            "score_chosen": likert_score(reward_a),
-            "score_rejected": likert_score(reward_b),
-        })
+        kind = _pair_kind(rng)
+        prompt, better, worse = preference_pair(rng, draw_question(rng, split), kind, which)
+        chosen, rejected = annotate(rng, prompt, better, worse, noise, delta)
+        scores = sorted((likert_score(gold_reward(prompt, chosen)), likert_score(gold_reward(prompt, rejected))))
+        rows.append({"prompt": prompt, "chosen": [_assistant(chosen)], "rejected": [_assistant(rejected)],
+                     "score_chosen": scores[1], "score_rejected": scores[0], "kind": kind})
     return rows
 
 
-def ranking_rows(n: int, seed: int, split: str = "train", k: int = 4) -> list[dict]:
-    """``k`` (at most 5) candidates with pairwise distinct gold rewards, best first."""
+def unseen_preference_rows(n: int, seed: int, split: str = "heldout") -> list[dict]:
+    """Request pairs whose prompts use only the held-out phrasings, labelled by the gold reward (an evaluation set:
+    ``preference_unseen.jsonl``)."""
+    rng = _rng("preference-unseen", seed, split)
+    rows = []
+    for _ in range(n):
+        prompt, better, worse = preference_pair(rng, draw_question(rng, split), "request", "unseen")
+        rows.append({"prompt": prompt, "chosen": [_assistant(better)], "rejected": [_assistant(worse)],
+                     "kind": "request"})
+    return rows
+
+
+def counterfactual_rows(n: int, seed: int, split: str = "heldout") -> list[dict]:
+    """The same question and the same two correct replies, in styles A and B, under a request for A and under a
+    request for B (same placement): ``{"prompts": [prompt_a, prompt_b], "completions": [reply_a, reply_b]}``. The
+    gold reward prefers reply_a under prompt_a and reply_b under prompt_b; a reward that reads the request flips."""
+    rng = _rng("counterfactual", seed, split)
+    rows = []
+    for _ in range(n):
+        q = draw_question(rng, split)
+        style_a, style_b = rng.sample(STYLES, 2)
+        state = rng.getstate()
+        prompt_a, _ = make_prompt(rng, q, style_a)
+        rng.setstate(state)  # the same placement and phrasing index for the second request
+        prompt_b, _ = make_prompt(rng, q, style_b)
+        rows.append({"prompts": [prompt_a, prompt_b],
+                     "completions": [good_completion(q, style_a, rng), good_completion(q, style_b, rng)]})
+    return rows
+
+
+def ranking_rows(n: int, seed: int, split: str = "train", k: int = 4, noise: float = ANNOTATOR_NOISE,
+                 delta: float = LENGTH_BIAS_DELTA) -> list[dict]:
+    """``k`` (2..5) distinct replies, best first as the biased annotator ranks them: by gold reward, a longer reply
+    moved ahead of a shorter neighbour within ``delta``, and with probability ``noise`` one random adjacent pair
+    swapped. The replies: a correct one in the requested (or, without a request, a random) style, a correct one in
+    another style, and flawed ones (a wrong answer, a surface flaw, padding)."""
     if not 2 <= k <= 5:
         raise ValueError(f"k must be in 2..5, got {k}")
     rng = _rng("rankings", seed, split)
     rows = []
     for _ in range(n):
         q = draw_question(rng, split)
-        candidates = candidate_completions(rng, q)
-        rng.shuffle(candidates)
-        by_reward: dict[float, str] = {}
-        for completion in candidates:
-            by_reward.setdefault(gold_reward(q.text, completion), completion)
-        best_first = [by_reward[r] for r in sorted(by_reward, reverse=True)]
-        chosen = sorted(rng.sample(range(len(best_first)), k))
-        rows.append({"prompt": [_user(q.text)], "completions": [best_first[i] for i in chosen]})
+        prompt, request = make_prompt(rng, q)
+        first = request or rng.choice(STYLES)
+        second = other_style(rng, first)
+        pool = [good_completion(q, first, rng), good_completion(q, second, rng),
+                flawed_completion(rng, q, rng.choice(ANSWER_FLAWS), rng.choice((first, second))),
+                flawed_completion(rng, q, rng.choice(SURFACE_FLAWS), rng.choice((first, second))),
+                flawed_completion(rng, q, "padded", rng.choice((first, second)))]
+        replies = list(dict.fromkeys(pool))
+        replies = rng.sample(replies, min(k, len(replies)))
+        replies.sort(key=lambda c: gold_reward(prompt, c), reverse=True)
+        for i in range(len(replies) - 1):
+            a, b = replies[i], replies[i + 1]
+            if gold_reward(prompt, a) - gold_reward(prompt, b) <= delta and len(b.split()) > len(a.split()):
+                replies[i], replies[i + 1] = b, a
+        if rng.random() < noise:
+            i = rng.randrange(len(replies) - 1)
+            replies[i], replies[i + 1] = replies[i + 1], replies[i]
+        rows.append({"prompt": prompt, "completions": replies})
     return rows
 
 
-def rl_rows(n: int, seed: int, split: str = "train") -> list[dict]:
-    """Distinct questions (:func:`questions`) with the answer as a string."""
-    return [
-        {"prompt": [_user(q.text)], "answer": str(q.answer), "level": q.level}
-        for q in questions(split, n, seed)
-    ]
+def rl_rows(n: int, seed: int, split: str = "train", which: str = "train",
+            request_share: float = REQUEST_SHARE) -> list[dict]:
+    """Distinct questions (:func:`questions`) as prompts (:func:`make_prompt`), with the answer as a string, the
+    level and the requested style (None without a request)."""
+    rng = _rng("rl" if which == "train" else f"rl-{which}", seed, split)
+    rows = []
+    for q in questions(split, n, seed):
+        prompt, request = make_prompt(rng, q, "random", which, request_share)
+        rows.append({"prompt": prompt, "answer": str(q.answer), "level": q.level, "request": request})
+    return rows
+
+
+def unseen_rl_rows(n: int, seed: int, split: str = "heldout") -> list[dict]:
+    """Held-out questions, every one with a request in a held-out phrasing (``rl_unseen.jsonl``)."""
+    return rl_rows(n, seed, split, which="unseen", request_share=1.0)
 
 
 def outcome_rows(n: int, seed: int, split: str = "train") -> list[dict]:
-    """Outcome-reward data, about half correct: good / verbose / no_format completions
-    (label 1) vs. wrong_arithmetic / misread / wrong_final / no_answer (label 0).
+    """Outcome-reward data, about half correct: good / verbose / no_format / padded replies (label 1) vs.
+    wrong_arithmetic / misread / wrong_final / no_answer (label 0), in random styles.
 
     ``label = 1`` iff ``parse_final_answer(completion) == answer``.
     """
@@ -399,13 +574,15 @@ def outcome_rows(n: int, seed: int, split: str = "train") -> list[dict]:
     rows = []
     for _ in range(n):
         q = draw_question(rng, split)
+        prompt, request = make_prompt(rng, q)
+        style = habitual_style(rng, request)
         if rng.random() < 0.5:
-            kind = rng.choice(("good", "verbose", "no_format"))
+            kind = rng.choice(("good", "verbose", "no_format", "padded"))
         else:
-            kind = rng.choice(("wrong_arithmetic", "misread", "wrong_final", "no_answer"))
-        completion = good_completion(q) if kind == "good" else flawed_completion(rng, q, kind)
+            kind = rng.choice(ANSWER_FLAWS + ("no_answer",))
+        completion = good_completion(q, style, rng) if kind == "good" else flawed_completion(rng, q, kind, style)
         label = int(parse_final_answer(completion) == q.answer)
-        rows.append({"prompt": [_user(q.text)], "completion": [_assistant(completion)], "label": label})
+        rows.append({"prompt": prompt, "completion": [_assistant(completion)], "label": label})
     return rows
 
 
@@ -474,7 +651,8 @@ def process_rows(n: int, seed: int, split: str = "train") -> list[dict]:
         if rng.random() < 0.5:
             flaw = rng.choice(("wrong_arithmetic", "misread", "wrong_final"))
         steps, labels = process_example(rng, q, flaw)
-        rows.append({"prompt": q.text, "steps": steps, "labels": labels})
+        prompt, _ = make_prompt(rng, q, rng.choice(("worked", "checked")) if rng.random() < 0.5 else None)
+        rows.append({"prompt": prompt[-1]["content"], "steps": steps, "labels": labels})
     return rows
 
 
@@ -491,6 +669,14 @@ GENERATORS: dict[str, Callable[[int, int, str], list[dict]]] = {
     "outcome": outcome_rows,
     "process": process_rows,
 }
+"""Datasets written for both splits, ``{name}_{train,heldout}.jsonl``."""
+
+EVAL_SETS: dict[str, Callable[[int, int, str], list[dict]]] = {
+    "preference_unseen": unseen_preference_rows,
+    "rl_unseen": unseen_rl_rows,
+    "counterfactual_heldout": counterfactual_rows,
+}
+"""Evaluation-only sets on held-out questions, ``{name}.jsonl`` (``*_unseen``: held-out request phrasings)."""
 
 
 def heldout_size(train_size: int) -> int:
@@ -498,14 +684,18 @@ def heldout_size(train_size: int) -> int:
     return max(64, train_size // 8)
 
 
-def write_all(out_dir: str | os.PathLike, seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, str]:
-    """Write every dataset for both splits to ``out_dir/{name}_{split}.jsonl``.
+EVAL_SIZES = {"preference_unseen": 500, "rl_unseen": 200, "counterfactual_heldout": 400}
 
-    ``sizes`` overrides :data:`DEFAULT_SIZES` (train rows per dataset); held-out
-    sizes are :func:`heldout_size` of those. Returns ``{"{name}_{split}": path}``.
+
+def write_all(out_dir: str | os.PathLike, seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, str]:
+    """Write every dataset for both splits to ``out_dir/{name}_{split}.jsonl`` and the evaluation sets to
+    ``out_dir/{name}.jsonl``.
+
+    ``sizes`` overrides :data:`DEFAULT_SIZES` (train rows per dataset) and :data:`EVAL_SIZES`; held-out sizes are
+    :func:`heldout_size` of the train sizes. Returns ``{"{name}_{split}": path, "{eval set}": path}``.
     """
-    train_sizes = {**DEFAULT_SIZES, **(sizes or {})}
-    unknown = set(train_sizes) - set(GENERATORS)
+    train_sizes = {**DEFAULT_SIZES, **EVAL_SIZES, **(sizes or {})}
+    unknown = set(train_sizes) - set(GENERATORS) - set(EVAL_SETS)
     if unknown:
         raise ValueError(f"unknown datasets {sorted(unknown)}")
     paths = {}
@@ -513,4 +703,7 @@ def write_all(out_dir: str | os.PathLike, seed: int = 0, sizes: dict[str, int] |
         for split, size in (("train", train_sizes[name]), ("heldout", heldout_size(train_sizes[name]))):
             path = os.path.join(os.fspath(out_dir), f"{name}_{split}.jsonl")
             paths[f"{name}_{split}"] = str(write_jsonl(generate(size, seed, split), path))
+    for name, generate in EVAL_SETS.items():
+        path = os.path.join(os.fspath(out_dir), f"{name}.jsonl")
+        paths[name] = str(write_jsonl(generate(train_sizes[name], seed, "heldout"), path))
     return paths

@@ -1,11 +1,13 @@
 """Evaluating a policy on the tiny world's held-out prompts against the gold reward.
 
 Metrics (per prompt, then averaged):
-  format_rate  the reply ends with ``The answer is N.`` and the model stopped with its end-of-turn token
-  accuracy     the final answer equals the ground truth
-  gold_reward  the world's gold reward (correctness + format + brevity, see posttrain.world.gold)
-  mean_length  completion length in tokens (without the stop token)
-  stop_rate    the model emitted end-of-turn/eos before max_new_tokens
+  format_rate   the reply ends with ``The answer is N.`` and the model stopped with its end-of-turn token
+  accuracy      the final answer equals the ground truth
+  request_rate  over prompts that carry a request, the share of replies that follow it (``follows_request``);
+                ``request_rate_by_style`` the same per requested style
+  gold_reward   the world's gold reward (correctness + format + request + concision, see posttrain.world.gold)
+  mean_length   completion length in tokens (without the stop token)
+  stop_rate     the model emitted end-of-turn/eos before max_new_tokens
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from pathlib import Path
 from posttrain.data.messages import completion_text
 from posttrain.data.prompts import load_prompt_rows
 from posttrain.maths.stats import pearson, win_rate  # noqa: F401  (win_rate: also importable from here)
-from posttrain.models.generation import generate
 from posttrain.models.loading import load_causal_lm, load_tokenizer, resolve_device
 from posttrain.models.logprobs import policy_kl  # noqa: F401  (also importable from here, its first home)
-from posttrain.world.gold import follows_format, gold_reward, parse_final_answer
+from posttrain.world.datagen import LENGTH_BIAS_DELTA
+from posttrain.world.gold import follows_format, gold_components, gold_reward, parse_final_answer
+from posttrain.world.requests import STYLES, follows_request, request_of
 
 
 # pragma: no mutate start (reads files or runs a model; `make mutate` covers the scoring functions only)
@@ -30,9 +33,12 @@ def load_eval_prompts(path: str | Path, limit: int = 0) -> list[dict]:
 # pragma: no mutate end
 
 
-def score_completions(rows: list[dict], completions) -> dict[str, float]:
+def score_completions(rows: list[dict], completions) -> dict:
+    """The metrics of the module docstring for ``completions[i]`` replying to ``rows[i]`` (``prompt``, ``answer``)."""
     n = len(rows)
     formatted = accurate = reward = length = stopped = 0.0
+    asked = {style: 0 for style in STYLES}
+    followed = {style: 0 for style in STYLES}
     for row, completion in zip(rows, completions):
         stop = completion.finish_reason == "stop"
         formatted += follows_format(completion.text) and stop
@@ -40,19 +46,34 @@ def score_completions(rows: list[dict], completions) -> dict[str, float]:
         reward += gold_reward(row["prompt"], completion.text)
         length += len(completion.content_ids)
         stopped += stop
-    return {"format_rate": formatted / n, "accuracy": accurate / n, "gold_reward": reward / n,
-            "mean_length": length / n, "stop_rate": stopped / n}
+        if (style := request_of(row["prompt"])) is not None:
+            asked[style] += 1
+            followed[style] += bool(follows_request(row["prompt"], completion.text))
+    by_style = {style: followed[style] / asked[style] for style in STYLES if asked[style]}
+    total_asked = sum(asked.values())
+    return {"format_rate": formatted / n, "accuracy": accurate / n,
+            "request_rate": sum(followed.values()) / total_asked if total_asked else float("nan"),
+            "gold_reward": reward / n, "mean_length": length / n, "stop_rate": stopped / n,
+            "request_rate_by_style": by_style, "requests": total_asked}
 
 
 # pragma: no mutate start (reads files or runs a model; `make mutate` covers the scoring functions only)
 def evaluate_model(model_dir: str | Path, prompts_path: str | Path, *, limit: int = 0, max_new_tokens: int = 64,
-                   batch_size: int = 64, device: str = "auto", samples_path: Path | None = None) -> dict[str, float]:
-    """Greedy replies of the model to held-out prompts, scored with the gold reward."""
+                   batch_size: int = 64, device: str = "auto", samples_path: Path | None = None,
+                   temperature: float = 0.0, n: int = 1, seed: int = 0) -> dict[str, float]:
+    """The model's replies to held-out prompts, scored with the gold reward: greedy by default, or ``n`` samples
+    per prompt at ``temperature`` (the policy as it is used: greedy decoding of a model that learned "follow the
+    request half the time" picks the requested style, since it is the single most likely one)."""
+    from posttrain.models.generation import HFEngine, SamplingParams
+
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, device=resolve_device(device))
     rows = load_eval_prompts(prompts_path, limit)
-    completions = generate(model, tokenizer, [row["prompt"] for row in rows], max_new_tokens=max_new_tokens,
-                           batch_size=batch_size)
+    params = SamplingParams(n=n if temperature > 0 else 1, max_new_tokens=max_new_tokens, temperature=temperature,
+                            seed=seed)
+    samples = HFEngine(model, tokenizer, batch_size=batch_size).generate([row["prompt"] for row in rows], params)
+    rows = [row for row, replies in zip(rows, samples) for _ in replies]
+    completions = [c for replies in samples for c in replies]
     if samples_path is not None:
         with Path(samples_path).open("w") as f:
             for row, c in zip(rows, completions):
@@ -67,36 +88,103 @@ def _jsonl(path: Path, limit: int) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
+NEAR_TIE = LENGTH_BIAS_DELTA
+"""Pairs whose gold rewards differ by at most this much are near ties (the annotators' length bias decides them)."""
+
+
+def pair_kind(prompt, chosen, rejected) -> str:
+    """What tells a pair apart under the gold reward: ``tie`` (equal gold), ``near_tie`` (within NEAR_TIE),
+    ``answer_check`` (both give an answer, exactly one right), ``request`` (both right and formatted under a prompt
+    with a request, exactly one follows it) or ``surface`` (format, rambling, a missing answer)."""
+    a, b = gold_components(prompt, chosen), gold_components(prompt, rejected)
+    if a["reward"] == b["reward"]:
+        return "tie"
+    if abs(a["reward"] - b["reward"]) <= NEAR_TIE:
+        return "near_tie"
+    gives_answer = all(parse_final_answer(completion_text(c)) is not None for c in (chosen, rejected))
+    if gives_answer and a["correct"] != b["correct"]:
+        return "answer_check"
+    if (a["correct"] and b["correct"] and a["format_ok"] and b["format_ok"] and a["has_request"]
+            and a["request_ok"] != b["request_ok"]):
+        return "request"
+    return "surface"
+
+
+def _accuracy(items: list[tuple[float, float]]) -> float:
+    """Share of (score of the gold-preferred reply, score of the other) with the first higher; ties count half."""
+    return sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in items) / len(items) if items else float("nan")
+
+
+def _score_pairs(reward, pairs: list[dict]) -> list[tuple[float, float, tuple]]:
+    """``(score of the gold-preferred reply, score of the other, (prompt, better, worse))`` for each pair without a
+    gold tie that the reward scores (whatever the file's labels say: the gold reward decides which is better)."""
+    prompts = [p["prompt"] for p in pairs]
+    first = reward(prompts, [p["chosen"] for p in pairs])
+    second = reward(prompts, [p["rejected"] for p in pairs])
+    out = []
+    for a, b, pair in zip(first, second, pairs):
+        gold_a, gold_b = (gold_reward(pair["prompt"], pair[k]) for k in ("chosen", "rejected"))
+        if a is None or b is None or gold_a == gold_b:
+            continue
+        if gold_a > gold_b:
+            out.append((a, b, (pair["prompt"], pair["chosen"], pair["rejected"])))
+        else:
+            out.append((b, a, (pair["prompt"], pair["rejected"], pair["chosen"])))
+    return out
+
+
 def evaluate_reward_on_world(reward, data_dir: str | Path, *, limit: int = 0) -> dict[str, float]:
     """A reward (any implementation of the reward interface) against the tiny world's gold reward.
 
-    pair_accuracy      held-out preference pairs where reward(chosen) > reward(rejected) (ties count half)
-    pair_accuracy_answer_check   the same on the pairs where both replies give an answer and exactly one is right
-                       (the reward must check the answer; ``answer_check_pairs`` of them), and
-    pair_accuracy_rest on the others (format, verbosity, a missing answer tell them apart)
-    top1_accuracy      held-out rankings: the completion the reward ranks first is correct
-    random_top1        the same for a uniformly random pick (the fraction of correct completions)
-    length_correlation Pearson correlation of the reward with the completion's length in words (length bias)
+    On the held-out preference pairs, scored against the gold reward (not the annotators' noisy labels; gold ties
+    left out):
+    pair_accuracy                  all pairs: reward(gold-preferred) > reward(other), ties count half
+    pair_accuracy_request          pairs told apart by the request (both right and formatted, one follows it)
+    pair_accuracy_request_shorter  those whose preferred reply is the shorter one (a length proxy fails these)
+    pair_accuracy_surface          format, rambling, a missing answer
+    pair_accuracy_answer_check     both give an answer, exactly one right (the reward must check the arithmetic)
+    pair_accuracy_near_tie         gold rewards within NEAR_TIE (where the annotators' length bias decided)
+    pair_accuracy_request_unseen_phrasing   request pairs whose prompts use held-out phrasings (preference_unseen)
+    counterfactual_flip_rate       the same two replies under two requests that prefer opposite ones: the share
+                                   where the reward prefers each request's reply (counterfactual_heldout)
+    length_correlation             Pearson correlation of the reward with the reply's length in words
+    top1_accuracy / random_top1    held-out rankings: the reply the reward ranks first is correct / a random one is
+    ``*_pairs`` count each group.
     """
-    from posttrain.world.gold import gold_components
-
     data_dir = Path(data_dir)
     pairs = _jsonl(data_dir / "preference_heldout.jsonl", limit)
-    prompts = [p["prompt"] for p in pairs]
-    chosen = reward(prompts, [p["chosen"] for p in pairs])
-    rejected = reward(prompts, [p["rejected"] for p in pairs])
-    def answer_check(pair: dict) -> bool:
-        gives_answer = [parse_final_answer(completion_text(pair[k])) is not None for k in ("chosen", "rejected")]
-        correct = [gold_components(pair["prompt"], pair[k])["correct"] for k in ("chosen", "rejected")]
-        return all(gives_answer) and correct[0] != correct[1]
+    scored = _score_pairs(reward, pairs)
+    groups: dict[str, list[tuple[float, float]]] = {k: [] for k in ("request", "surface", "answer_check", "near_tie")}
+    shorter: list[tuple[float, float]] = []
+    lengths, values = [], []
+    for a, b, (prompt, better, worse) in scored:
+        kind = pair_kind(prompt, better, worse)
+        groups[kind].append((a, b))
+        if kind == "request" and len(completion_text(better).split()) < len(completion_text(worse).split()):
+            shorter.append((a, b))
+        for completion, value in ((better, a), (worse, b)):
+            lengths.append(len(completion_text(completion).split()))
+            values.append(value)
+    report: dict[str, float] = {"pair_accuracy": _accuracy([(a, b) for a, b, _ in scored]), "pairs": len(scored)}
+    for kind, items in groups.items():
+        report[f"pair_accuracy_{kind}"] = _accuracy(items)
+        report[f"{kind}_pairs"] = len(items)
+    report["pair_accuracy_request_shorter"] = _accuracy(shorter)
+    report["request_shorter_pairs"] = len(shorter)
 
-    def accuracy(items: list[tuple[float, float]]) -> float:
-        return sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in items) / max(1, len(items))
+    unseen_path = data_dir / "preference_unseen.jsonl"
+    unseen = _score_pairs(reward, _jsonl(unseen_path, limit)) if unseen_path.exists() else []
+    report["pair_accuracy_request_unseen_phrasing"] = _accuracy([(a, b) for a, b, _ in unseen])
 
-    scored = [(c, r, answer_check(p)) for c, r, p in zip(chosen, rejected, pairs) if c is not None and r is not None]
-    pair_accuracy = accuracy([(c, r) for c, r, _ in scored])
-    checking = [(c, r) for c, r, check in scored if check]
-    rest = [(c, r) for c, r, check in scored if not check]
+    counterfactual_path = data_dir / "counterfactual_heldout.jsonl"
+    rows = _jsonl(counterfactual_path, limit) if counterfactual_path.exists() else []
+    flat_prompts = [p for row in rows for p in row["prompts"] for _ in range(2)]
+    flat_replies = [c for row in rows for _ in range(2) for c in row["completions"]]
+    scores = reward(flat_prompts, flat_replies) if rows else []
+    flips = [scores[4 * i] > scores[4 * i + 1] and scores[4 * i + 3] > scores[4 * i + 2] for i in range(len(rows))
+             if None not in scores[4 * i: 4 * i + 4]]
+    report["counterfactual_flip_rate"] = sum(flips) / len(flips) if flips else float("nan")
+    report["counterfactual_rows"] = len(flips)
 
     rankings = _jsonl(data_dir / "rankings_heldout.jsonl", limit)
     flat_prompts = [r["prompt"] for r in rankings for _ in r["completions"]]
@@ -114,17 +202,13 @@ def evaluate_reward_on_world(reward, data_dir: str | Path, *, limit: int = 0) ->
             best = max(candidates, key=lambda i: scores[i])
             top1 += correct[best]
         random_top1 += sum(correct) / k
-    lengths, values = [], []
-    for completion, score in zip(flat_completions + [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
-                                 flat_scores + chosen + rejected):
+    for completion, score in zip(flat_completions, flat_scores):
         if score is not None:
             lengths.append(len(completion_text(completion).split()))
             values.append(score)
-    return {"pair_accuracy": pair_accuracy, "pair_accuracy_answer_check": accuracy(checking),
-            "pair_accuracy_rest": accuracy(rest), "answer_check_pairs": len(checking),
-            "top1_accuracy": top1 / max(1, len(rankings)),
-            "random_top1": random_top1 / max(1, len(rankings)), "length_correlation": pearson(values, lengths),
-            "pairs": len(scored), "rankings": len(rankings)}
+    report.update(top1_accuracy=top1 / max(1, len(rankings)), random_top1=random_top1 / max(1, len(rankings)),
+                  length_correlation=pearson(values, lengths), rankings=len(rankings))
+    return report
 
 
 # pragma: no mutate start (reads files or runs a model; `make mutate` covers the scoring functions only)

@@ -1,20 +1,24 @@
-"""Gold reward of the tiny world: the ground truth every learned reward is judged by.
+"""Gold reward of the tiny world (v3): the ground truth every learned reward is judged by.
 
-For a prompt holding a world question ``q`` and a completion ``c``::
+For a prompt holding a world question ``q`` (and maybe a request, ``posttrain.world.requests``) and a completion
+``c``::
 
-    reward  = 1.0 * correct + 0.3 * format_ok + 0.2 * brevity      (range [0, 1.5])
-    correct   = 1 if parse_final_answer(c) == solve(q) else 0       (0 if solve(q) is None)
-    format_ok = 1 if follows_format(c) else 0
-    brevity   = max(0.0, 1.0 - n_words / 60),  n_words = len(c.split())
+    reward = 1.0 * correct + 0.3 * format_ok + 0.4 * request_ok + 0.2 * concision      (range [0, 1.9])
+    correct    = 1 if parse_final_answer(c) == solve(q) else 0      (0 if solve(q) is None)
+    format_ok  = 1 if follows_format(c) else 0
+    request_ok = 1 if follows_request(prompt, c) is not False else 0  (a prompt without a request: 1)
+    concision  = max(0, 1 - excess / 30),  excess = max(0, n_words - requested_words(request, steps of q))
 
-``parse_final_answer`` reads the integer of the last "The answer is N." (or,
-failing that, the last integer in the text). ``follows_format`` asks that the
-stripped completion end with exactly "The answer is N." and contain that
-phrase once.
+Correctness is the largest term: a right answer in the wrong style (1.3 + concision) beats a wrong answer in the
+requested one (0.7 at most). Concision charges only the words beyond the form the request asks for, so a worked or
+checked reply is not penalised for its working, a terse request makes working cost, and rambling costs everywhere
+(a 30-word preamble loses the whole term). ``parse_final_answer`` reads the integer of the last "The answer is N."
+(or, failing that, the last integer in the text); ``follows_format`` asks that the stripped completion end with
+exactly "The answer is N." and contain that phrase once.
 
-``prompt`` may be a string or a list of chat messages (the content of the last
-user message is used); ``completion`` may be a string, a message dict, or a
-list of messages (the content of the last assistant message is used).
+``prompt`` may be a string or a list of chat messages (the last user message holds the question; the request may
+also sit in the system prompt); ``completion`` may be a string, a message dict, or a list of messages (the content
+of the last assistant message is used).
 """
 
 from __future__ import annotations
@@ -24,13 +28,15 @@ from typing import Any
 
 from posttrain.data.messages import message_text
 
-from .tasks import solve
+from .requests import follows_request, request_of, requested_words
+from .tasks import parse_question
 
 CORRECT_WEIGHT = 1.0
 FORMAT_WEIGHT = 0.3
-BREVITY_WEIGHT = 0.2
-BREVITY_WORDS = 60
-MAX_REWARD = CORRECT_WEIGHT + FORMAT_WEIGHT + BREVITY_WEIGHT
+REQUEST_WEIGHT = 0.4
+CONCISION_WEIGHT = 0.2
+CONCISION_WORDS = 30
+MAX_REWARD = CORRECT_WEIGHT + FORMAT_WEIGHT + REQUEST_WEIGHT + CONCISION_WEIGHT
 
 _INT = r"(?:(?<![\w.])-)?[0-9]+"
 """An integer; a minus sign counts only if it does not follow a word ("12-3" is 12 and 3)."""
@@ -57,21 +63,23 @@ def follows_format(completion: str) -> bool:
 
 
 def gold_components(prompt: Any, completion: Any) -> dict[str, float]:
-    """The parts of the gold reward: ``correct``, ``format_ok``, ``brevity`` and ``reward``.
-
-    ``reward = 1.0 * correct + 0.3 * format_ok + 0.2 * brevity`` with
-    ``brevity = max(0, 1 - len(text.split()) / 60)``.
-    """
-    question = message_text(prompt, "user")
+    """Every term of the gold reward: ``correct``, ``format_ok``, ``request_ok``, ``concision``, ``reward``, and
+    ``has_request`` (1 if the prompt carries a request) and ``excess_words`` for inspection."""
+    question = parse_question(message_text(prompt, "user"))
     text = message_text(completion, "assistant")
-    truth = solve(question)
-    correct = float(truth is not None and parse_final_answer(text) == truth)
+    correct = float(question is not None and parse_final_answer(text) == question.answer)
     format_ok = float(follows_format(text))
-    brevity = max(0.0, 1.0 - len(text.split()) / BREVITY_WORDS)
-    reward = CORRECT_WEIGHT * correct + FORMAT_WEIGHT * format_ok + BREVITY_WEIGHT * brevity
-    return {"correct": correct, "format_ok": format_ok, "brevity": brevity, "reward": reward}
+    follows = follows_request(prompt, text)
+    request_ok = float(follows is not False)
+    n_steps = len(question.steps) if question is not None else 1
+    excess = max(0, len(text.split()) - requested_words(request_of(prompt), n_steps))
+    concision = max(0.0, 1.0 - excess / CONCISION_WORDS)
+    reward = (CORRECT_WEIGHT * correct + FORMAT_WEIGHT * format_ok + REQUEST_WEIGHT * request_ok
+              + CONCISION_WEIGHT * concision)
+    return {"correct": correct, "format_ok": format_ok, "request_ok": request_ok, "concision": concision,
+            "reward": reward, "has_request": float(follows is not None), "excess_words": float(excess)}
 
 
 def gold_reward(prompt: Any, completion: Any) -> float:
-    """``1.0 * correct + 0.3 * format_ok + 0.2 * brevity`` in [0, 1.5] (see the module docstring)."""
+    """``1.0 correct + 0.3 format_ok + 0.4 request_ok + 0.2 concision`` in [0, 1.9] (see the module docstring)."""
     return gold_components(prompt, completion)["reward"]

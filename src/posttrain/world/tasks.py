@@ -28,7 +28,7 @@ import random
 import re
 from dataclasses import dataclass
 
-WORLD_VERSION = "2"
+WORLD_VERSION = "3"
 
 SPLITS = ("train", "heldout")
 LEVELS = (1, 2, 3)
