@@ -75,49 +75,49 @@ def test_demo_writes_summary_and_runs(demo_summary):
     assert len(samples) == 200 and all("completion" in s for s in samples)
 
 
-def test_demo_reward_model_learns_surface_and_some_of_the_requests(demo_summary):
-    """The demo's Bradley-Terry RM (one epoch of the annotators' noisy, length-biased pairs, from the SFT model),
-    scored against the gold reward on held-out questions. Measured: surface 0.98 (the issue's 0.95 met), request
-    0.80, request pairs whose preferred reply is the shorter one 0.77 (a length proxy scores 0 there),
-    counterfactual flips 0.57, unseen phrasings 0.53, answer check 0.47. The issue's 0.95 / 0.90 / 0.90 on requests,
-    shorter-preferred pairs and counterfactual flips are NOT met (docs/reward-models.md, Status); these bounds pin
-    what is learned so a regression shows."""
+def test_demo_reward_model_learns_requests_not_length(demo_summary):
+    """The demo's Bradley-Terry RM (one epoch of the annotators' 8000 noisy, length-biased pairs, from the SFT model),
+    scored against the gold reward on held-out questions: >= 0.95 on request pairs and on surface pairs (measured
+    0.989 and 0.981), >= 0.90 on the request pairs whose preferred reply is the shorter one (0.982; a length proxy
+    scores 0 there), and its preference flips with the request on >= 0.90 of the counterfactual pairs (0.950; a
+    prompt-blind reward: 0). Answer-check pairs (0.51), unseen phrasings (0.52) and the near ties, where it learned
+    the annotators' taste for padding (0.13), are reported (docs/reward-models.md)."""
     _, summary = demo_summary
     rm = summary["reward_model"]
+    assert rm["pair_accuracy_request"] >= 0.95, rm
     assert rm["pair_accuracy_surface"] >= 0.95, rm
-    assert rm["pair_accuracy_request"] >= 0.72, rm
-    assert rm["pair_accuracy_request_shorter"] >= 0.65, rm  # well above a length proxy's 0
-    assert rm["counterfactual_flip_rate"] > 0.45, rm  # a prompt-blind reward scores 0
-    assert rm["request_pairs"] > 150 and rm["request_shorter_pairs"] > 60 and rm["answer_check_pairs"] > 40
-    for key in ("pair_accuracy_answer_check", "pair_accuracy_request_unseen_phrasing", "length_correlation"):
+    assert rm["pair_accuracy_request_shorter"] >= 0.90, rm
+    assert rm["counterfactual_flip_rate"] >= 0.90, rm
+    assert rm["request_pairs"] > 300 and rm["request_shorter_pairs"] > 150 and rm["answer_check_pairs"] > 100
+    for key in ("pair_accuracy_answer_check", "pair_accuracy_request_unseen_phrasing", "length_correlation",
+                "pair_accuracy_near_tie"):
         assert math.isfinite(rm[key]), key
 
 
 def test_demo_best_of_n_with_the_reward_model_beats_single_samples(demo_summary):
-    """Best-of-16 on held-out prompts: the BT RM's picks follow the request >= 15 points more often than single
-    samples (measured 0.52 vs 0.31: the issue's +0.20 met) and have a higher mean gold reward (measured 1.171 vs
-    1.092: +0.08, the issue's +0.10 not met); the verifier's picks raise the gold reward most (1.60)."""
+    """Best-of-16 on held-out prompts: the BT RM's picks have a mean gold reward >= single samples + 0.10 (measured
+    1.264 vs 1.092) and follow the request >= 20 points more often (0.92 vs 0.31); the verifier's picks raise the
+    gold reward too (1.60: it checks the answers, which the RM cannot)."""
     _, summary = demo_summary
     bon = summary["best_of_n"]
     assert bon["n"] == 16 and bon["prompts"] == 100
-    assert bon["reward_model_pick_request_rate"] >= bon["single_request_rate"] + 0.15, bon
-    assert bon["reward_model_pick_gold"] >= bon["single_gold"] + 0.04, bon
+    assert bon["reward_model_pick_gold"] >= bon["single_gold"] + 0.10, bon
+    assert bon["reward_model_pick_request_rate"] >= bon["single_request_rate"] + 0.20, bon
     assert bon["verifier_pick_gold"] >= bon["single_gold"] + 0.3, bon
     assert bon["pass_at_n"] >= summary["stages"]["sft"]["accuracy"]
 
 
 def test_demo_rejection_sampling_rounds_raise_held_out_gold(demo_summary):
     """One round of rejection-sampling fine-tuning (8 samples on 400 training prompts, SFT on the picks) raises the
-    held-out gold reward of the policy's samples with the verifier as the selector by >= 0.03 (measured 1.083 ->
-    1.144). With the RM as the selector it measured 1.083 -> 1.099, within the noise of 800 samples (standard error
-    about 0.02), so the test only guards against a drop; the issue's claim is not shown yet."""
+    held-out gold reward of the policy's samples by >= 0.03 with the RM as the selector (measured 1.083 -> 1.170;
+    its greedy request rate 0.44 -> 0.56) and with the verifier (1.083 -> 1.144)."""
     _, summary = demo_summary
     for name in ("rm", "verifier"):
-        assert summary["rejection_sampling"][name]["selected"] > 200, summary["rejection_sampling"]
-    verifier, rm = summary["rejection_sampling"]["verifier"], summary["rejection_sampling"]["rm"]
-    assert verifier["eval_gold_after"] >= verifier["eval_gold_before"] + 0.03, verifier
-    assert rm["eval_gold_after"] > rm["eval_gold_before"] - 0.01, rm
+        rs = summary["rejection_sampling"][name]
+        assert rs["selected"] > 200, (name, rs)
+        assert rs["eval_gold_after"] >= rs["eval_gold_before"] + 0.03, (name, rs)
     assert summary["stages"]["rs"]["format_rate"] >= 0.95 and summary["stages"]["rs_rm"]["format_rate"] >= 0.95
+    assert summary["stages"]["rs_rm"]["request_rate"] > summary["stages"]["sft"]["request_rate"]
 
 
 def test_demo_on_policy_dpo_beats_sft_under_the_gold_reward(demo_summary):

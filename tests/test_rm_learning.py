@@ -31,14 +31,14 @@ def sft_model(demo_run):
     return out / "sft" / "model"
 
 
-def test_margin_rm_learns_surface_and_some_of_the_requests(sft_model, world_with_base, tmp_path_factory):
-    """Margin RM (Likert margins), one epoch (250 steps of 16 pairs) from the SFT model, against the gold reward:
-    surface pairs >= 0.95 (measured 0.99), request pairs >= 0.70 (measured 0.77; the issue's 0.90 is NOT met,
-    docs/reward-models.md)."""
-    model = _train(sft_model, tmp_path_factory, "margin", 250, lr=3e-4)
+def test_margin_rm_learns_requests_and_surface(sft_model, world_with_base, tmp_path_factory):
+    """Margin RM (Likert margins), one epoch (500 steps of 16 of the annotators' 8000 pairs) from the SFT model,
+    against the gold reward: >= 0.90 on request pairs and on surface pairs (measured 0.94 and 0.99 on the v3 world's
+    first held-out set)."""
+    model = _train(sft_model, tmp_path_factory, "margin", 500, lr=3e-4)
     report = evaluate_reward_on_world(ScalarRewardModel(model, device="cpu"), world_with_base.data)
-    assert report["pair_accuracy_surface"] >= 0.95, report
-    assert report["pair_accuracy_request"] >= 0.70, report
+    assert report["pair_accuracy_request"] >= 0.90, report
+    assert report["pair_accuracy_surface"] >= 0.90, report
 
 
 def test_plackett_luce_rm_ranks_correct_answers_first(sft_model, world_with_base, tmp_path_factory):

@@ -38,8 +38,8 @@ class DemoConfig:
     sft_steps: int = option(300, "SFT optimizer steps (300 x 32 = 2.4 epochs of the world's 4000 conversations)")
     sft_batch_size: int = option(32, "SFT conversations per step")
     sft_lr: float = option(1e-3, "SFT peak learning rate")
-    rm_steps: int = option(250, "Bradley-Terry reward-model optimizer steps (16 pairs each; 250 = one epoch of the "
-                                "world's preference pairs); 0 = skip the RM stage")
+    rm_steps: int = option(500, "Bradley-Terry reward-model optimizer steps (16 pairs each; 500 = one epoch of the "
+                                "world's 8000 preference pairs); 0 = skip the RM stage")
     bon_n: int = option(16, "best-of-N: samples per held-out prompt; 0 = skip the stage")
     bon_prompts: int = option(100, "best-of-N: held-out prompts")
     rs_prompts: int = option(400, "rejection sampling: training prompts sampled (8 samples each), one round selected "

@@ -105,7 +105,7 @@ PRETRAIN_STYLES = ("bare", "question", "result", "qa", "short")
 DEFAULT_SIZES = {
     "pretrain": 20000,
     "sft": 4000,
-    "preference": 4000,
+    "preference": 8000,
     "rankings": 2000,
     "rl": 2000,
     "outcome": 4000,
