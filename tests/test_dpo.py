@@ -137,7 +137,8 @@ def test_kto_mismatched_completions_and_bad_rows(tiny_model_dir, world, tmp_path
         assert kl_completion in completions and kl_completion != tuple(e.example.input_ids[prompt_len:])
     # paired data is split into a desirable and an undesirable example; same-prompt neighbours are skipped
     paired = load_unpaired(str(world.data / "preference_heldout.jsonl"), tokenizer, DPOConfig(loss="kto"))
-    assert len(paired) == 1000 and [e.desirable for e in paired[:4]] == [True, False, True, False]
+    n_pairs = len((world.data / "preference_heldout.jsonl").read_text().splitlines())
+    assert len(paired) == 2 * n_pairs and [e.desirable for e in paired[:4]] == [True, False, True, False]
     assert paired[1].kl_example.input_ids != paired[0].example.input_ids
 
     bad = tmp_path / "bad.jsonl"
