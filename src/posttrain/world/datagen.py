@@ -29,7 +29,7 @@ from typing import Callable
 from posttrain.data.io import write_jsonl
 
 from .gold import MAX_REWARD, gold_reward, parse_final_answer
-from .requests import STYLES, phrasings, request_of, styled_reply
+from .requests import STYLES, WARM_OPENERS, phrasings, request_of, styled_reply, work_text
 from .tasks import (
     LEVELS,
     Question,
@@ -195,11 +195,6 @@ def misread_steps(rng: random.Random, q: Question) -> tuple[list[str], int] | No
     return None
 
 
-def _sentences(equations: list[str]) -> str:
-    """``["5 + 7 = 12", "12 * 2 = 24"]`` -> ``"5 + 7 = 12. 12 * 2 = 24."``"""
-    return " ".join(f"{equation}." for equation in equations)
-
-
 def _ramble(rng: random.Random, min_words: int, max_words: int) -> str:
     """Filler sentences totalling between ``min_words`` and ``max_words`` words."""
     target = rng.randint(min_words, max_words)
@@ -279,8 +274,6 @@ def good_completion(q: Question, style: str = "worked", rng: random.Random | Non
 
 def _pad(reply: str, padding: str) -> str:
     """``padding`` inserted before the work, after a warm opener if the reply starts with one."""
-    from .requests import WARM_OPENERS
-
     for opener in WARM_OPENERS:
         if reply.startswith(opener + " "):
             return f"{opener} {padding} {reply[len(opener) + 1:]}"
@@ -369,7 +362,7 @@ def annotate(rng: random.Random, prompt, a: str, b: str, noise: float = ANNOTATO
 
 def _pretrain_example(q: Question, style: str) -> str:
     """One worked example on one line, in ``style`` (see :data:`PRETRAIN_STYLES`)."""
-    work = _sentences([text for text, _ in q.steps])
+    work = work_text([text for text, _ in q.steps])
     if style == "bare":
         return work
     if style == "question":

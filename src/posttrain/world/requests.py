@@ -155,6 +155,11 @@ def check_sentence(x: int, op: str, n: int, result: int) -> str:
     return f"Check: {result} / {n} = {x}."
 
 
+def work_text(equations: list[str]) -> str:
+    """``["5 + 7 = 12", "12 * 2 = 24"]`` -> ``"5 + 7 = 12. 12 * 2 = 24."``: the worked steps, one sentence each."""
+    return " ".join(f"{equation}." for equation in equations)
+
+
 def styled_reply(equations: list[str], answer: int, style: str, rng: random.Random | None = None) -> str:
     """A reply in ``style`` from worked ``equations`` (``"a op b = c"``, no final period) ending with ``answer``.
 
@@ -162,7 +167,7 @@ def styled_reply(equations: list[str], answer: int, style: str, rng: random.Rand
     """
     from .tasks import parse_step
 
-    work = " ".join(f"{e}." for e in equations)
+    work = work_text(equations)
     final = f"The answer is {answer}."
     if style == "terse":
         return final
