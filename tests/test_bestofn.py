@@ -387,3 +387,27 @@ def test_rs_two_rounds_round_two_starts_from_round_one(tiny_model_dir, world, tm
     generated = [row["completions"] for row in _rows(out / "round_2" / "generations.jsonl")]
     assert generated == samples(round_1)
     assert generated != samples(tiny_model_dir)  # the check can tell the two models apart
+
+
+def test_rs_round_one_selects_from_given_generations(tiny_model_dir, world, tmp_path, monkeypatch):
+    """``--generations``: round 1 scores and selects the given completions (the first --limit rows) and samples
+    nothing; two selectors can share one set of samples this way."""
+    from posttrain.stages import rs
+    from posttrain.stages.rs import RSConfig, run_rs
+
+    rows = [json.loads(line) for line in (world.data / "rl_heldout.jsonl").read_text().splitlines()[:5]]
+    generations = tmp_path / "generations.jsonl"
+    generations.write_text("".join(json.dumps({**row, "completions": [f"The answer is {row['answer']}.", "No idea."]})
+                                   + "\n" for row in rows))
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("round 1 sampled although --generations was given")
+
+    monkeypatch.setattr(rs, "load_engine", no_sampling)
+    out = tmp_path / "rs"
+    run_rs(RSConfig(model=str(tiny_model_dir), generations=str(generations), limit=4, out=str(out), rounds=1, n=2,
+                    reward="gold", sft_epochs=1.0, sft_batch_size=2, backend="hf", device="cpu", progress=False))
+    selected = _rows(out / "round_1" / "selected.jsonl")
+    assert [s["messages"][-1]["content"] for s in selected] == [f"The answer is {r['answer']}." for r in rows[:4]]
+    with pytest.raises(ValueError, match="--prompts"):
+        run_rs(RSConfig(model=str(tiny_model_dir), generations=str(generations), out=str(tmp_path / "b"), rounds=2))

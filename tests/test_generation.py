@@ -64,18 +64,20 @@ def test_logprobs_equal_teacher_forced_model_logprobs(engine, prompts):
 def test_generation_prompt_is_the_training_rendering(engine, prompts):
     """What the engine feeds the model is exactly the prompt part of the training rendering of the conversation."""
     seen = []
-    original = engine.model.generate
+    original = engine.model.forward
 
-    def recording_generate(*args, **kwargs):
+    def recording_forward(*args, **kwargs):
         ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
-        seen.extend(row[m.bool()].tolist() for row, m in zip(ids, mask))
+        if ids.shape[1] == mask.shape[1]:  # the prefill (decoding steps feed one new token against the whole mask)
+            seen.extend(row[m.bool()].tolist() for row, m in zip(ids, mask))
         return original(*args, **kwargs)
 
-    engine.model.generate = recording_generate
+    engine.model.forward = recording_forward
     try:
         engine.generate(prompts, SamplingParams(n=1, max_new_tokens=2, temperature=0.0))
     finally:
-        del engine.model.generate
+        del engine.model.forward
+    assert seen
     for prompt in prompts:
         full, mask = render_conversation(engine.tokenizer, prompt + [{"role": "assistant", "content": "4"}])
         prompt_part = full[: mask.index(1)]
@@ -169,3 +171,36 @@ def test_bad_sampling_parameters_are_rejected():
             SamplingParams(**bad)
     with pytest.raises(ValueError):
         load_engine("unused", backend="tpu")
+
+
+@pytest.mark.parametrize("bias", [0.6, 0.8])
+def test_greedy_decoding_equals_transformers_generate(stopping_engine, prompts, bias):
+    """Our decoding loop (one prefill per prompt, stopped rows leaving the batch) gives exactly the tokens of
+    transformers' own greedy ``generate`` on each prompt alone (no padding), stop token included. The end-of-turn
+    bias is set so that replies of one batch stop at different steps (and some never)."""
+    from transformers import GenerationConfig
+
+    from posttrain.data.render import end_of_turn_token_ids
+
+    engine = stopping_engine
+    stop_ids = end_of_turn_token_ids(engine.tokenizer)
+    head_bias = engine.model.get_output_embeddings().bias
+    saved = head_bias[stop_ids[0]].item()
+    with torch.no_grad():
+        head_bias[stop_ids[0]] = bias
+    try:
+        ours = engine.generate(prompts, SamplingParams(n=2, max_new_tokens=24, temperature=0.0))
+        lengths = set()
+        for prompt, completions in zip(prompts, ours):
+            ids = torch.tensor([render_prompt(engine.tokenizer, prompt)])
+            config = GenerationConfig(max_new_tokens=24, do_sample=False, eos_token_id=stop_ids,
+                                      pad_token_id=engine.tokenizer.pad_token_id)
+            expected = engine.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                             generation_config=config)[0, ids.shape[1]:].tolist()
+            assert [c.token_ids for c in completions] == [expected, expected]
+            lengths.add(len(expected))
+    finally:
+        with torch.no_grad():
+            head_bias[stop_ids[0]] = saved
+    assert len(lengths) > 1  # rows of one batch stopped at different steps: rows left the batch mid-way
+

@@ -44,8 +44,9 @@ def test_margin_rm_learns_requests_and_surface(sft_model, world_with_base, tmp_p
 def test_plackett_luce_rm_ranks_correct_answers_first(sft_model, world_with_base, tmp_path_factory):
     """Plackett-Luce on the annotators' K=4 rankings, one epoch (125 steps of 16 rankings) from the SFT model: its
     favourite of a held-out ranking is correct more often than a random pick (measured 0.92 vs 0.73). On pairs it is
-    not yet useful (request 0.52, surface 0.59, counterfactual flips 0.08: it learned a style and length taste that
-    ignores the request; the issue's 0.90 on request and surface pairs is NOT met, docs/reward-models.md)."""
+    not yet useful (request 0.52, surface 0.59, counterfactual flips 0.08; after two epochs 0.58, 0.70, 0.27): it
+    learned which replies are correct and long before the request; the issue's 0.90 on request and surface pairs is
+    NOT met, docs/reward-models.md)."""
     model = _train(sft_model, tmp_path_factory, "plackett_luce", 125, lr=3e-4)
     report = evaluate_reward_on_world(ScalarRewardModel(model, device="cpu"), world_with_base.data)
     assert report["top1_accuracy"] >= report["random_top1"] + 0.10, report

@@ -43,6 +43,9 @@ def test_ties_and_unscored_entries_are_deterministic():
 def test_best_worst_pairs():
     assert best_worst_pairs(BOOK_R) == [(0, 0, 3), (1, 1, 0), (2, 0, 1), (3, 2, 0), (4, 3, 2)]
     assert best_worst_pairs([[0.3, 0.3], [None, 0.2], [0.1, 0.9, 0.1]]) == [(2, 1, 0)]  # no preference, one scored
+    # one text scored 0.51 and 0.50 in two batches: the worst is the other text, and a row of one text gives no pair
+    assert best_worst_pairs([[0.51, 0.8, 0.50], [0.6, 0.5]], keys=[["a", "b", "a"], ["c", "c"]]) == [(0, 1, 2)]
+    assert best_worst_pairs([[0.9, 0.50, 0.2]], keys=[["a", "b", "a"]]) == [(0, 0, 1)]
 
 
 def test_ordered_pairs_all_capped_and_deduplicated():
@@ -55,6 +58,8 @@ def test_ordered_pairs_all_capped_and_deduplicated():
     assert ordered_pairs([[.7, .3, .5, .2]] * 3, 2, seed=1) == capped  # seeded
     # four samples that are two copies of two answers: one distinct pair, not four
     assert ordered_pairs([[1.0, 1.0, 0.0, 0.0]], 0, keys=[["a", "a", "b", "b"]]) == [(0, 0, 2)]
+    # one text scored 0.51 and 0.50 in two batches is never a pair with itself
+    assert ordered_pairs([[0.51, 0.50, 0.2]], 0, keys=[["a", "a", "b"]]) == [(0, 0, 2)]
     with pytest.raises(ValueError):
         ordered_pairs([[1.0]], -1)
 

@@ -98,19 +98,21 @@ def test_the_model_is_fed_the_rendered_whole_conversation(tiny):
     message), exactly the prompt part of what training renders."""
     model, tokenizer = tiny
     seen = []
-    original = model.generate
+    original = model.forward
 
-    def recording_generate(*args, **kwargs):
-        seen.append(kwargs["input_ids"][kwargs["attention_mask"].bool()].tolist())
+    def recording_forward(*args, **kwargs):
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        if ids.shape[1] == mask.shape[1]:  # the prefill (a decoding step feeds one token against the whole mask)
+            seen.append(ids[mask.bool()].tolist())
         return original(*args, **kwargs)
 
-    model.generate = recording_generate
+    model.forward = recording_forward
     try:
         with _client(model, tokenizer) as client:
             response = client.post("/v1/chat/completions", json={"messages": CONVERSATION, "max_tokens": 2,
                                                                  "temperature": 0})
     finally:
-        del model.generate
+        del model.forward
     assert response.status_code == 200, response.text
     whole = render_prompt(tokenizer, CONVERSATION)
     assert seen == [whole]

@@ -57,14 +57,22 @@ def select_top_k(R: Matrix, k: int) -> list[int]:
     return [index for _, index in ranked[:k]]
 
 
-def best_worst_pairs(R: Matrix) -> list[tuple[int, int, int]]:
-    """``(prompt, best, worst)`` per prompt whose best reward is strictly above its worst (ties: lowest index)."""
+def best_worst_pairs(R: Matrix, *, keys: Sequence[Sequence[Hashable]] | None = None) -> list[tuple[int, int, int]]:
+    """``(prompt, best, worst)`` per prompt whose best reward is strictly above its worst (ties: lowest index).
+
+    ``keys`` (M x N, e.g. the completion texts): the worst is taken among the completions whose key differs from the
+    best's (the same text sampled twice can score slightly differently in two batches; it is no pair with itself).
+    """
     pairs = []
     for i, row in enumerate(R):
         scored = [(float(x), j) for j, x in enumerate(row) if _value(x) > -math.inf]
         if len(scored) < 2:
             continue
         best = min(scored, key=lambda item: (-item[0], item[1]))
+        if keys is not None:
+            scored = [item for item in scored if keys[i][item[1]] != keys[i][best[1]]]
+            if not scored:
+                continue
         worst = min(scored, key=lambda item: (item[0], item[1]))
         if best[0] > worst[0]:
             pairs.append((i, best[1], worst[1]))
@@ -77,7 +85,8 @@ def ordered_pairs(R: Matrix, max_per_prompt: int, *, keys: Sequence[Sequence[Has
     ``max_per_prompt`` per prompt (0 = all), drawn uniformly (seeded) from that prompt's candidates.
 
     ``keys`` (M x N, e.g. the completion texts) drops repeats: a (better, worse) pair of keys already taken for that
-    prompt is skipped, so eight samples that are four copies of two answers give one pair, not sixteen. Pairs come
+    prompt is skipped, so eight samples that are four copies of two answers give one pair, not sixteen; and a pair of
+    equal keys is never made (the same text can score slightly differently in two batches). Pairs come
     out in prompt order; within a prompt in the random draw's order.
     """
     import random
@@ -93,7 +102,7 @@ def ordered_pairs(R: Matrix, max_per_prompt: int, *, keys: Sequence[Sequence[Has
             for b in range(len(row)):
                 if values[b] > -math.inf and values[a] > values[b]:
                     key = (keys[i][a], keys[i][b]) if keys is not None else (a, b)
-                    if key not in seen:
+                    if key not in seen and key[0] != key[1]:  # equal keys: one text scored twice (float noise)
                         seen.add(key)
                         candidates.append((i, a, b))
         rng.shuffle(candidates)

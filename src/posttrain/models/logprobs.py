@@ -96,7 +96,8 @@ def sequence_sums(values: torch.Tensor, owners: torch.Tensor, num_sequences: int
 
 @torch.no_grad()
 def policy_kl(policy_dir: str | Path, reference_dir: str | Path, prompts: list[list[dict]], *, n: int = 4,
-              max_new_tokens: int = 64, seed: int = 0, device: str = "auto", batch_size: int = 32) -> float:
+              max_new_tokens: int = 64, seed: int = 0, device: str = "auto", batch_size: int = 32,
+              sample_batch_size: int = 512) -> float:
     """Monte-Carlo KL(pi || pi_ref) per completion: the mean over samples y ~ pi (temperature 1) of
     sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)] (nats), end-of-turn token included (stopping is part
     of the policy). The policy's log-probs come from the engine (raw logits), the reference's from teacher-forced
@@ -106,7 +107,7 @@ def policy_kl(policy_dir: str | Path, reference_dir: str | Path, prompts: list[l
     from posttrain.models.generation import HFEngine, SamplingParams
     from posttrain.models.loading import load_causal_lm, resolve_device
 
-    engine = HFEngine.from_path(policy_dir, device=device)
+    engine = HFEngine.from_path(policy_dir, device=device, batch_size=sample_batch_size)
     samples = engine.generate(prompts, SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=1.0,
                                                       seed=seed, logprobs=True))
     reference = load_causal_lm(reference_dir, device=resolve_device(device)).eval()

@@ -157,7 +157,7 @@ def select_rows(rows: list[dict], strategy: str, k: int = 0, pairs: str = "",
     if pairs:
         R = [[None if not c.strip() else x for c, x in zip(r["completions"], rewards)] for r, rewards in zip(rows, R)]
         if pairs == "best_worst":
-            chosen_pairs = best_worst_pairs(R)
+            chosen_pairs = best_worst_pairs(R, keys=[r["completions"] for r in rows])
         elif pairs == "all":
             chosen_pairs = ordered_pairs(R, pairs_per_prompt, keys=[r["completions"] for r in rows], seed=seed)
         else:

@@ -2,18 +2,20 @@
 
 Stages: build the world (cached) -> pretrain the base model (cached) -> SFT -> evaluate both on held-out prompts
 against the gold reward -> a Bradley-Terry reward model from the SFT model (trained on the annotators' noisy,
-length-biased pairs), scored against the gold reward -> best-of-N on held-out prompts with the RM and with a
-verifier -> one round of rejection-sampling fine-tuning from the SFT model selected by the RM, and one selected by
-the verifier -> on-policy DPO from the SFT model on pairs of its own replies labelled by the gold reward (win-rate
-against the SFT model under the gold reward, KL to it). Every stage's run directory lives under ``--out``;
-``summary.json`` holds ``{"stages": {"base", "sft", "rs_rm", "rs", "dpo"}, "reward_model", "best_of_n",
-"rejection_sampling": {"rm", "verifier"}, "dpo", "seconds", "stage_seconds"}``: per policy format_rate, accuracy,
-request_rate (and per style), gold_reward, mean_length, stop_rate of greedy replies to held-out prompts;
-for the RM the pair accuracies by kind against the gold reward (request, surface, answer check, near ties, unseen
-phrasings), the counterfactual flip rate and length correlation; for best-of-N the gold reward and request rate of
-single samples and of each selector's picks; for rejection sampling the held-out gold reward of the policy's samples
-before and after each round; for DPO the win-rate against SFT (per-prompt expected gold from samples), the mean
-sampled gold of both, the KL to the SFT model and the implicit-reward pair accuracy.
+length-biased pairs), scored against the gold reward -> the SFT model's samples, drawn once (16 per held-out prompt,
+8 per training prompt) and shared by what follows -> best-of-N on the held-out samples with the RM and with a
+verifier -> one round of rejection-sampling fine-tuning on the training samples selected by the RM, and one selected
+by the verifier -> on-policy DPO from the SFT model on pairs of its own training samples (per prompt the RM's best
+and worst correct reply; win-rate against the SFT model under the gold reward, KL to it). Every stage's run
+directory lives under ``--out``; ``summary.json`` holds ``{"stages": {"base", "sft", "rs_rm", "rs", "dpo"},
+"reward_model", "best_of_n", "rejection_sampling": {"rm", "verifier"}, "dpo", "seconds", "stage_seconds"}``: per
+policy format_rate, accuracy, request_rate (and per style), gold_reward, mean_length, stop_rate of greedy replies to
+held-out prompts; for the RM the pair accuracies by kind against the gold reward (request, surface, answer check,
+near ties, unseen phrasings), the counterfactual flip rate and length correlation; for best-of-N the gold reward and
+request rate of single samples and of each selector's picks; for rejection sampling the held-out gold reward of the
+policy's samples before (the SFT model's 16 per prompt) and after each round (8 per prompt); for DPO the win-rate
+against SFT (per-prompt expected gold from 16 samples each), the mean sampled gold of both, the KL to the SFT model
+and the implicit-reward pair accuracy.
 """
 
 from __future__ import annotations
@@ -41,11 +43,11 @@ class DemoConfig:
     rm_steps: int = option(500, "Bradley-Terry reward-model optimizer steps (16 pairs each; 500 = one epoch of the "
                                 "world's 8000 preference pairs); 0 = skip the RM stage")
     bon_n: int = option(16, "best-of-N: samples per held-out prompt; 0 = skip the stage")
-    bon_prompts: int = option(100, "best-of-N: held-out prompts")
-    rs_prompts: int = option(400, "rejection sampling: training prompts sampled (8 samples each), one round selected "
-                                  "by the reward model and one by the math verifier; 0 = skip the stage")
-    dpo_prompts: int = option(1000, "on-policy DPO: training prompts sampled from the SFT model (8 replies each, "
-                                    "gold-labelled, up to 4 pairs per prompt); 0 = skip the stage")
+    bon_prompts: int = option(200, "best-of-N: held-out prompts")
+    rs_prompts: int = option(1000, "rejection sampling: training prompts (8 SFT samples each), one round selected "
+                                   "by the reward model and one by the math verifier; 0 = skip the stage")
+    dpo_prompts: int = option(1000, "on-policy DPO: training prompts (8 SFT samples each; per prompt the reward "
+                                    "model's best and worst correct reply make a pair; needs the RM stage); 0 = skip the stage")
     dpo_eval_samples: int = option(16, "DPO win-rate: samples per held-out prompt for each policy's expected gold")
     eval_prompts: int = option(200, "held-out prompts to evaluate each stage on")
     max_new_tokens: int = option(64, "generation budget per reply")
@@ -78,8 +80,8 @@ def _reward_model_stage(config: DemoConfig, paths, sft_model: Path, out: Path) -
 
     rm_dir = out / "rm"
     rm_config = RMConfig(
-        loss="bt", model=str(sft_model), data=str(paths.data / "preference_train.jsonl"),
-        eval_data=str(paths.data / "preference_heldout.jsonl"), out=str(rm_dir), max_steps=config.rm_steps,
+        loss="bt", model=str(sft_model), data=str(paths.data / "preference_train.jsonl"), out=str(rm_dir),
+        max_steps=config.rm_steps,  # no eval_data: the world evaluation below scores the held-out pairs
         batch_size=16, lr=3e-4, save_every=100, device=config.device, progress=config.progress, resume=True,
     )
     _discard_if_config_changed(rm_dir, rm_config)
@@ -88,19 +90,55 @@ def _reward_model_stage(config: DemoConfig, paths, sft_model: Path, out: Path) -
     return {"loss": "bt", "model": str(rm_model), **report}
 
 
-def _best_of_n_stage(config: DemoConfig, paths, sft_model: Path, rm_model: Path | None) -> dict:
-    """Sample N per held-out prompt once; pick by the BT RM and by the math verifier; report the picks' gold."""
-    from posttrain.data.prompts import load_prompt_rows
-    from posttrain.maths.selection import pass_at_k, select_top_per_prompt
+SAMPLE_BATCH = 512  # sequences per generate call: the tiny model's KV cache is small, bigger batches run faster
+
+
+def _identity(model_dir: Path) -> list:
+    """What a cached product of ``model_dir`` depends on: its path and its weights file's size and mtime (a retrained
+    stage rewrites the weights in the same place)."""
+    weights = next(iter(sorted(Path(model_dir).glob("*.safetensors"))), None)
+    stat = weights.stat() if weights is not None else None
+    return [str(model_dir), stat.st_size if stat else None, stat.st_mtime_ns if stat else None]
+
+
+def _sft_samples(config: DemoConfig, prompts: Path, sft_model: Path, path: Path, *, limit: int, n: int,
+                 seed: int, dependents: tuple[str, ...] = ()) -> list[dict]:
+    """``n`` samples (T=1) of the SFT model for the first ``limit`` rows of ``prompts``, as ``posttrain generate``
+    writes them; made once and shared by the stages that start from the SFT model (cached in ``path``; when they
+    are made anew, the run directories and files ``dependents`` next to it are removed)."""
+    import shutil
+
+    from posttrain.data.io import write_jsonl
+    from posttrain.data.prompts import load_generated, load_prompt_rows
     from posttrain.models.generation import SamplingParams, load_engine
+    from posttrain.stages.bestofn import sample
+
+    settings = {"model": _identity(sft_model), "prompts": str(prompts), "limit": limit, "n": n, "seed": seed,
+                "max_new_tokens": config.max_new_tokens}
+    settings_path = path.with_suffix(".settings.json")
+    if not path.exists() or not settings_path.exists() or json.loads(settings_path.read_text()) != settings:
+        engine = load_engine(sft_model, backend="hf", device=config.device, batch_size=SAMPLE_BATCH)
+        params = SamplingParams(n=n, max_new_tokens=config.max_new_tokens, temperature=1.0, seed=seed)
+        write_jsonl(sample(engine, load_prompt_rows(str(prompts), limit=limit), params), path)
+        settings_path.write_text(json.dumps(settings))
+        for stale in map(path.parent.joinpath, dependents):  # made from the previous samples
+            if stale.is_dir():
+                print(f"{stale}: made from the previous samples, redoing this stage")
+                shutil.rmtree(stale)
+            else:
+                stale.unlink(missing_ok=True)
+    return load_generated(str(path))
+
+
+def _best_of_n_stage(config: DemoConfig, rows: list[dict], rm_model: Path | None) -> dict:
+    """Best-of-N on the SFT model's held-out samples: pick by the BT RM and by the math verifier; report the picks'
+    gold reward and request rate against single samples'."""
+    from posttrain.maths.selection import pass_at_k, select_top_per_prompt
     from posttrain.rewards import reward_from_spec
-    from posttrain.stages.bestofn import reward_matrix, sample
+    from posttrain.stages.bestofn import reward_matrix
     from posttrain.world.requests import follows_request, request_of
 
-    prompt_rows = load_prompt_rows(str(paths.data / "rl_heldout.jsonl"), limit=config.bon_prompts)
-    engine = load_engine(sft_model, backend="hf", device=config.device)
-    params = SamplingParams(n=config.bon_n, max_new_tokens=config.max_new_tokens, temperature=1.0, seed=0)
-    rows = sample(engine, prompt_rows, params)
+    rows = [{**row, "completions": row["completions"][: config.bon_n]} for row in rows[: config.bon_prompts]]
     gold = reward_matrix(reward_from_spec("gold"), rows)
     correct = reward_matrix(reward_from_spec("verifier:math"), rows)
     selectors = {"verifier": correct}
@@ -118,60 +156,56 @@ def _best_of_n_stage(config: DemoConfig, paths, sft_model: Path, rm_model: Path 
     return report
 
 
-def _rejection_sampling_stage(config: DemoConfig, paths, sft_model: Path, out: Path, selector: str,
+def _rejection_sampling_stage(config: DemoConfig, sft_model: Path, train_samples: Path, out: Path, selector: str,
                               name: str) -> tuple[dict, Path]:
-    """One round from the SFT model: 8 samples per training prompt, keep each prompt's best by ``selector``, SFT on
-    them; the held-out gold reward of the policy's samples before and after."""
+    """One round from the SFT model on its shared samples (8 per training prompt): keep each prompt's best by
+    ``selector``, SFT on them (``posttrain rs --generations``)."""
     from posttrain.stages.rs import RSConfig, run_rs
 
     verifier = selector == "verifier:math"
     rs_config = RSConfig(
-        model=str(sft_model), prompts=str(paths.data / "rl_train.jsonl"), limit=config.rs_prompts,
-        reward=selector, min_reward=1.0 if verifier else float("-inf"), out=str(out / name), rounds=1, n=8,
-        max_new_tokens=config.max_new_tokens, sft_lr=3e-4, sft_epochs=3.0, eval_prompts=str(
-            paths.data / "rl_heldout.jsonl"), eval_reward="gold", eval_limit=config.eval_prompts, eval_n=4,
-        backend="hf", device=config.device, progress=config.progress)
+        model=str(sft_model), generations=str(train_samples), limit=config.rs_prompts, reward=selector,
+        min_reward=1.0 if verifier else float("-inf"), out=str(out / name), rounds=1, n=8,
+        max_new_tokens=config.max_new_tokens, sft_lr=3e-4, sft_epochs=3.0, backend="hf", device=config.device,
+        progress=config.progress)
     _discard_if_config_changed(out / name, rs_config)
     model = run_rs(rs_config)
-    rounds = {r["round"]: r for r in map(json.loads, (out / name / "rounds.jsonl").read_text().splitlines())}
+    done = [json.loads(line) for line in (out / name / "rounds.jsonl").read_text().splitlines()][-1]
     return {"selector": "verifier:math (correct only)" if verifier else "reward model (bt)",
-            "prompts": rounds[1]["prompts"], "selected": rounds[1]["selected"],
-            "eval_gold_before": rounds[0]["eval_reward"], "eval_gold_after": rounds[1]["eval_reward"]}, model
+            "prompts": done["prompts"], "selected": done["selected"]}, model
 
 
-def _dpo_stage(config: DemoConfig, paths, sft_model: Path, out: Path) -> tuple[dict, Path]:
-    """On-policy DPO from the SFT model (Tülu 3 / Iterative RPO style): sample 8 replies per training prompt from the
-    SFT model, label them with the gold reward, pair better with worse replies (up to 4 distinct pairs per prompt),
-    train dpo_nll (DPO + NLL on the chosen reply) for one epoch."""
+def _dpo_stage(config: DemoConfig, paths, sft_model: Path, rows: list[dict], rm_model: Path,
+               out: Path) -> tuple[dict, Path]:
+    """On-policy DPO from the SFT model: of its 8 samples per training prompt, the reward model's best and worst
+    among the correct ones (the math verifier) make a pair — correctness is the verifier's to judge (the RM cannot
+    check arithmetic), style and the request are the RM's; dpo_nll (DPO + NLL on the chosen reply), 3 epochs."""
     from posttrain.data.io import write_jsonl
-    from posttrain.data.prompts import load_prompt_rows
-    from posttrain.models.generation import SamplingParams, load_engine
     from posttrain.rewards import reward_from_spec
-    from posttrain.stages.bestofn import reward_matrix, sample, select_rows
+    from posttrain.stages.bestofn import reward_matrix, select_rows
     from posttrain.stages.dpo import DPOConfig, train_dpo
 
     pairs_path = out / "dpo_pairs.jsonl"
-    settings = {"model": str(sft_model), "prompts": config.dpo_prompts, "n": 8, "pairs_per_prompt": 4}
+    settings = {"model": _identity(sft_model), "rm": _identity(rm_model), "prompts": len(rows),
+                "pairs": "best_worst of correct"}
     settings_path = out / "dpo_pairs.settings.json"
     if not pairs_path.exists() or not settings_path.exists() or json.loads(settings_path.read_text()) != settings:
-        prompt_rows = load_prompt_rows(str(paths.data / "rl_train.jsonl"), limit=config.dpo_prompts)
-        engine = load_engine(sft_model, backend="hf", device=config.device)
-        rows = sample(engine, prompt_rows, SamplingParams(n=8, max_new_tokens=config.max_new_tokens,
-                                                          temperature=1.0, seed=1))
-        for row, rewards in zip(rows, reward_matrix(reward_from_spec("gold"), rows)):
-            row["rewards"] = rewards
-        write_jsonl(select_rows(rows, "top_per_prompt", pairs="all", pairs_per_prompt=4), pairs_path)
+        scores = reward_matrix(reward_from_spec(f"rm:{rm_model}", device=config.device), rows)
+        correct = reward_matrix(reward_from_spec("verifier:math"), rows)
+        scored = [{**row, "rewards": [x if ok == 1.0 else None for x, ok in zip(R, C)]}
+                  for row, R, C in zip(rows, scores, correct)]
+        write_jsonl(select_rows(scored, "top_per_prompt", pairs="best_worst"), pairs_path)
         settings_path.write_text(json.dumps(settings))
     n_pairs = len(pairs_path.read_text().splitlines())
     dpo_config = DPOConfig(
         loss="dpo_nll", model=str(sft_model), data=str(pairs_path),
-        eval_data=str(paths.data / "preference_heldout.jsonl"), out=str(out / "dpo"), epochs=1.0, batch_size=16,
-        lr=5e-5, beta=0.1, warmup_steps=10, save_every=100, device=config.device, progress=config.progress,
+        eval_data=str(paths.data / "preference_heldout.jsonl"), out=str(out / "dpo"), epochs=3.0, batch_size=16,
+        lr=2e-4, beta=0.1, warmup_steps=10, save_every=100, device=config.device, progress=config.progress,
         resume=True)
     _discard_if_config_changed(out / "dpo", dpo_config)
     model = out / "dpo" / "model" if is_complete(out / "dpo") else train_dpo(dpo_config)
     done = json.loads((model / "complete.json").read_text())
-    return {"loss": "dpo_nll", "beta": 0.1, "prompts": config.dpo_prompts, "pairs": n_pairs, "steps": done["steps"],
+    return {"loss": "dpo_nll", "beta": 0.1, "prompts": len(rows), "pairs": n_pairs, "steps": done["steps"],
             "implicit_reward_accuracy": done["eval"]["rewards/accuracy"],
             "implicit_reward_margin": done["eval"]["rewards/margin"]}, model
 
@@ -192,11 +226,14 @@ def run_demo(config: DemoConfig) -> dict:
         last = time.time()
         print(f"    ({name}: {stage_seconds[name]:.0f} s)")
 
-    stage_count = 3 + bool(config.rm_steps) + bool(config.bon_n) + bool(config.rs_prompts) + bool(config.dpo_prompts)
+    stage_count = (3 + bool(config.rm_steps) + bool(config.bon_n) + bool(config.rs_prompts)
+                   + bool(config.dpo_prompts and config.rm_steps))
     print(f"[1/{stage_count}] tiny world: tokenizer, datasets, base model (cached after the first run)")
     paths = build.ensure_world(base_model=True, progress=config.progress)
     timed("world")
     prompts = paths.data / "rl_heldout.jsonl"
+    from posttrain.world.gold import gold_reward
+
     evaluate = lambda model_dir, name: evaluate_model(  # noqa: E731
         model_dir, prompts, limit=config.eval_prompts, max_new_tokens=config.max_new_tokens, device=config.device,
         samples_path=out / f"samples_{name}.jsonl")
@@ -226,42 +263,61 @@ def run_demo(config: DemoConfig) -> dict:
         print(f"[{stage}/{stage_count}] Bradley-Terry reward model from the SFT model ({config.rm_steps} steps)")
         summary["reward_model"] = _reward_model_stage(config, paths, sft_model, out)
         timed("reward model")
+    # The SFT model's samples, made once: held-out ones serve best-of-N and the sampled gold reward that rejection
+    # sampling and DPO are measured against; training ones are what rejection sampling selects from and DPO pairs.
+    from posttrain.world.evaluate import load_eval_prompts, sampled_gold_per_prompt
+
+    eval_prompts = [row["prompt"] for row in load_eval_prompts(prompts, config.eval_prompts)]
+    rm_model = Path(summary["reward_model"]["model"]) if "reward_model" in summary else None
+    heldout_n = max(config.bon_n, config.dpo_eval_samples, 1)
+    heldout_rows = _sft_samples(config, prompts, sft_model, out / "sft_samples_heldout.jsonl",
+                                limit=max(config.eval_prompts, config.bon_prompts), n=heldout_n, seed=2)
+    sft_gold = [mean_or_nan([gold_reward(row["prompt"], c) for c in row["completions"]])
+                for row in heldout_rows[: config.eval_prompts]]  # the SFT policy's expected gold, per prompt
+    train_samples = out / "sft_samples_train.jsonl"
+    train_rows = []
+    if config.rs_prompts or config.dpo_prompts:
+        train_rows = _sft_samples(config, paths.data / "rl_train.jsonl", sft_model, train_samples,
+                                  limit=max(config.rs_prompts, config.dpo_prompts), n=8, seed=1,
+                                  dependents=("rs_rm", "rs", "dpo", "dpo_pairs.jsonl"))
+    timed("sft samples")
     if config.bon_n:
         stage += 1
         print(f"[{stage}/{stage_count}] best-of-{config.bon_n} on {config.bon_prompts} held-out prompts")
-        rm_model = Path(summary["reward_model"]["model"]) if "reward_model" in summary else None
-        summary["best_of_n"] = _best_of_n_stage(config, paths, sft_model, rm_model)
+        summary["best_of_n"] = _best_of_n_stage(config, heldout_rows, rm_model)
         timed("best-of-n")
     if config.rs_prompts:
         stage += 1
         print(f"[{stage}/{stage_count}] rejection-sampling fine-tuning, one round each selected by the reward model "
               f"and by the verifier ({config.rs_prompts} prompts)")
         summary["rejection_sampling"] = {}
-        selectors = [("rm", f"rm:{summary['reward_model']['model']}")] if "reward_model" in summary else []
+        selectors = [("rm", f"rm:{rm_model}")] if rm_model is not None else []
         for name, selector in selectors + [("verifier", "verifier:math")]:
-            report, rs_model = _rejection_sampling_stage(config, paths, sft_model, out, selector,
-                                                         "rs" if name == "verifier" else f"rs_{name}")
-            summary["rejection_sampling"][name] = report
             stage_name = "rs" if name == "verifier" else f"rs_{name}"
+            report, rs_model = _rejection_sampling_stage(config, sft_model, train_samples, out, selector, stage_name)
+            report.update(eval_gold_before=mean_or_nan(sft_gold), eval_gold_after=mean_or_nan(
+                sampled_gold_per_prompt(rs_model, eval_prompts, n=8, max_new_tokens=config.max_new_tokens, seed=3,
+                                        device=config.device)))
+            summary["rejection_sampling"][name] = report
             stages[stage_name] = evaluate(rs_model, stage_name)
         timed("rejection sampling")
-    if config.dpo_prompts:
+    if config.dpo_prompts and rm_model is not None:
         from posttrain.maths.stats import win_rate
         from posttrain.models.logprobs import policy_kl
-        from posttrain.world.evaluate import load_eval_prompts, sampled_gold_per_prompt
 
         stage += 1
-        print(f"[{stage}/{stage_count}] on-policy DPO from the SFT model ({config.dpo_prompts} prompts x 8 "
-              f"gold-labelled samples)")
-        summary["dpo"], dpo_model = _dpo_stage(config, paths, sft_model, out)
+        print(f"[{stage}/{stage_count}] on-policy DPO from the SFT model ({config.dpo_prompts} prompts x 8 samples; "
+              f"pairs: the reward model's best and worst correct reply)")
+        summary["dpo"], dpo_model = _dpo_stage(config, paths, sft_model, train_rows[: config.dpo_prompts], rm_model,
+                                               out)
         stages["dpo"] = evaluate(dpo_model, "dpo")
-        eval_prompts = [row["prompt"] for row in load_eval_prompts(prompts, config.eval_prompts)]
-        expected = {name: sampled_gold_per_prompt(model, eval_prompts, n=config.dpo_eval_samples,
-                                                  max_new_tokens=config.max_new_tokens, seed=2, device=config.device)
-                    for name, model in (("dpo", dpo_model), ("sft", sft_model))}
+        dpo_gold = sampled_gold_per_prompt(dpo_model, eval_prompts, n=config.dpo_eval_samples,
+                                           max_new_tokens=config.max_new_tokens, seed=4, device=config.device)
+        sft_gold_n = [mean_or_nan([gold_reward(row["prompt"], c) for c in row["completions"][: config.dpo_eval_samples]])
+                      for row in heldout_rows[: config.eval_prompts]]
         summary["dpo"].update(
-            win_rate_vs_sft=win_rate(expected["dpo"], expected["sft"]),
-            sampled_gold_dpo=mean_or_nan(expected["dpo"]), sampled_gold_sft=mean_or_nan(expected["sft"]),
+            win_rate_vs_sft=win_rate(dpo_gold, sft_gold_n), sampled_gold_dpo=mean_or_nan(dpo_gold),
+            sampled_gold_sft=mean_or_nan(sft_gold_n),
             kl_to_reference=policy_kl(dpo_model, sft_model, eval_prompts[:100], n=4,
                                       max_new_tokens=config.max_new_tokens, device=config.device))
         timed("dpo")

@@ -31,6 +31,8 @@ from posttrain.stages.bestofn import REWARD_SPEC_HELP, reward_matrix, sample, sa
 @stage_config
 class RSConfig(SamplingConfig):
     reward: str = option("gold", "the selector: " + REWARD_SPEC_HELP)
+    generations: str = option("", "round 1 scores these completions of --model instead of sampling (a `posttrain "
+                                  "generate` file, e.g. shared by two selectors; --limit applies); empty = sample")
     out: str = option("runs/rs", "run directory: round_1/, round_2/, ... and rounds.jsonl")
     rounds: int = option(1, "rejection-sampling rounds (round r samples with seed + r)")
     strategy: str = option("top_per_prompt", "top_per_prompt | top_k", choices=("top_per_prompt", "top_k"))
@@ -62,15 +64,17 @@ def run_rs(config: RSConfig) -> Path:
     from posttrain.rewards import reward_from_spec
     from posttrain.stages.sft import SFTConfig, train_sft
 
-    if not config.model or not config.prompts:
-        raise ValueError("posttrain rs needs --model=DIR and --prompts=FILE")
+    if not config.model or not (config.prompts or config.generations):
+        raise ValueError("posttrain rs needs --model=DIR and --prompts=FILE (or --generations=FILE)")
+    if not config.prompts and config.rounds > 1:
+        raise ValueError("posttrain rs: rounds after the first sample --prompts=FILE; give it with --rounds > 1")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "config.yaml").exists():
         save_config(config, out / "config.yaml")
     reward = reward_from_spec(config.reward, device=config.device)
     prompt_rows = load_prompt_rows(config.prompts, columns=config.columns, skip_invalid=config.skip_invalid,
-                                   limit=config.limit)
+                                   limit=config.limit) if config.prompts else []
     eval_rows, eval_reward = None, None
     if config.eval_prompts:
         eval_rows = load_prompt_rows(config.eval_prompts, columns=config.columns, skip_invalid=config.skip_invalid,
@@ -98,14 +102,20 @@ def run_rs(config: RSConfig) -> Path:
         params.seed = config.seed + r
         scored_path = round_dir / "scored.jsonl"
         if not scored_path.exists():
-            engine = load_engine(policy, backend=config.backend, device=config.device,
-                                 chat_template=config.chat_template, batch_size=config.batch_size)
-            rows = sample(engine, prompt_rows, params)
+            if r == 1 and config.generations:
+                rows = load_generated(config.generations)
+                rows = rows[: config.limit] if config.limit else rows
+                for row in rows:
+                    row.pop("rewards", None)
+            else:
+                engine = load_engine(policy, backend=config.backend, device=config.device,
+                                     chat_template=config.chat_template, batch_size=config.batch_size)
+                rows = sample(engine, prompt_rows, params)
+                del engine
             write_jsonl(rows, round_dir / "generations.jsonl")
             for row, rewards in zip(rows, reward_matrix(reward, rows)):
                 row["rewards"] = rewards
             write_jsonl(rows, scored_path)
-            del engine
         rows = load_generated(str(scored_path), need_rewards=True)
         selected = select_rows(rows, config.strategy, config.k, min_reward=config.min_reward)
         write_jsonl(selected, round_dir / "selected.jsonl")

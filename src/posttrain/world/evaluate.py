@@ -59,7 +59,7 @@ def score_completions(rows: list[dict], completions) -> dict:
 
 # pragma: no mutate start (reads files or runs a model; `make mutate` covers the scoring functions only)
 def evaluate_model(model_dir: str | Path, prompts_path: str | Path, *, limit: int = 0, max_new_tokens: int = 64,
-                   batch_size: int = 64, device: str = "auto", samples_path: Path | None = None,
+                   batch_size: int = 512, device: str = "auto", samples_path: Path | None = None,
                    temperature: float = 0.0, n: int = 1, seed: int = 0) -> dict[str, float]:
     """The model's replies to held-out prompts, scored with the gold reward: greedy by default, or ``n`` samples
     per prompt at ``temperature`` (the policy as it is used: greedy decoding of a model that learned "follow the
@@ -213,12 +213,12 @@ def evaluate_reward_on_world(reward, data_dir: str | Path, *, limit: int = 0) ->
 
 # pragma: no mutate start (reads files or runs a model; `make mutate` covers the scoring functions only)
 def sampled_gold_per_prompt(model_dir: str | Path, prompts: list[list[dict]], *, n: int, max_new_tokens: int = 64,
-                            seed: int = 0, device: str = "auto") -> list[float]:
+                            seed: int = 0, device: str = "auto", batch_size: int = 512) -> list[float]:
     """Per prompt, the mean gold reward of ``n`` samples at temperature 1: an estimate of the policy's expected gold
     reward on that prompt, E_{y ~ pi(.|x)} gold(x, y)."""
     from posttrain.models.generation import HFEngine, SamplingParams
 
-    engine = HFEngine.from_path(model_dir, device=device)
+    engine = HFEngine.from_path(model_dir, device=device, batch_size=batch_size)
     samples = engine.generate(prompts, SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed))
     return [sum(gold_reward(prompt, c.text) for c in completions) / n
             for prompt, completions in zip(prompts, samples)]
