@@ -411,3 +411,21 @@ def test_rs_round_one_selects_from_given_generations(tiny_model_dir, world, tmp_
     assert [s["messages"][-1]["content"] for s in selected] == [f"The answer is {r['answer']}." for r in rows[:4]]
     with pytest.raises(ValueError, match="--prompts"):
         run_rs(RSConfig(model=str(tiny_model_dir), generations=str(generations), out=str(tmp_path / "b"), rounds=2))
+
+
+def test_rs_round_with_nothing_selected_keeps_the_policy(tiny_model_dir, world, tmp_path):
+    """No sample reaches --min_reward: the round is logged with 0 selected, no SFT runs, the starting model is
+    returned, and running the command again neither retrains nor logs the round twice."""
+    from posttrain.stages.rs import RSConfig, run_rs
+
+    rows = [json.loads(line) for line in (world.data / "rl_heldout.jsonl").read_text().splitlines()[:3]]
+    generations = tmp_path / "generations.jsonl"
+    generations.write_text("".join(json.dumps({**row, "completions": ["The answer is -1.", "No idea."]}) + "\n"
+                                   for row in rows))
+    config = RSConfig(model=str(tiny_model_dir), generations=str(generations), out=str(tmp_path / "rs"), rounds=1,
+                      n=2, reward="verifier:math", min_reward=1.0, backend="hf", device="cpu", progress=False)
+    assert run_rs(config) == tiny_model_dir
+    assert run_rs(config) == tiny_model_dir
+    records = _rows(tmp_path / "rs" / "rounds.jsonl")
+    assert [(r["round"], r["selected"], r["sft_steps"]) for r in records] == [(1, 0, 0)]
+    assert not (tmp_path / "rs" / "round_1" / "sft").exists()

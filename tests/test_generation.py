@@ -204,3 +204,38 @@ def test_greedy_decoding_equals_transformers_generate(stopping_engine, prompts, 
             head_bias[stop_ids[0]] = saved
     assert len(lengths) > 1  # rows of one batch stopped at different steps: rows left the batch mid-way
 
+
+
+def test_caches_whose_rows_cannot_be_edited_take_the_plain_path(stopping_engine, prompts, monkeypatch):
+    """A plain key/value cache (the tiny Llama's) is copied and compacted in place; a cache with a linear-attention
+    layer (conv / recurrent state that transformers' batch methods do not reindex) is not: then every copy is
+    prefilled and rows are not dropped, with the same greedy output."""
+    from transformers import DynamicCache, cache_utils
+
+    from posttrain.models import generation
+
+    engine = stopping_engine
+    cache = DynamicCache(config=engine.model.config)
+    assert generation._rows_editable(cache)
+    cache.layers[0] = cache_utils.LinearAttentionLayer()
+    assert not generation._rows_editable(cache)
+    assert not generation._rows_editable(None)
+
+    head_bias = engine.model.get_output_embeddings().bias
+    stop = generation.end_of_turn_token_ids(engine.tokenizer)[0]
+    saved = head_bias[stop].item()
+    with torch.no_grad():
+        head_bias[stop] = 0.8  # replies of one batch stop at different steps
+    try:
+        # top_k=1 sampling: 3 decoded rows per prompt (the cache-copy path), deterministic whatever the draws
+        params = SamplingParams(n=3, max_new_tokens=16, temperature=1.0, top_k=1, seed=0)
+        greedy = engine.generate(prompts, SamplingParams(n=3, max_new_tokens=16, temperature=0.0))
+        fast = engine.generate(prompts, params)
+        monkeypatch.setattr(generation, "_rows_editable", lambda cache: False)
+        plain = engine.generate(prompts, params)
+    finally:
+        with torch.no_grad():
+            head_bias[stop] = saved
+    ids = lambda out: [[c.token_ids for c in samples] for samples in out]  # noqa: E731
+    assert ids(fast) == ids(plain) == ids(greedy)
+    assert len({len(samples[0].token_ids) for samples in fast}) > 1

@@ -107,6 +107,38 @@ class _Sampler:
         return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=self.generator)[:, 0]
 
 
+def _forward_parameters(model) -> set[str]:
+    """Keyword names of the model's own forward, through PEFT and torch.compile wrappers (whose forward takes
+    ``**kwargs``) and instance-level patches."""
+    inner = model
+    for _ in range(4):
+        if hasattr(inner, "get_base_model"):  # peft
+            inner = inner.get_base_model()
+        elif hasattr(inner, "_orig_mod"):  # torch.compile
+            inner = inner._orig_mod
+        else:
+            break
+    return set(inspect.signature(type(inner).forward).parameters)
+
+
+# Cache layers whose rows transformers' batch_repeat_interleave / batch_select_indices copy and drop completely;
+# linear-attention layers (Mamba, Qwen3-Next, LFM2, ...) hold conv / recurrent states those methods do not reindex.
+_ROW_EDITABLE_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer", "DynamicIndexedLayer", "DummyLayer")
+
+
+def _rows_editable(cache) -> bool:
+    """Whether the cache's batch rows can be copied and dropped in place (every layer a plain key/value layer)."""
+    from transformers import cache_utils
+
+    layers = getattr(cache, "layers", None)
+    if not layers or not hasattr(cache, "batch_select_indices") or not hasattr(cache, "batch_repeat_interleave"):
+        return False
+    plain = tuple(getattr(cache_utils, name) for name in _ROW_EDITABLE_LAYERS if hasattr(cache_utils, name))
+    linear = getattr(cache_utils, "LinearAttentionCacheLayerMixin", None)
+    return all(isinstance(layer, plain) and not (linear is not None and isinstance(layer, linear))
+               for layer in layers)
+
+
 class HFEngine:
     """Batched sampling with a transformers model and its KV cache. ``batch_size`` counts sequences (prompts x n).
 
@@ -174,22 +206,28 @@ class HFEngine:
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             mask[row, width - len(ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        accepted = inspect.signature(model.forward).parameters
+        accepted = _forward_parameters(model)
         cache_keyword = "cache" if "cache" in accepted else "past_key_values"  # renamed in transformers 5.x
         last_only = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}  # no (P, W, V) prefill logits
 
         def prefill():
             out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                         position_ids=positions.to(device), use_cache=True, **last_only)
-            return getattr(out, "cache", None) or getattr(out, "past_key_values", None), out.logits[:, -1, :]
+            cache = getattr(out, "cache", None)
+            cache = getattr(out, "past_key_values", None) if cache is None else cache
+            if cache is None:
+                raise ValueError(f"{type(model).__name__} returned no KV cache; the built-in engine needs one "
+                                 "(use --backend vllm for this model)")
+            return cache, out.logits[:, -1, :].to(device)
 
         cache, logits = prefill()  # logits (P, V)
+        editable = _rows_editable(cache)
         if per_prompt > 1:
             input_ids, mask, positions = (t.repeat_interleave(per_prompt, 0) for t in (input_ids, mask, positions))
-            if hasattr(cache, "batch_repeat_interleave"):  # one prefill per prompt, its cache copied per sample
+            if editable:  # one prefill per prompt, its cache copied per sample
                 cache.batch_repeat_interleave(per_prompt)
                 logits = logits.repeat_interleave(per_prompt, 0)
-            else:  # a cache type that cannot be copied: prefill every copy
+            else:  # a cache whose rows cannot be copied (recurrent / conv states): prefill every copy
                 cache, logits = prefill()
         mask = mask.to(device)
         next_position = positions[:, -1:].to(device) + 1  # (R, 1)
@@ -198,7 +236,7 @@ class HFEngine:
         stops = torch.tensor(stop_ids, device=device)
         tokens = torch.full((rows, params.max_new_tokens), -1, dtype=torch.long, device=device)  # -1: not sampled
         logprobs = torch.zeros((rows, params.max_new_tokens), device=device) if params.logprobs else None
-        can_drop = hasattr(cache, "batch_select_indices")
+        can_drop = editable
         done = torch.zeros(rows, dtype=torch.bool, device=device)  # stopped rows still in the batch
         for step in range(params.max_new_tokens):
             drawn = sampler(logits)  # (R,)
@@ -218,7 +256,7 @@ class HFEngine:
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
             out = model(input_ids=drawn[:, None], attention_mask=mask, position_ids=next_position,
                         use_cache=True, **{cache_keyword: cache})
-            logits = out.logits[:, -1, :]
+            logits = out.logits[:, -1, :].to(device)  # (a model split across devices ends on its last)
             next_position = next_position + 1
         lengths = (tokens >= 0).sum(dim=1).tolist()  # each row's tokens are a prefix of its line
         token_lists = [ids[:n] for ids, n in zip(tokens.tolist(), lengths)]

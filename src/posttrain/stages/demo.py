@@ -85,12 +85,37 @@ def _reward_model_stage(config: DemoConfig, paths, sft_model: Path, out: Path) -
         batch_size=16, lr=3e-4, save_every=100, device=config.device, progress=config.progress, resume=True,
     )
     _discard_if_config_changed(rm_dir, rm_config)
-    rm_model = rm_dir / "model" if is_complete(rm_dir) else train_rm(rm_config)
+    if is_complete(rm_dir):
+        rm_model = rm_dir / "model"
+    else:
+        _remove(out, DOWNSTREAM["rm"])
+        rm_model = train_rm(rm_config)
     report = evaluate_reward_on_world(ScalarRewardModel(rm_model, device=config.device), paths.data)
     return {"loss": "bt", "model": str(rm_model), **report}
 
 
 SAMPLE_BATCH = 512  # sequences per generate call: the tiny model's KV cache is small, bigger batches run faster
+
+
+def _remove(out: Path, names: tuple[str, ...]) -> None:
+    """Remove the run directories and files ``names`` under ``out``: they were made from a stage's previous output."""
+    import shutil
+
+    for stale in map(out.joinpath, names):
+        if stale.is_dir():
+            print(f"{stale}: made from a previous stage's output, redoing it")
+            shutil.rmtree(stale)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+# What each stage's output feeds: redone when that stage is (re)trained or its samples are redrawn.
+DOWNSTREAM = {
+    "sft": ("rm", "rs_rm", "rs", "dpo", "dpo_pairs.jsonl", "sft_samples_heldout.jsonl", "sft_samples_train.jsonl"),
+    "rm": ("rs_rm", "dpo", "dpo_pairs.jsonl"),
+    "sft_samples_train.jsonl": ("rs_rm", "rs", "dpo", "dpo_pairs.jsonl"),
+    "dpo_pairs.jsonl": ("dpo",),
+}
 
 
 def _identity(model_dir: Path) -> list:
@@ -106,8 +131,6 @@ def _sft_samples(config: DemoConfig, prompts: Path, sft_model: Path, path: Path,
     """``n`` samples (T=1) of the SFT model for the first ``limit`` rows of ``prompts``, as ``posttrain generate``
     writes them; made once and shared by the stages that start from the SFT model (cached in ``path``; when they
     are made anew, the run directories and files ``dependents`` next to it are removed)."""
-    import shutil
-
     from posttrain.data.io import write_jsonl
     from posttrain.data.prompts import load_generated, load_prompt_rows
     from posttrain.models.generation import SamplingParams, load_engine
@@ -117,16 +140,12 @@ def _sft_samples(config: DemoConfig, prompts: Path, sft_model: Path, path: Path,
                 "max_new_tokens": config.max_new_tokens}
     settings_path = path.with_suffix(".settings.json")
     if not path.exists() or not settings_path.exists() or json.loads(settings_path.read_text()) != settings:
+        _remove(path.parent, dependents)  # first: a crash below must not leave them looking current
+        settings_path.unlink(missing_ok=True)
         engine = load_engine(sft_model, backend="hf", device=config.device, batch_size=SAMPLE_BATCH)
         params = SamplingParams(n=n, max_new_tokens=config.max_new_tokens, temperature=1.0, seed=seed)
         write_jsonl(sample(engine, load_prompt_rows(str(prompts), limit=limit), params), path)
         settings_path.write_text(json.dumps(settings))
-        for stale in map(path.parent.joinpath, dependents):  # made from the previous samples
-            if stale.is_dir():
-                print(f"{stale}: made from the previous samples, redoing this stage")
-                shutil.rmtree(stale)
-            else:
-                stale.unlink(missing_ok=True)
     return load_generated(str(path))
 
 
@@ -138,7 +157,7 @@ def _best_of_n_stage(config: DemoConfig, rows: list[dict], rm_model: Path | None
     from posttrain.stages.bestofn import reward_matrix
     from posttrain.world.requests import follows_request, request_of
 
-    rows = [{**row, "completions": row["completions"][: config.bon_n]} for row in rows[: config.bon_prompts]]
+    rows = [{**row, "completions": row["completions"][: config.bon_n]} for row in rows[: config.bon_prompts or None]]
     gold = reward_matrix(reward_from_spec("gold"), rows)
     correct = reward_matrix(reward_from_spec("verifier:math"), rows)
     selectors = {"verifier": correct}
@@ -190,6 +209,8 @@ def _dpo_stage(config: DemoConfig, paths, sft_model: Path, rows: list[dict], rm_
                 "pairs": "best_worst of correct"}
     settings_path = out / "dpo_pairs.settings.json"
     if not pairs_path.exists() or not settings_path.exists() or json.loads(settings_path.read_text()) != settings:
+        _remove(out, DOWNSTREAM["dpo_pairs.jsonl"])
+        settings_path.unlink(missing_ok=True)
         scores = reward_matrix(reward_from_spec(f"rm:{rm_model}", device=config.device), rows)
         correct = reward_matrix(reward_from_spec("verifier:math"), rows)
         scored = [{**row, "rewards": [x if ok == 1.0 else None for x, ok in zip(R, C)]}
@@ -252,7 +273,11 @@ def run_demo(config: DemoConfig) -> dict:
         device=config.device, progress=config.progress, resume=True,
     )
     _discard_if_config_changed(sft_dir, sft_config)
-    sft_model = sft_dir / "model" if is_complete(sft_dir) else train_sft(sft_config)
+    if is_complete(sft_dir):
+        sft_model = sft_dir / "model"
+    else:
+        _remove(out, DOWNSTREAM["sft"])
+        sft_model = train_sft(sft_config)
     stages["sft"] = evaluate(sft_model, "sft")
     timed("sft")
 
@@ -271,15 +296,16 @@ def run_demo(config: DemoConfig) -> dict:
     rm_model = Path(summary["reward_model"]["model"]) if "reward_model" in summary else None
     heldout_n = max(config.bon_n, config.dpo_eval_samples, 1)
     heldout_rows = _sft_samples(config, prompts, sft_model, out / "sft_samples_heldout.jsonl",
-                                limit=max(config.eval_prompts, config.bon_prompts), n=heldout_n, seed=2)
+                                limit=0 if 0 in (config.eval_prompts, config.bon_prompts) else max(
+                                    config.eval_prompts, config.bon_prompts), n=heldout_n, seed=2)
     sft_gold = [mean_or_nan([gold_reward(row["prompt"], c) for c in row["completions"]])
-                for row in heldout_rows[: config.eval_prompts]]  # the SFT policy's expected gold, per prompt
+                for row in heldout_rows[: config.eval_prompts or None]]  # the SFT policy's expected gold, per prompt
     train_samples = out / "sft_samples_train.jsonl"
     train_rows = []
     if config.rs_prompts or config.dpo_prompts:
         train_rows = _sft_samples(config, paths.data / "rl_train.jsonl", sft_model, train_samples,
                                   limit=max(config.rs_prompts, config.dpo_prompts), n=8, seed=1,
-                                  dependents=("rs_rm", "rs", "dpo", "dpo_pairs.jsonl"))
+                                  dependents=DOWNSTREAM["sft_samples_train.jsonl"])
     timed("sft samples")
     if config.bon_n:
         stage += 1
@@ -314,7 +340,7 @@ def run_demo(config: DemoConfig) -> dict:
         dpo_gold = sampled_gold_per_prompt(dpo_model, eval_prompts, n=config.dpo_eval_samples,
                                            max_new_tokens=config.max_new_tokens, seed=4, device=config.device)
         sft_gold_n = [mean_or_nan([gold_reward(row["prompt"], c) for c in row["completions"][: config.dpo_eval_samples]])
-                      for row in heldout_rows[: config.eval_prompts]]
+                      for row in heldout_rows[: config.eval_prompts or None]]
         summary["dpo"].update(
             win_rate_vs_sft=win_rate(dpo_gold, sft_gold_n), sampled_gold_dpo=mean_or_nan(dpo_gold),
             sampled_gold_sft=mean_or_nan(sft_gold_n),

@@ -94,6 +94,8 @@ def run_rs(config: RSConfig) -> Path:
     for r in range(1, config.rounds + 1):
         round_dir = out / f"round_{r}"
         sft_dir = round_dir / "sft"
+        if r in done and done[r]["selected"] == 0:  # nothing passed: the policy stayed as it was
+            continue
         if r in done and is_complete(sft_dir):
             policy = sft_dir / "model"
             continue
@@ -119,13 +121,22 @@ def run_rs(config: RSConfig) -> Path:
         rows = load_generated(str(scored_path), need_rewards=True)
         selected = select_rows(rows, config.strategy, config.k, min_reward=config.min_reward)
         write_jsonl(selected, round_dir / "selected.jsonl")
+        samples = [x for row in rows for x in row["rewards"] if x is not None]
+        if not selected:  # e.g. no sample reached --min_reward: nothing to train on, the policy stays
+            record = {"round": r, "model": str(policy), "prompts": len(rows), "selected": 0,
+                      "sample_reward": statistics.mean(samples) if samples else float("nan"),
+                      "selected_reward": float("nan"), "sft_steps": 0}
+            if eval_rows is not None:
+                record["eval_reward"] = policy_reward(policy, eval_rows, eval_reward, eval_params, config)
+            _append(log_path, record)
+            print(f"round {r}: no sample selected (min_reward {config.min_reward}); the policy is unchanged")
+            continue
         steps = max(1, round(config.sft_epochs * len(selected) / config.sft_batch_size))
         sft_model = train_sft(SFTConfig(
             model=str(policy), data=str(round_dir / "selected.jsonl"), out=str(sft_dir), max_steps=steps,
             batch_size=config.sft_batch_size, lr=config.sft_lr, warmup_steps=min(10, steps // 10),
             chat_template=config.chat_template, strategy="final_turn_only", save_every=50, device=config.device,
             progress=config.progress, resume=True, log_every=5))
-        samples = [x for row in rows for x in row["rewards"] if x is not None]
         record = {"round": r, "model": str(sft_model), "prompts": len(rows), "selected": len(selected),
                   "sample_reward": statistics.mean(samples) if samples else float("nan"),
                   "selected_reward": statistics.mean(s["reward"] for s in selected) if selected else float("nan"),
