@@ -236,7 +236,6 @@ class HFEngine:
         stops = torch.tensor(stop_ids, device=device)
         tokens = torch.full((rows, params.max_new_tokens), -1, dtype=torch.long, device=device)  # -1: not sampled
         logprobs = torch.zeros((rows, params.max_new_tokens), device=device) if params.logprobs else None
-        can_drop = editable
         done = torch.zeros(rows, dtype=torch.bool, device=device)  # stopped rows still in the batch
         for step in range(params.max_new_tokens):
             drawn = sampler(logits)  # (R,)
@@ -248,7 +247,7 @@ class HFEngine:
             done = done | torch.isin(drawn, stops)
             if step == params.max_new_tokens - 1 or bool(done.all()):
                 break
-            if can_drop and int(done.sum()) * 8 >= len(done):  # stopped rows leave the batch and its cache (in
+            if editable and int(done.sum()) * 8 >= len(done):  # stopped rows leave the batch and its cache (in
                 # bulk: a copy of the whole cache per step would cost more than decoding a few stopped rows)
                 keep = (~done).nonzero()[:, 0]
                 cache.batch_select_indices(keep)

@@ -127,10 +127,10 @@ def _identity(model_dir: Path) -> list:
 
 
 def _sft_samples(config: DemoConfig, prompts: Path, sft_model: Path, path: Path, *, limit: int, n: int,
-                 seed: int, dependents: tuple[str, ...] = ()) -> list[dict]:
+                 seed: int) -> list[dict]:
     """``n`` samples (T=1) of the SFT model for the first ``limit`` rows of ``prompts``, as ``posttrain generate``
     writes them; made once and shared by the stages that start from the SFT model (cached in ``path``; when they
-    are made anew, the run directories and files ``dependents`` next to it are removed)."""
+    are made anew, what :data:`DOWNSTREAM` lists for ``path.name`` is removed)."""
     from posttrain.data.io import write_jsonl
     from posttrain.data.prompts import load_generated, load_prompt_rows
     from posttrain.models.generation import SamplingParams, load_engine
@@ -140,7 +140,7 @@ def _sft_samples(config: DemoConfig, prompts: Path, sft_model: Path, path: Path,
                 "max_new_tokens": config.max_new_tokens}
     settings_path = path.with_suffix(".settings.json")
     if not path.exists() or not settings_path.exists() or json.loads(settings_path.read_text()) != settings:
-        _remove(path.parent, dependents)  # first: a crash below must not leave them looking current
+        _remove(path.parent, DOWNSTREAM.get(path.name, ()))  # first: a crash below must not leave them looking current
         settings_path.unlink(missing_ok=True)
         engine = load_engine(sft_model, backend="hf", device=config.device, batch_size=SAMPLE_BATCH)
         params = SamplingParams(n=n, max_new_tokens=config.max_new_tokens, temperature=1.0, seed=seed)
@@ -298,14 +298,18 @@ def run_demo(config: DemoConfig) -> dict:
     heldout_rows = _sft_samples(config, prompts, sft_model, out / "sft_samples_heldout.jsonl",
                                 limit=0 if 0 in (config.eval_prompts, config.bon_prompts) else max(
                                     config.eval_prompts, config.bon_prompts), n=heldout_n, seed=2)
-    sft_gold = [mean_or_nan([gold_reward(row["prompt"], c) for c in row["completions"]])
-                for row in heldout_rows[: config.eval_prompts or None]]  # the SFT policy's expected gold, per prompt
+
+    def sft_expected_gold(n: int | None = None) -> list[float]:
+        """The SFT policy's expected gold per held-out prompt: the mean over its first ``n`` shared samples."""
+        return [mean_or_nan([gold_reward(row["prompt"], c) for c in row["completions"][:n]])
+                for row in heldout_rows[: config.eval_prompts or None]]
+
+    sft_gold = sft_expected_gold()
     train_samples = out / "sft_samples_train.jsonl"
     train_rows = []
     if config.rs_prompts or config.dpo_prompts:
         train_rows = _sft_samples(config, paths.data / "rl_train.jsonl", sft_model, train_samples,
-                                  limit=max(config.rs_prompts, config.dpo_prompts), n=8, seed=1,
-                                  dependents=DOWNSTREAM["sft_samples_train.jsonl"])
+                                  limit=max(config.rs_prompts, config.dpo_prompts), n=8, seed=1)
     timed("sft samples")
     if config.bon_n:
         stage += 1
@@ -339,8 +343,7 @@ def run_demo(config: DemoConfig) -> dict:
         stages["dpo"] = evaluate(dpo_model, "dpo")
         dpo_gold = sampled_gold_per_prompt(dpo_model, eval_prompts, n=config.dpo_eval_samples,
                                            max_new_tokens=config.max_new_tokens, seed=4, device=config.device)
-        sft_gold_n = [mean_or_nan([gold_reward(row["prompt"], c) for c in row["completions"][: config.dpo_eval_samples]])
-                      for row in heldout_rows[: config.eval_prompts or None]]
+        sft_gold_n = sft_expected_gold(config.dpo_eval_samples)
         summary["dpo"].update(
             win_rate_vs_sft=win_rate(dpo_gold, sft_gold_n), sampled_gold_dpo=mean_or_nan(dpo_gold),
             sampled_gold_sft=mean_or_nan(sft_gold_n),
