@@ -22,8 +22,9 @@ demo: setup
 world: setup
 	$(VENV)/bin/posttrain world build --base-model
 
+# Two pytest-xdist workers, one thread each; the tests that share the demo run stay on one worker (loadgroup).
 test: world
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

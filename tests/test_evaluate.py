@@ -220,6 +220,9 @@ def test_gold_reward_on_the_world_held_out_data(world):
     right = [[parse_final_answer(c) == solve(r["prompt"][-1]["content"]) for c in r["completions"]] for r in rankings]
     rows = [json.loads(line) for line in pairs]
     ties = sum(GoldReward()([r["prompt"]], [r["chosen"]]) == GoldReward()([r["prompt"]], [r["rejected"]]) for r in rows)
-    assert report["pairs"] == len(pairs) - ties and report["rankings"] == len(rankings) == 250
+    from posttrain.world.datagen import DEFAULT_SIZES, heldout_size
+
+    assert report["pairs"] == len(pairs) - ties
+    assert report["rankings"] == len(rankings) == heldout_size(DEFAULT_SIZES["rankings"])
     assert report["top1_accuracy"] == pytest.approx(sum(any(r) for r in right) / len(right), abs=1e-12)
     assert report["random_top1"] == pytest.approx(sum(sum(r) / len(r) for r in right) / len(right), abs=1e-12)

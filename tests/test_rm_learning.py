@@ -31,25 +31,29 @@ def sft_model(demo_run):
     return out / "sft" / "model"
 
 
+@pytest.mark.xdist_group("demo")  # starts from the shared demo run's SFT model
 def test_margin_rm_learns_requests_and_surface(sft_model, world_with_base, tmp_path_factory):
-    """Margin RM (Likert margins), one epoch (500 steps of 16 of the annotators' 8000 pairs) from the SFT model,
-    against the gold reward: >= 0.90 on request pairs and on surface pairs (measured 0.94 and 0.99 on the v3 world's
-    first held-out set)."""
-    model = _train(sft_model, tmp_path_factory, "margin", 500, lr=3e-4)
+    """Margin RM (Likert margins), half an epoch (500 steps of 16 of the annotators' 16000 pairs, constant lr) from
+    the SFT model, against the gold reward: >= 0.90 on request pairs and on surface pairs (measured 0.962 and 0.989,
+    with counterfactual flips 0.965)."""
+    model = _train(sft_model, tmp_path_factory, "margin", 500, lr=3e-4, lr_schedule="constant")
     report = evaluate_reward_on_world(ScalarRewardModel(model, device="cpu"), world_with_base.data)
     assert report["pair_accuracy_request"] >= 0.90, report
     assert report["pair_accuracy_surface"] >= 0.90, report
 
 
+@pytest.mark.xdist_group("demo")
 def test_plackett_luce_rm_ranks_correct_answers_first(sft_model, world_with_base, tmp_path_factory):
-    """Plackett-Luce on the annotators' K=4 rankings, one epoch (125 steps of 16 rankings) from the SFT model: its
-    favourite of a held-out ranking is correct more often than a random pick (measured 0.92 vs 0.73). On pairs it is
-    not yet useful (request 0.52, surface 0.59, counterfactual flips 0.08; after two epochs 0.58, 0.70, 0.27): it
-    learned which replies are correct and long before the request; the issue's 0.90 on request and surface pairs is
-    NOT met, docs/reward-models.md)."""
-    model = _train(sft_model, tmp_path_factory, "plackett_luce", 125, lr=3e-4)
+    """Plackett-Luce on the annotators' 4000 K=4 rankings (under a request, each followed by its counterfactual twin),
+    one epoch (250 steps of 16) from the SFT model: its favourite of a held-out ranking is correct more often than a
+    random pick, and on pairs it reads the request well above chance (measured request 0.80, surface 0.85,
+    counterfactual flips 0.59; 0.52 / 0.59 / 0.08 with the earlier 2000 rankings without twins). The issue's 0.90 on
+    request and surface pairs is NOT met (docs/reward-models.md): a ranking's likelihood is mostly about which
+    replies are right and well formed."""
+    model = _train(sft_model, tmp_path_factory, "plackett_luce", 250, lr=3e-4)
     report = evaluate_reward_on_world(ScalarRewardModel(model, device="cpu"), world_with_base.data)
     assert report["top1_accuracy"] >= report["random_top1"] + 0.10, report
+    assert report["pair_accuracy_request"] >= 0.65 and report["pair_accuracy_surface"] >= 0.70, report
 
 
 def test_orm_selects_correct_answers(world_with_base, tmp_path_factory):

@@ -19,6 +19,7 @@ from posttrain.maths.selection import (
     powers_of_two,
     select_top_k,
     select_top_per_prompt,
+    verified_pairs,
 )
 from posttrain.maths.stats import mean_or_nan, pearson, win_rate
 
@@ -46,6 +47,24 @@ def test_best_worst_pairs():
     # one text scored 0.51 and 0.50 in two batches: the worst is the other text, and a row of one text gives no pair
     assert best_worst_pairs([[0.51, 0.8, 0.50], [0.6, 0.5]], keys=[["a", "b", "a"], ["c", "c"]]) == [(0, 1, 2)]
     assert best_worst_pairs([[0.9, 0.50, 0.2]], keys=[["a", "b", "a"]]) == [(0, 0, 1)]
+
+
+def test_verified_pairs_contrast_style_among_correct_and_correctness_at_equal_look():
+    """The RM's best correct reply is chosen twice: against its worst correct reply, and against the wrong reply whose
+    RM score is nearest the best's (not the RM's worst wrong one: that one would also differ in style)."""
+    R = [[0.9, 0.2, 0.5, 0.85, 0.1],  # correct: 0, 2; wrong: 1, 3, 4 -> style (0, 2); correctness: 3 (|0.05|)
+         [0.3, 0.8, 0.4, None, 0.6],  # correct: 2 only -> no style pair; nearest wrong to 0.4: 0 (0.1) over 4 (0.2)
+         [0.1, 0.2, 0.3, 0.4, 0.5],   # nothing correct -> nothing
+         [0.7, 0.7, 0.2, 0.9, 0.5]]   # correct: 0, 1 tie at the top -> 0; worst correct: 1 is no lower -> no style
+    correct = [[True, False, True, False, False],
+               [False, False, True, None, False],
+               [False] * 5,
+               [True, True, False, None, False]]
+    assert verified_pairs(R, correct) == [(0, 0, 2), (0, 0, 3), (1, 2, 0), (3, 0, 4)]
+    # equidistant wrong replies: the lower index; an unverified (None) reply is never paired even if nearest
+    assert verified_pairs([[0.5, 0.6, 0.4, 0.5]], [[True, False, False, None]]) == [(0, 0, 1)]
+    # the same text twice (float noise between batches) is no pair with itself
+    assert verified_pairs([[0.8, 0.79, 0.1]], [[True, True, False]], keys=[["a", "a", "b"]]) == [(0, 0, 2)]
 
 
 def test_ordered_pairs_all_capped_and_deduplicated():

@@ -268,3 +268,38 @@ def test_base_model_key_is_world_v2s():
     assert world_key().startswith("world-v3-")
     paths = world_paths()
     assert paths.base_model.parent.name == base_key() and paths.data.parent.name == world_key()
+
+
+def test_request_pairs_come_as_counterfactual_twins():
+    """Each request pair is followed by its twin: the same two replies under another prompt of the same question
+    whose request prefers the other one (by the gold reward), so a prompt-blind reward gets at most one of the two."""
+    rows = datagen.preference_rows(2000, 0, noise=0.0, delta=0.0)
+    twins = 0
+    i = 0
+    while i < len(rows) - 1:
+        first, second = rows[i], rows[i + 1]
+        if first["kind"] != "request":
+            i += 1
+            continue
+        assert second["kind"] == "request"
+        assert first["chosen"] == second["rejected"] and first["rejected"] == second["chosen"]
+        assert request_of(first["prompt"]) != request_of(second["prompt"])
+        assert parse_question(first["prompt"][-1]["content"]) == parse_question(second["prompt"][-1]["content"])
+        twins += 1
+        i += 2
+    assert abs(2 * twins / len(rows) - datagen.PAIR_MIX["request"]) < 0.04
+
+
+def test_rankings_with_a_request_come_as_counterfactual_twins():
+    """A ranking under a request is followed by the same replies ranked under a request for its second reply's
+    style; under the gold reward (no annotator biases) the first reply of each twin is the one its request asks for."""
+    rows = datagen.ranking_rows(600, 0, noise=0.0, delta=0.0)
+    twins = 0
+    for first, second in zip(rows, rows[1:]):
+        if request_of(first["prompt"]) is None or sorted(first["completions"]) != sorted(second["completions"]):
+            continue
+        twins += 1
+        for row in (first, second):
+            assert follows_request(row["prompt"], row["completions"][0]), row
+        assert request_of(second["prompt"]) != request_of(first["prompt"])
+    assert twins > 200

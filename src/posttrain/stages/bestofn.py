@@ -147,6 +147,31 @@ class SelectConfig:
     overwrite: bool = overwrite_option()
 
 
+def _without_empty(rows: list[dict], R) -> list[list]:
+    """``R`` with empty replies unscored: nothing to train on (SFT and DPO refuse them), so never picked or paired."""
+    return [[None if not c.strip() else x for c, x in zip(r["completions"], rewards)] for r, rewards in zip(rows, R)]
+
+
+def pair_rows(rows: list[dict], R, chosen_pairs) -> list[dict]:
+    """Preference rows (``prompt``/``chosen``/``rejected``, the rows' extra columns, both rewards) for
+    ``(prompt, better, worse)`` index triples into ``rows``' completions."""
+    return [{"prompt": rows[i]["prompt"], **{key: v for key, v in rows[i].items() if key not in GENERATED_KEYS},
+             "chosen": [{"role": "assistant", "content": rows[i]["completions"][better]}],
+             "rejected": [{"role": "assistant", "content": rows[i]["completions"][worse]}],
+             "reward_chosen": R[i][better], "reward_rejected": R[i][worse]}
+            for i, better, worse in chosen_pairs]
+
+
+def verified_pair_rows(rows: list[dict], R, correct) -> list[dict]:
+    """:func:`~posttrain.maths.selection.verified_pairs` as preference rows: ``R`` a reward model's matrix for
+    ``rows``, ``correct`` a verifier's (1.0 = correct, None = could not check)."""
+    from posttrain.maths.selection import verified_pairs
+
+    R = _without_empty(rows, R)
+    flags = [[None if c is None else c == 1.0 for c in row] for row in correct]
+    return pair_rows(rows, R, verified_pairs(R, flags, keys=[r["completions"] for r in rows]))
+
+
 def select_rows(rows: list[dict], strategy: str, k: int = 0, pairs: str = "",
                 min_reward: float = float("-inf"), pairs_per_prompt: int = 4, seed: int = 0) -> list[dict]:
     """SFT rows (``messages`` = prompt + chosen completion) or preference rows, from scored rows; SFT picks with a
@@ -155,18 +180,14 @@ def select_rows(rows: list[dict], strategy: str, k: int = 0, pairs: str = "",
     R = [r["rewards"] for r in rows]
     extra = [{key: v for key, v in r.items() if key not in GENERATED_KEYS} for r in rows]
     if pairs:
-        R = [[None if not c.strip() else x for c, x in zip(r["completions"], rewards)] for r, rewards in zip(rows, R)]
+        R = _without_empty(rows, R)
         if pairs == "best_worst":
             chosen_pairs = best_worst_pairs(R, keys=[r["completions"] for r in rows])
         elif pairs == "all":
             chosen_pairs = ordered_pairs(R, pairs_per_prompt, keys=[r["completions"] for r in rows], seed=seed)
         else:
             raise ValueError(f"unknown pairs rule {pairs!r} (best_worst | all)")
-        return [{"prompt": rows[i]["prompt"], **extra[i],
-                 "chosen": [{"role": "assistant", "content": rows[i]["completions"][better]}],
-                 "rejected": [{"role": "assistant", "content": rows[i]["completions"][worse]}],
-                 "reward_chosen": R[i][better], "reward_rejected": R[i][worse]}
-                for i, better, worse in chosen_pairs]
+        return pair_rows(rows, R, chosen_pairs)
     if strategy == "top_per_prompt":
         picks = [(i, j) for i, j in enumerate(select_top_per_prompt(R)) if j >= 0]
     elif strategy == "top_k":

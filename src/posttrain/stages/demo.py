@@ -6,7 +6,8 @@ length-biased pairs), scored against the gold reward -> the SFT model's samples,
 8 per training prompt) and shared by what follows -> best-of-N on the held-out samples with the RM and with a
 verifier -> one round of rejection-sampling fine-tuning on the training samples selected by the RM, and one selected
 by the verifier -> on-policy DPO from the SFT model on pairs of its own training samples (per prompt the RM's best
-and worst correct reply; win-rate against the SFT model under the gold reward, KL to it). Every stage's run
+correct reply against its worst correct one and the wrong one it scores nearest; win-rate against the SFT model
+under the gold reward, KL to it). Every stage's run
 directory lives under ``--out``; ``summary.json`` holds ``{"stages": {"base", "sft", "rs_rm", "rs", "dpo"},
 "reward_model", "best_of_n", "rejection_sampling": {"rm", "verifier"}, "dpo", "seconds", "stage_seconds"}``: per
 policy format_rate, accuracy, request_rate (and per style), gold_reward, mean_length, stop_rate of greedy replies to
@@ -40,14 +41,15 @@ class DemoConfig:
     sft_steps: int = option(300, "SFT optimizer steps (300 x 32 = 2.4 epochs of the world's 4000 conversations)")
     sft_batch_size: int = option(32, "SFT conversations per step")
     sft_lr: float = option(1e-3, "SFT peak learning rate")
-    rm_steps: int = option(500, "Bradley-Terry reward-model optimizer steps (16 pairs each; 500 = one epoch of the "
-                                "world's 8000 preference pairs); 0 = skip the RM stage")
+    rm_steps: int = option(1000, "Bradley-Terry reward-model optimizer steps (16 pairs each, constant lr; 1000 = one "
+                                 "epoch of the world's 16000 preference pairs); 0 = skip the RM stage")
     bon_n: int = option(16, "best-of-N: samples per held-out prompt; 0 = skip the stage")
     bon_prompts: int = option(200, "best-of-N: held-out prompts")
     rs_prompts: int = option(1000, "rejection sampling: training prompts (8 SFT samples each), one round selected "
                                    "by the reward model and one by the math verifier; 0 = skip the stage")
     dpo_prompts: int = option(1000, "on-policy DPO: training prompts (8 SFT samples each; per prompt the reward "
-                                    "model's best and worst correct reply make a pair; needs the RM stage); 0 = skip the stage")
+                                    "model's best correct reply against its worst correct one and against the wrong one "
+                                    "it scores nearest; needs the RM stage); 0 = skip the stage")
     dpo_eval_samples: int = option(16, "DPO win-rate: samples per held-out prompt for each policy's expected gold")
     eval_prompts: int = option(200, "held-out prompts to evaluate each stage on")
     max_new_tokens: int = option(64, "generation budget per reply")
@@ -73,25 +75,69 @@ def _discard_if_config_changed(run_dir: Path, config) -> None:
         shutil.rmtree(run_dir)
 
 
-def _reward_model_stage(config: DemoConfig, paths, sft_model: Path, out: Path) -> dict:
-    from posttrain.rewards import ScalarRewardModel
-    from posttrain.stages.rm import RMConfig, train_rm
-    from posttrain.world.evaluate import evaluate_reward_on_world
+def _train_rm_in_child(rm_config) -> None:
+    """Entry point of the reward model's training process (spawned: a fresh interpreter, one thread)."""
+    import torch
 
-    rm_dir = out / "rm"
-    rm_config = RMConfig(
-        loss="bt", model=str(sft_model), data=str(paths.data / "preference_train.jsonl"), out=str(rm_dir),
-        max_steps=config.rm_steps,  # no eval_data: the world evaluation below scores the held-out pairs
-        batch_size=16, lr=3e-4, save_every=100, device=config.device, progress=config.progress, resume=True,
-    )
-    _discard_if_config_changed(rm_dir, rm_config)
-    if is_complete(rm_dir):
-        rm_model = rm_dir / "model"
-    else:
-        _remove(out, DOWNSTREAM["rm"])
-        rm_model = train_rm(rm_config)
-    report = evaluate_reward_on_world(ScalarRewardModel(rm_model, device=config.device), paths.data)
-    return {"loss": "bt", "model": str(rm_model), **report}
+    from posttrain.stages.rm import train_rm
+
+    torch.set_num_threads(1)
+    train_rm(rm_config)
+
+
+class _RewardModelJob:
+    """The demo's Bradley-Terry RM, trained in a second process while the main one draws the SFT model's samples and
+    runs the verifier-selected rejection-sampling round, which do not need it. On 2 cores this is the cheaper
+    schedule: the tiny models barely use a second thread (one RM run on 1 thread, two side by side, each runs as fast
+    as one on 2 threads), so the RM's training costs the demo almost no wall-clock time of its own.
+    ``result()`` waits for it and scores it against the gold reward."""
+
+    def __init__(self, config: "DemoConfig", paths, sft_model: Path, out: Path):
+        import multiprocessing
+
+        import torch
+
+        from posttrain.stages.rm import RMConfig
+
+        self.config, self.paths = config, paths
+        self.rm_config = RMConfig(
+            loss="bt", model=str(sft_model), data=str(paths.data / "preference_train.jsonl"), out=str(out / "rm"),
+            max_steps=config.rm_steps,  # no eval_data: the world evaluation below scores the held-out pairs
+            # constant lr: with a cosine decay the RM's request reading came late and was cut short
+            # (docs/reward-models.md)
+            batch_size=16, lr=3e-4, lr_schedule="constant", save_every=100, device=config.device,
+            progress=False, resume=True,
+        )
+        _discard_if_config_changed(out / "rm", self.rm_config)
+        self.process = None
+        self.threads = torch.get_num_threads()
+        if not is_complete(out / "rm"):
+            _remove(out, DOWNSTREAM["rm"])
+            self.process = multiprocessing.get_context("spawn").Process(
+                target=_train_rm_in_child, args=(self.rm_config,), name="posttrain-demo-rm")
+            self.process.start()
+            torch.set_num_threads(max(1, self.threads - 1))  # the other core is the RM's
+
+    def cancel(self) -> None:
+        if self.process is not None and self.process.is_alive():
+            self.process.terminate()
+            self.process.join()
+
+    def result(self) -> dict:
+        import torch
+
+        from posttrain.rewards import ScalarRewardModel
+        from posttrain.world.evaluate import evaluate_reward_on_world
+
+        if self.process is not None:
+            self.process.join()
+            torch.set_num_threads(self.threads)
+            if self.process.exitcode != 0:
+                raise RuntimeError(f"the reward model's training process failed (exit code {self.process.exitcode});"
+                                   f" its run directory is {self.rm_config.out}")
+        rm_model = Path(self.rm_config.out) / "model"
+        report = evaluate_reward_on_world(ScalarRewardModel(rm_model, device=self.config.device), self.paths.data)
+        return {"loss": "bt", "model": str(rm_model), **report}
 
 
 SAMPLE_BATCH = 512  # sequences per generate call: the tiny model's KV cache is small, bigger batches run faster
@@ -196,26 +242,25 @@ def _rejection_sampling_stage(config: DemoConfig, sft_model: Path, train_samples
 
 def _dpo_stage(config: DemoConfig, paths, sft_model: Path, rows: list[dict], rm_model: Path,
                out: Path) -> tuple[dict, Path]:
-    """On-policy DPO from the SFT model: of its 8 samples per training prompt, the reward model's best and worst
-    among the correct ones (the math verifier) make a pair — correctness is the verifier's to judge (the RM cannot
-    check arithmetic), style and the request are the RM's; dpo_nll (DPO + NLL on the chosen reply), 3 epochs."""
+    """On-policy DPO from the SFT model: of its 8 samples per training prompt, the reward model's best correct reply
+    (the math verifier) is chosen against the RM's worst correct one (the request and style, which the RM judges)
+    and against the wrong one the RM scores nearest (correctness, which the RM cannot check, between replies that
+    look alike to it): ``verified_pairs``; dpo_nll (DPO + NLL on the chosen reply), 3 epochs."""
     from posttrain.data.io import write_jsonl
     from posttrain.rewards import reward_from_spec
-    from posttrain.stages.bestofn import reward_matrix, select_rows
+    from posttrain.stages.bestofn import reward_matrix, verified_pair_rows
     from posttrain.stages.dpo import DPOConfig, train_dpo
 
     pairs_path = out / "dpo_pairs.jsonl"
     settings = {"model": _identity(sft_model), "rm": _identity(rm_model), "prompts": len(rows),
-                "pairs": "best_worst of correct"}
+                "pairs": "verified"}
     settings_path = out / "dpo_pairs.settings.json"
     if not pairs_path.exists() or not settings_path.exists() or json.loads(settings_path.read_text()) != settings:
         _remove(out, DOWNSTREAM["dpo_pairs.jsonl"])
         settings_path.unlink(missing_ok=True)
         scores = reward_matrix(reward_from_spec(f"rm:{rm_model}", device=config.device), rows)
         correct = reward_matrix(reward_from_spec("verifier:math"), rows)
-        scored = [{**row, "rewards": [x if ok == 1.0 else None for x, ok in zip(R, C)]}
-                  for row, R, C in zip(rows, scores, correct)]
-        write_jsonl(select_rows(scored, "top_per_prompt", pairs="best_worst"), pairs_path)
+        write_jsonl(verified_pair_rows(rows, scores, correct), pairs_path)
         settings_path.write_text(json.dumps(settings))
     n_pairs = len(pairs_path.read_text().splitlines())
     dpo_config = DPOConfig(
@@ -283,61 +328,75 @@ def run_demo(config: DemoConfig) -> dict:
 
     summary = {"stages": stages}
     stage = 3
+    rm_job = None
     if config.rm_steps:
         stage += 1
-        print(f"[{stage}/{stage_count}] Bradley-Terry reward model from the SFT model ({config.rm_steps} steps)")
-        summary["reward_model"] = _reward_model_stage(config, paths, sft_model, out)
-        timed("reward model")
-    # The SFT model's samples, made once: held-out ones serve best-of-N and the sampled gold reward that rejection
-    # sampling and DPO are measured against; training ones are what rejection sampling selects from and DPO pairs.
-    from posttrain.world.evaluate import load_eval_prompts, sampled_gold_per_prompt
+        print(f"[{stage}/{stage_count}] Bradley-Terry reward model from the SFT model ({config.rm_steps} steps), "
+              "trained in a second process while the SFT model's samples are drawn and the verifier selects")
+        rm_job = _RewardModelJob(config, paths, sft_model, out)
+    try:
+        # The SFT model's samples, made once: held-out ones serve best-of-N and the sampled gold reward that
+        # rejection sampling and DPO are measured against; training ones are what rejection sampling selects from and
+        # DPO pairs.
+        from posttrain.world.evaluate import load_eval_prompts, sampled_gold_per_prompt
 
-    eval_prompts = [row["prompt"] for row in load_eval_prompts(prompts, config.eval_prompts)]
-    rm_model = Path(summary["reward_model"]["model"]) if "reward_model" in summary else None
-    heldout_n = max(config.bon_n, config.dpo_eval_samples, 1)
-    heldout_rows = _sft_samples(config, prompts, sft_model, out / "sft_samples_heldout.jsonl",
-                                limit=0 if 0 in (config.eval_prompts, config.bon_prompts) else max(
-                                    config.eval_prompts, config.bon_prompts), n=heldout_n, seed=2)
+        eval_prompts = [row["prompt"] for row in load_eval_prompts(prompts, config.eval_prompts)]
+        heldout_n = max(config.bon_n, config.dpo_eval_samples, 1)
+        heldout_rows = _sft_samples(config, prompts, sft_model, out / "sft_samples_heldout.jsonl",
+                                    limit=0 if 0 in (config.eval_prompts, config.bon_prompts) else max(
+                                        config.eval_prompts, config.bon_prompts), n=heldout_n, seed=2)
 
-    def sft_expected_gold(n: int | None = None) -> list[float]:
-        """The SFT policy's expected gold per held-out prompt: the mean over its first ``n`` shared samples."""
-        return [mean_or_nan([gold_reward(row["prompt"], c) for c in row["completions"][:n]])
-                for row in heldout_rows[: config.eval_prompts or None]]
+        def sft_expected_gold(n: int | None = None) -> list[float]:
+            """The SFT policy's expected gold per held-out prompt: the mean over its first ``n`` shared samples."""
+            return [mean_or_nan([gold_reward(row["prompt"], c) for c in row["completions"][:n]])
+                    for row in heldout_rows[: config.eval_prompts or None]]
 
-    sft_gold = sft_expected_gold()
-    train_samples = out / "sft_samples_train.jsonl"
-    train_rows = []
-    if config.rs_prompts or config.dpo_prompts:
-        train_rows = _sft_samples(config, paths.data / "rl_train.jsonl", sft_model, train_samples,
-                                  limit=max(config.rs_prompts, config.dpo_prompts), n=8, seed=1)
-    timed("sft samples")
-    if config.bon_n:
-        stage += 1
-        print(f"[{stage}/{stage_count}] best-of-{config.bon_n} on {config.bon_prompts} held-out prompts")
-        summary["best_of_n"] = _best_of_n_stage(config, heldout_rows, rm_model)
-        timed("best-of-n")
-    if config.rs_prompts:
-        stage += 1
-        print(f"[{stage}/{stage_count}] rejection-sampling fine-tuning, one round each selected by the reward model "
-              f"and by the verifier ({config.rs_prompts} prompts)")
-        summary["rejection_sampling"] = {}
-        selectors = [("rm", f"rm:{rm_model}")] if rm_model is not None else []
-        for name, selector in selectors + [("verifier", "verifier:math")]:
+        sft_gold = sft_expected_gold()
+        train_samples = out / "sft_samples_train.jsonl"
+        train_rows = []
+        if config.rs_prompts or config.dpo_prompts:
+            train_rows = _sft_samples(config, paths.data / "rl_train.jsonl", sft_model, train_samples,
+                                      limit=max(config.rs_prompts, config.dpo_prompts), n=8, seed=1)
+        timed("sft samples")
+
+        def rejection_sampling_round(name: str, selector: str) -> None:
             stage_name = "rs" if name == "verifier" else f"rs_{name}"
             report, rs_model = _rejection_sampling_stage(config, sft_model, train_samples, out, selector, stage_name)
             report.update(eval_gold_before=mean_or_nan(sft_gold), eval_gold_after=mean_or_nan(
                 sampled_gold_per_prompt(rs_model, eval_prompts, n=8, max_new_tokens=config.max_new_tokens, seed=3,
                                         device=config.device)))
-            summary["rejection_sampling"][name] = report
+            summary.setdefault("rejection_sampling", {})[name] = report
             stages[stage_name] = evaluate(rs_model, stage_name)
-        timed("rejection sampling")
+
+        if config.rs_prompts:
+            stage += 1
+            print(f"[{stage}/{stage_count}] rejection-sampling fine-tuning, one round each selected by the verifier "
+                  f"and by the reward model ({config.rs_prompts} prompts)")
+            rejection_sampling_round("verifier", "verifier:math")
+            timed("rejection sampling (verifier)")
+        if rm_job is not None:
+            summary["reward_model"] = rm_job.result()
+            timed("reward model (rest of its training, evaluation)")
+    except BaseException:
+        if rm_job is not None:
+            rm_job.cancel()
+        raise
+    rm_model = Path(summary["reward_model"]["model"]) if "reward_model" in summary else None
+    if config.bon_n:
+        stage += 1
+        print(f"[{stage}/{stage_count}] best-of-{config.bon_n} on {config.bon_prompts} held-out prompts")
+        summary["best_of_n"] = _best_of_n_stage(config, heldout_rows, rm_model)
+        timed("best-of-n")
+    if config.rs_prompts and rm_model is not None:
+        rejection_sampling_round("rm", f"rm:{rm_model}")
+        timed("rejection sampling (reward model)")
     if config.dpo_prompts and rm_model is not None:
         from posttrain.maths.stats import win_rate
         from posttrain.models.logprobs import policy_kl
 
         stage += 1
         print(f"[{stage}/{stage_count}] on-policy DPO from the SFT model ({config.dpo_prompts} prompts x 8 samples; "
-              f"pairs: the reward model's best and worst correct reply)")
+              f"pairs: the reward model's best correct reply vs its worst correct and its nearest wrong one)")
         summary["dpo"], dpo_model = _dpo_stage(config, paths, sft_model, train_rows[: config.dpo_prompts], rm_model,
                                                out)
         stages["dpo"] = evaluate(dpo_model, "dpo")

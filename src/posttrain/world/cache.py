@@ -67,10 +67,12 @@ def _digest(settings: dict) -> str:
 
 
 def world_key() -> str:
-    """Key of the datasets: the world version, the data seed and sizes (the base model has its own key)."""
-    from posttrain.world.datagen import DEFAULT_SIZES, EVAL_SIZES
+    """Key of the datasets: the world version, the data seed and sizes, and the generators' revision (the base model
+    has its own key)."""
+    from posttrain.world.datagen import DATA_REVISION, DEFAULT_SIZES, EVAL_SIZES
 
-    return f"world-v{WORLD_VERSION}-{_digest(dict(seed=DATA_SEED, sizes=DEFAULT_SIZES, eval_sizes=EVAL_SIZES))}"
+    settings = dict(seed=DATA_SEED, sizes=DEFAULT_SIZES, eval_sizes=EVAL_SIZES, revision=DATA_REVISION)
+    return f"world-v{WORLD_VERSION}-{_digest(settings)}"
 
 
 def base_key() -> str:
