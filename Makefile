@@ -22,9 +22,10 @@ demo: setup
 world: setup
 	$(VENV)/bin/posttrain world build --base-model
 
-# Two pytest-xdist workers, one thread each; the tests that share the demo run stay on one worker (loadgroup).
+# Two pytest-xdist workers, one thread each; --dist loadfile keeps a file on one worker, so the tests that share the
+# demo run (tests/test_learning.py) run it once.
 test: world
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

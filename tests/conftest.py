@@ -63,3 +63,17 @@ def demo_run(world_with_base, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("demo")
     return out, run_demo(DemoConfig(out=str(out), progress=False, device="cpu"))
+
+
+@pytest.fixture
+def train_rm_briefly(tmp_path_factory):
+    """``train_rm_briefly(start_model_dir, loss, steps, **options)`` -> the trained reward model's directory: a quiet
+    CPU run on the tiny world's data for ``loss`` (batch 16, no checkpoints)."""
+    from posttrain.stages.rm import RMConfig, train_rm
+
+    def train(start, loss: str, steps: int, **options):
+        out = tmp_path_factory.mktemp(f"rm-{loss}")
+        return train_rm(RMConfig(loss=loss, model=str(start), out=str(out), max_steps=steps, batch_size=16,
+                                 progress=False, device="cpu", save_every=0, **options))
+
+    return train

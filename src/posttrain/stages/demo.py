@@ -48,8 +48,8 @@ class DemoConfig:
     rs_prompts: int = option(1000, "rejection sampling: training prompts (8 SFT samples each), one round selected "
                                    "by the reward model and one by the math verifier; 0 = skip the stage")
     dpo_prompts: int = option(1000, "on-policy DPO: training prompts (8 SFT samples each; per prompt the reward "
-                                    "model's best correct reply against its worst correct one and against the wrong one "
-                                    "it scores nearest; needs the RM stage); 0 = skip the stage")
+                                    "model's best correct reply against its worst correct one and against the wrong "
+                                    "one it scores nearest; needs the RM stage); 0 = skip the stage")
     dpo_eval_samples: int = option(16, "DPO win-rate: samples per held-out prompt for each policy's expected gold")
     eval_prompts: int = option(200, "held-out prompts to evaluate each stage on")
     max_new_tokens: int = option(64, "generation budget per reply")
@@ -119,9 +119,13 @@ class _RewardModelJob:
             torch.set_num_threads(max(1, self.threads - 1))  # the other core is the RM's
 
     def cancel(self) -> None:
+        """Stop the training process (SIGTERM: it checkpoints at a step boundary, so a rerun resumes it)."""
+        import torch
+
         if self.process is not None and self.process.is_alive():
             self.process.terminate()
             self.process.join()
+        torch.set_num_threads(self.threads)
 
     def result(self) -> dict:
         import torch
@@ -276,9 +280,21 @@ def _dpo_stage(config: DemoConfig, paths, sft_model: Path, rows: list[dict], rm_
             "implicit_reward_margin": done["eval"]["rewards/margin"]}, model
 
 
+def demo_sft_config(config: DemoConfig, paths, out: Path):
+    """The demo's SFT run on the tiny world (also used by tests that need the same SFT model without the demo)."""
+    from posttrain.stages.sft import SFTConfig
+
+    return SFTConfig(
+        model=str(paths.base_model), data=str(paths.data / "sft_train.jsonl"),
+        eval_data=str(paths.data / "sft_heldout.jsonl"), out=str(out), max_steps=config.sft_steps,
+        batch_size=config.sft_batch_size, lr=config.sft_lr, warmup_steps=10, save_every=50, log_every=5,
+        device=config.device, progress=config.progress, resume=True,
+    )
+
+
 def run_demo(config: DemoConfig) -> dict:
     from posttrain.stages import world as build
-    from posttrain.stages.sft import SFTConfig, train_sft
+    from posttrain.stages.sft import train_sft
     from posttrain.world.evaluate import evaluate_model
 
     out = Path(config.out)
@@ -311,12 +327,7 @@ def run_demo(config: DemoConfig) -> dict:
 
     print(f"[3/{stage_count}] SFT ({config.sft_steps} steps)")
     sft_dir = out / "sft"
-    sft_config = SFTConfig(
-        model=str(paths.base_model), data=str(paths.data / "sft_train.jsonl"),
-        eval_data=str(paths.data / "sft_heldout.jsonl"), out=str(sft_dir), max_steps=config.sft_steps,
-        batch_size=config.sft_batch_size, lr=config.sft_lr, warmup_steps=10, save_every=50, log_every=5,
-        device=config.device, progress=config.progress, resume=True,
-    )
+    sft_config = demo_sft_config(config, paths, sft_dir)
     _discard_if_config_changed(sft_dir, sft_config)
     if is_complete(sft_dir):
         sft_model = sft_dir / "model"

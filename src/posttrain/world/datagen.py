@@ -438,9 +438,9 @@ PAIR_MIX = {"request": 0.55, "surface": 0.25, "answer_check": 0.10, "near_tie": 
 Request pairs come as counterfactual twins (:func:`request_twins`): the same two replies under two prompts of the
 same question whose requests prefer opposite ones, each labelled by the annotator on its own. A reward that ignores
 the prompt can get at most one of the two right, so the twins carry the request's signal through the annotators'
-noise and length bias; with the request pairs drawn one by one instead (and these shares), the demo's one-epoch BT
-RM reached 0.83-0.84 on held-out request pairs and 0.65-0.71 counterfactual flips (two seeds), with twins 0.98 and
-0.955 (docs/reward-models.md).
+noise and length bias. With 40 % request pairs drawn one by one (the first v3 data) a one-epoch BT RM reached
+0.83-0.84 on held-out request pairs on one machine and 0.99 on another; with these twins, shares and 16000 pairs
+0.98-0.99 on two data-order seeds (docs/reward-models.md has the ablation).
 """
 
 
@@ -492,7 +492,8 @@ def preference_rows(n: int, seed: int, split: str = "train", noise: float = ANNO
     """TRL explicit-prompt preference pairs labelled by a biased annotator (:func:`annotate`), with Likert scores
     (:func:`likert_score` of each reply's gold reward, the higher one on the chosen side) and the pair's ``kind``.
 
-    The mix is :data:`PAIR_MIX`; request pairs come as adjacent twins (:func:`request_twins`). Evaluations score these pairs against the gold reward, not the labels.
+    The mix is :data:`PAIR_MIX`; request pairs come as adjacent twins (:func:`request_twins`). Evaluations score
+    these pairs against the gold reward, not the labels.
     """
     rng = _rng("preference" if which == "train" else f"preference-{which}", seed, split)
     rows = []
@@ -554,13 +555,13 @@ def _annotator_ranking(rng: random.Random, prompt, replies: list[str], noise: fl
 
 def ranking_rows(n: int, seed: int, split: str = "train", k: int = 4, noise: float = ANNOTATOR_NOISE,
                  delta: float = LENGTH_BIAS_DELTA) -> list[dict]:
-    """``k`` (3..5) distinct replies, best first as the biased annotator ranks them (:func:`_annotator_ranking`):
+    """``k`` (2..5) distinct replies, best first as the biased annotator ranks them (:func:`_annotator_ranking`):
     a correct one in the requested (or, without a request, a random) style, a correct one in another style, and
     ``k - 2`` flawed ones (of a wrong answer, a surface flaw, padding). A ranking whose prompt carries a request is
     followed by its counterfactual twin, as the request pairs are (:func:`request_twins`): the same replies under a
     prompt of the same question that requests the second reply's style, ranked anew."""
-    if not 3 <= k <= 5:
-        raise ValueError(f"k must be in 3..5, got {k}")
+    if not 2 <= k <= 5:
+        raise ValueError(f"k must be in 2..5, got {k}")
     rng = _rng("rankings", seed, split)
     rows = []
     while len(rows) < n:
