@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import statistics
 
 import pytest
 
@@ -19,7 +20,7 @@ from posttrain.maths.selection import (
     powers_of_two,
     select_top_k,
     select_top_per_prompt,
-    verified_pairs,
+    verifier_plus_standardized,
 )
 from posttrain.maths.stats import mean_or_nan, pearson, win_rate
 
@@ -49,22 +50,42 @@ def test_best_worst_pairs():
     assert best_worst_pairs([[0.9, 0.50, 0.2]], keys=[["a", "b", "a"]]) == [(0, 0, 1)]
 
 
-def test_verified_pairs_contrast_style_among_correct_and_correctness_at_equal_look():
-    """The RM's best correct reply is chosen twice: against its worst correct reply, and against the wrong reply whose
-    RM score is nearest the best's (not the RM's worst wrong one: that one would also differ in style)."""
-    R = [[0.9, 0.2, 0.5, 0.85, 0.1],  # correct: 0, 2; wrong: 1, 3, 4 -> style (0, 2); correctness: 3 (|0.05|)
-         [0.3, 0.8, 0.4, None, 0.6],  # correct: 2 only -> no style pair; nearest wrong to 0.4: 0 (0.1) over 4 (0.2)
-         [0.1, 0.2, 0.3, 0.4, 0.5],   # nothing correct -> nothing
-         [0.7, 0.7, 0.2, 0.9, 0.5]]   # correct: 0, 1 tie at the top -> 0; worst correct: 1 is no lower -> no style
-    correct = [[True, False, True, False, False],
-               [False, False, True, None, False],
-               [False] * 5,
-               [True, True, False, None, False]]
-    assert verified_pairs(R, correct) == [(0, 0, 2), (0, 0, 3), (1, 2, 0), (3, 0, 4)]
-    # equidistant wrong replies: the lower index; an unverified (None) reply is never paired even if nearest
-    assert verified_pairs([[0.5, 0.6, 0.4, 0.5]], [[True, False, False, None]]) == [(0, 0, 1)]
-    # the same text twice (float noise between batches) is no pair with itself
-    assert verified_pairs([[0.8, 0.79, 0.1]], [[True, True, False]], keys=[["a", "a", "b"]]) == [(0, 0, 2)]
+def test_verifier_plus_standardized_by_hand_and_against_statistics():
+    """correct + R / sd(R), sd over every scored entry (population sd): here the scores 2, 0, -2, 0 have sd sqrt(2)."""
+    R = [[2.0, 0.0, None], [-2.0, 0.0]]
+    correct = [[False, True, True], [True, None]]
+    got = verifier_plus_standardized(R, correct)
+    assert got[0][0] == pytest.approx(math.sqrt(2)) and got[0][1] == pytest.approx(1.0)
+    assert got[1][0] == pytest.approx(1 - math.sqrt(2))
+    assert got[0][2] is None and got[1][1] is None  # unscored or unverifiable: never selected
+    # the RM's favourite wrong reply (1.41 sd above the mean) outranks a right one the RM rates average
+    assert best_worst_pairs(got) == [(0, 0, 1)]
+    rng = random.Random(0)
+    R = [[rng.gauss(3, 2) for _ in range(5)] for _ in range(4)]
+    correct = [[rng.random() < 0.5 for _ in range(5)] for _ in range(4)]
+    sd = statistics.pstdev([x for row in R for x in row])
+    reference = [[float(c) + x / sd for x, c in zip(row, flags)] for row, flags in zip(R, correct)]
+    assert verifier_plus_standardized(R, correct) == [pytest.approx(row, rel=1e-12) for row in reference]
+    assert verifier_plus_standardized([[0.5, 0.5]], [[True, False]]) == [[1.5, 0.5]]  # no spread: sd taken as 1
+    with pytest.raises(ValueError):
+        verifier_plus_standardized([[0.5, 0.5]], [[True]])  # a verdict missing
+
+
+def test_verified_best_worst_rows_pairs_best_and_worst_and_skips_empty_replies():
+    from posttrain.stages.bestofn import verified_best_worst_rows
+
+    rows = [{"prompt": "p0", "completions": ["right, plain", "wrong, liked", "", "right, liked"]},
+            {"prompt": "p1", "completions": ["only", "only"]}]
+    R = [[0.0, 1.0, -9.0, 1.0], [0.5, 0.2]]
+    correct = [[1.0, 0.0, 1.0, 1.0], [1.0, 1.0]]
+    pairs = verified_best_worst_rows(rows, R, correct)
+    assert len(pairs) == 1  # the empty reply is never the worst; p1's two samples are one text
+    assert pairs[0]["chosen"][0]["content"] == "right, liked"
+    # scores 0, 1, 1, 0.5, 0.2 (the empty reply unscored): sd = 0.408, so the wrong reply the RM likes (0 + 2.45)
+    # beats the right one it does not (1 + 0): the worst is "right, plain"
+    sd = statistics.pstdev([0.0, 1.0, 1.0, 0.5, 0.2])
+    assert pairs[0]["rejected"][0]["content"] == "right, plain"
+    assert (pairs[0]["reward_chosen"], pairs[0]["reward_rejected"]) == (pytest.approx(1 + 1 / sd), pytest.approx(1.0))
 
 
 def test_ordered_pairs_all_capped_and_deduplicated():

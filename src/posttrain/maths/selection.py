@@ -7,8 +7,8 @@ index (the earlier completion, the earlier prompt), so every rule is determinist
 * :func:`select_top_per_prompt` — the book's first rule: the best completion of each prompt.
 * :func:`select_top_k` — the book's second rule: the K best (prompt, completion) pairs over the whole matrix.
 * :func:`best_worst_pairs` — on-policy preference pairs (best vs worst completion of each prompt), as in Tülu 3.
-* :func:`verified_pairs` — pairs from a verifier and a reward model: the RM's best correct completion against its
-  worst correct one and against the wrong one it scores nearest (correctness without a style confound).
+* :func:`verifier_plus_standardized` — one reward from a verifier and a reward model: correct (0/1) plus the RM's
+  score in units of its standard deviation, for best-vs-worst pairs that weigh both.
 * :func:`ordered_pairs` — every strictly ordered pair of a prompt's completions, distinct texts, up to K per prompt
   (more pairs from the same samples; Iterative RPO pairs correct with incorrect answers this way).
 * :func:`pass_at_k` — the unbiased estimator 1 - C(n-c, k) / C(n, k) (Chen et al., 2021).
@@ -81,35 +81,21 @@ def best_worst_pairs(R: Matrix, *, keys: Sequence[Sequence[Hashable]] | None = N
     return pairs
 
 
-def verified_pairs(R: Matrix, correct: Sequence[Sequence[bool | None]], *,
-                   keys: Sequence[Sequence[Hashable]] | None = None) -> list[tuple[int, int, int]]:
-    """On-policy pairs when a verifier judges correctness and a reward model ``R`` the rest: per prompt, the RM's best
-    correct completion is ``better`` twice over, against
+def verifier_plus_standardized(R: Matrix, correct: Sequence[Sequence[bool | None]]) -> list[list[float | None]]:
+    """``correct[i][j] + R[i][j] / sd(R)``: a verifier's verdict (1 right, 0 wrong) plus a reward model's score in
+    units of its standard deviation over every scored completion, so one right answer weighs as much as one standard
+    deviation of the RM's judgement. The verifier checks what the RM cannot (the arithmetic); the RM ranks what the
+    verifier cannot (style, the request), between right answers and between wrong ones alike.
 
-    * the RM's worst correct one: the RM's preference at equal correctness (style, the request);
-    * the wrong one whose RM score is nearest the best's: the correctness contrast between replies that look alike
-      to the RM (a wrong answer the RM likes as much), so the pair does not also teach a style.
-
-    ``correct[i][j]``: True / False from the verifier, None = unverified (left out, as an unscored ``R`` entry is).
-    ``keys`` (e.g. the texts): a pair of equal keys is never made. Ties go to the lower index. Returns
-    ``(prompt, better, worse)``, the style pair first.
+    ``None`` where either is None (unscored, unverifiable): never selected. The shift of R (its mean) does not matter
+    to a per-prompt rule, so only its scale is fixed. Fewer than two scored entries, or all equal: sd is taken as 1.
     """
-    pairs = []
-    for i, row in enumerate(R):
-        values = [_value(x) for x in row]
-        scored = [j for j in range(len(row)) if values[j] > -math.inf and correct[i][j] is not None]
-        right = [j for j in scored if correct[i][j]]
-        if not right:
-            continue
-        best = min(right, key=lambda j: (-values[j], j))
-        differs = lambda j: keys is None or keys[i][j] != keys[i][best]  # noqa: E731
-        others = [j for j in right if differs(j) and values[j] < values[best]]
-        if others:
-            pairs.append((i, best, min(others, key=lambda j: (values[j], j))))
-        wrong = [j for j in scored if not correct[i][j] and differs(j)]
-        if wrong:
-            pairs.append((i, best, min(wrong, key=lambda j: (abs(values[j] - values[best]), j))))
-    return pairs
+    scored = [float(x) for row in R for x in row if _value(x) > -math.inf]
+    mean = sum(scored) / len(scored) if scored else 0.0
+    var = sum((x - mean) ** 2 for x in scored) / len(scored) if scored else 0.0
+    sd = math.sqrt(var) if var > 0 else 1.0
+    return [[None if _value(x) == -math.inf or c is None else float(bool(c)) + float(x) / sd
+             for x, c in zip(row, flags, strict=True)] for row, flags in zip(R, correct, strict=True)]
 
 
 def ordered_pairs(R: Matrix, max_per_prompt: int, *, keys: Sequence[Sequence[Hashable]] | None = None,

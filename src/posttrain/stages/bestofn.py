@@ -162,14 +162,14 @@ def pair_rows(rows: list[dict], R, chosen_pairs) -> list[dict]:
             for i, better, worse in chosen_pairs]
 
 
-def verified_pair_rows(rows: list[dict], R, correct) -> list[dict]:
-    """:func:`~posttrain.maths.selection.verified_pairs` as preference rows: ``R`` a reward model's matrix for
-    ``rows``, ``correct`` a verifier's (1.0 = correct, None = could not check)."""
-    from posttrain.maths.selection import verified_pairs
+def verified_best_worst_rows(rows: list[dict], R, correct) -> list[dict]:
+    """Best-vs-worst preference rows under :func:`~posttrain.maths.selection.verifier_plus_standardized`: ``R`` a
+    reward model's matrix for ``rows``, ``correct`` a verifier's (1.0 = correct, None = could not check)."""
+    from posttrain.maths.selection import best_worst_pairs, verifier_plus_standardized
 
-    R = _without_empty(rows, R)
     flags = [[None if c is None else c == 1.0 for c in row] for row in correct]
-    return pair_rows(rows, R, verified_pairs(R, flags, keys=[r["completions"] for r in rows]))
+    combined = verifier_plus_standardized(_without_empty(rows, R), flags)
+    return pair_rows(rows, combined, best_worst_pairs(combined, keys=[r["completions"] for r in rows]))
 
 
 def select_rows(rows: list[dict], strategy: str, k: int = 0, pairs: str = "",

@@ -5,9 +5,10 @@ against the gold reward -> a Bradley-Terry reward model from the SFT model (trai
 length-biased pairs), scored against the gold reward -> the SFT model's samples, drawn once (16 per held-out prompt,
 8 per training prompt) and shared by what follows -> best-of-N on the held-out samples with the RM and with a
 verifier -> one round of rejection-sampling fine-tuning on the training samples selected by the RM, and one selected
-by the verifier -> on-policy DPO from the SFT model on pairs of its own training samples (per prompt the RM's best
-correct reply against its worst correct one and the wrong one it scores nearest; win-rate against the SFT model
-under the gold reward, KL to it). Every stage's run
+by the verifier -> on-policy DPO from the SFT model on pairs of its own training samples (per prompt the best against
+the worst under the verifier plus the RM's standardized score; win-rate against the SFT model under the gold reward,
+KL to it). The reward model trains in a second process while the samples are drawn and the verifier's round runs,
+and the RM's round runs in one beside DPO (see ``_Background``). Every stage's run
 directory lives under ``--out``; ``summary.json`` holds ``{"stages": {"base", "sft", "rs_rm", "rs", "dpo"},
 "reward_model", "best_of_n", "rejection_sampling": {"rm", "verifier"}, "dpo", "seconds", "stage_seconds"}``: per
 policy format_rate, accuracy, request_rate (and per style), gold_reward, mean_length, stop_rate of greedy replies to
@@ -21,6 +22,7 @@ and the implicit-reward pair accuracy.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -47,9 +49,9 @@ class DemoConfig:
     bon_prompts: int = option(200, "best-of-N: held-out prompts")
     rs_prompts: int = option(1000, "rejection sampling: training prompts (8 SFT samples each), one round selected "
                                    "by the reward model and one by the math verifier; 0 = skip the stage")
-    dpo_prompts: int = option(1000, "on-policy DPO: training prompts (8 SFT samples each; per prompt the reward "
-                                    "model's best correct reply against its worst correct one and against the wrong "
-                                    "one it scores nearest; needs the RM stage); 0 = skip the stage")
+    dpo_prompts: int = option(1000, "on-policy DPO: training prompts (8 SFT samples each; per prompt the best against "
+                                    "the worst under the math verifier plus the reward model's standardized score; "
+                                    "needs the RM stage); 0 = skip the stage")
     dpo_eval_samples: int = option(16, "DPO win-rate: samples per held-out prompt for each policy's expected gold")
     eval_prompts: int = option(200, "held-out prompts to evaluate each stage on")
     max_new_tokens: int = option(64, "generation budget per reply")
@@ -75,73 +77,70 @@ def _discard_if_config_changed(run_dir: Path, config) -> None:
         shutil.rmtree(run_dir)
 
 
-def _train_rm_in_child(rm_config) -> None:
-    """Entry point of the reward model's training process (spawned: a fresh interpreter, one thread)."""
+def _in_child(target, args: tuple) -> None:
+    """Entry point of a :class:`_Background` process (spawned: a fresh interpreter): ``target(*args)`` on one thread."""
     import torch
 
-    from posttrain.stages.rm import train_rm
-
     torch.set_num_threads(1)
-    train_rm(rm_config)
+    target(*args)
 
 
-class _RewardModelJob:
-    """The demo's Bradley-Terry RM, trained in a second process while the main one draws the SFT model's samples and
-    runs the verifier-selected rejection-sampling round, which do not need it. On 2 cores this is the cheaper
-    schedule: the tiny models barely use a second thread (one RM run on 1 thread, two side by side, each runs as fast
-    as one on 2 threads), so the RM's training costs the demo almost no wall-clock time of its own.
-    ``result()`` waits for it and scores it against the gold reward."""
+class _Background:
+    """``target(*args)`` in a second process while the main one goes on with one thread fewer: the reward model's
+    training while the SFT model's samples are drawn and the verifier selects, then the RM's evaluation, best-of-N and
+    the RM-selected rejection-sampling round while DPO trains. On 2 cores this is the cheaper schedule: the tiny models barely use a second thread (one
+    RM run on 1 thread, two side by side, each runs as fast as one on 2 threads), so a job beside another costs the
+    demo almost no wall-clock time of its own. ``join()`` waits for it; ``cancel()`` stops it (SIGTERM: a training run
+    checkpoints at a step boundary, so a rerun resumes it)."""
 
-    def __init__(self, config: "DemoConfig", paths, sft_model: Path, out: Path):
+    def __init__(self, name: str, run_dir: Path, target, *args):
         import multiprocessing
 
         import torch
 
-        from posttrain.stages.rm import RMConfig
-
-        self.config, self.paths = config, paths
-        self.rm_config = RMConfig(
-            loss="bt", model=str(sft_model), data=str(paths.data / "preference_train.jsonl"), out=str(out / "rm"),
-            max_steps=config.rm_steps,  # no eval_data: the world evaluation below scores the held-out pairs
-            # constant lr: with a cosine decay the RM's request reading came late and was cut short
-            # (docs/reward-models.md)
-            batch_size=16, lr=3e-4, lr_schedule="constant", save_every=100, device=config.device,
-            progress=False, resume=True,
-        )
-        _discard_if_config_changed(out / "rm", self.rm_config)
-        self.process = None
+        self.name, self.run_dir = name, run_dir
         self.threads = torch.get_num_threads()
-        if not is_complete(out / "rm"):
-            _remove(out, DOWNSTREAM["rm"])
-            self.process = multiprocessing.get_context("spawn").Process(
-                target=_train_rm_in_child, args=(self.rm_config,), name="posttrain-demo-rm")
-            self.process.start()
-            torch.set_num_threads(max(1, self.threads - 1))  # the other core is the RM's
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=_in_child, args=(target, args), name=f"posttrain-demo-{name.replace(' ', '-')}")
+        self.process.start()
+        torch.set_num_threads(max(1, self.threads - 1))  # the other core is the job's
 
-    def cancel(self) -> None:
-        """Stop the training process (SIGTERM: it checkpoints at a step boundary, so a rerun resumes it)."""
+    def join(self) -> None:
         import torch
 
-        if self.process is not None and self.process.is_alive():
+        self.process.join()
+        torch.set_num_threads(self.threads)
+        if self.process.exitcode != 0:
+            raise RuntimeError(f"the {self.name} process failed (exit code {self.process.exitcode}); its run "
+                               f"directory is {self.run_dir}")
+
+    def cancel(self) -> None:
+        import torch
+
+        if self.process.is_alive():
             self.process.terminate()
             self.process.join()
         torch.set_num_threads(self.threads)
 
-    def result(self) -> dict:
-        import torch
 
-        from posttrain.rewards import ScalarRewardModel
-        from posttrain.world.evaluate import evaluate_reward_on_world
+def _reward_model_config(config: "DemoConfig", paths, sft_model: Path, out: Path):
+    """The demo's Bradley-Terry RM from the SFT model: one epoch of the world's preference pairs at a constant lr."""
+    from posttrain.stages.rm import RMConfig
 
-        if self.process is not None:
-            self.process.join()
-            torch.set_num_threads(self.threads)
-            if self.process.exitcode != 0:
-                raise RuntimeError(f"the reward model's training process failed (exit code {self.process.exitcode});"
-                                   f" its run directory is {self.rm_config.out}")
-        rm_model = Path(self.rm_config.out) / "model"
-        report = evaluate_reward_on_world(ScalarRewardModel(rm_model, device=self.config.device), self.paths.data)
-        return {"loss": "bt", "model": str(rm_model), **report}
+    return RMConfig(
+        loss="bt", model=str(sft_model), data=str(paths.data / "preference_train.jsonl"), out=str(out / "rm"),
+        max_steps=config.rm_steps,  # no eval_data: the world evaluation scores the held-out pairs
+        # constant lr: with a cosine decay the RM's request reading came late and was cut short
+        # (docs/reward-models.md)
+        batch_size=16, lr=3e-4, lr_schedule="constant", save_every=100, device=config.device, progress=False,
+        resume=True,
+    )
+
+
+def _train_rm(rm_config) -> None:
+    from posttrain.stages.rm import train_rm
+
+    train_rm(rm_config)
 
 
 SAMPLE_BATCH = 512  # sequences per generate call: the tiny model's KV cache is small, bigger batches run faster
@@ -225,11 +224,14 @@ def _best_of_n_stage(config: DemoConfig, rows: list[dict], rm_model: Path | None
     return report
 
 
-def _rejection_sampling_stage(config: DemoConfig, sft_model: Path, train_samples: Path, out: Path, selector: str,
-                              name: str) -> tuple[dict, Path]:
+def _rejection_sampling_round(config: DemoConfig, prompts: Path, sft_model: Path, train_samples: Path, out: Path,
+                              selector: str, name: str, gold_before: float) -> dict:
     """One round from the SFT model on its shared samples (8 per training prompt): keep each prompt's best by
-    ``selector``, SFT on them (``posttrain rs --generations``)."""
+    ``selector``, SFT on them (``posttrain rs --generations``), then measure the new policy on the held-out prompts
+    ``prompts`` (greedy metrics, and the mean gold of 8 samples per prompt against ``gold_before``, the SFT
+    model's). Returns ``{"report", "stage"}``."""
     from posttrain.stages.rs import RSConfig, run_rs
+    from posttrain.world.evaluate import evaluate_model, load_eval_prompts, sampled_gold_per_prompt
 
     verifier = selector == "verifier:math"
     rs_config = RSConfig(
@@ -240,44 +242,80 @@ def _rejection_sampling_stage(config: DemoConfig, sft_model: Path, train_samples
     _discard_if_config_changed(out / name, rs_config)
     model = run_rs(rs_config)
     done = [json.loads(line) for line in (out / name / "rounds.jsonl").read_text().splitlines()][-1]
-    return {"selector": "verifier:math (correct only)" if verifier else "reward model (bt)",
-            "prompts": done["prompts"], "selected": done["selected"]}, model
+    eval_prompts = [row["prompt"] for row in load_eval_prompts(prompts, config.eval_prompts)]
+    return {
+        "report": {"selector": "verifier:math (correct only)" if verifier else "reward model (bt)",
+                   "prompts": done["prompts"], "selected": done["selected"], "eval_gold_before": gold_before,
+                   "eval_gold_after": mean_or_nan(sampled_gold_per_prompt(
+                       model, eval_prompts, n=8, max_new_tokens=config.max_new_tokens, seed=3,
+                       device=config.device))},
+        "stage": evaluate_model(model, prompts, limit=config.eval_prompts, max_new_tokens=config.max_new_tokens,
+                                device=config.device, samples_path=out / f"samples_{name}.jsonl")}
 
 
 def _dpo_stage(config: DemoConfig, paths, sft_model: Path, rows: list[dict], rm_model: Path,
                out: Path) -> tuple[dict, Path]:
-    """On-policy DPO from the SFT model: of its 8 samples per training prompt, the reward model's best correct reply
-    (the math verifier) is chosen against the RM's worst correct one (the request and style, which the RM judges)
-    and against the wrong one the RM scores nearest (correctness, which the RM cannot check, between replies that
-    look alike to it): ``verified_pairs``; dpo_nll (DPO + NLL on the chosen reply), 3 epochs."""
+    """On-policy DPO from the SFT model: of its 8 samples per training prompt, the best against the worst under the
+    math verifier plus the reward model's standardized score (``verifier_plus_standardized``: the verifier checks
+    the arithmetic, which the RM cannot; the RM judges the request and style, which the verifier cannot); dpo_nll
+    (DPO + NLL on the chosen reply, as RPO), 3 epochs."""
     from posttrain.data.io import write_jsonl
     from posttrain.rewards import reward_from_spec
-    from posttrain.stages.bestofn import reward_matrix, verified_pair_rows
+    from posttrain.stages.bestofn import reward_matrix, verified_best_worst_rows
     from posttrain.stages.dpo import DPOConfig, train_dpo
 
     pairs_path = out / "dpo_pairs.jsonl"
     settings = {"model": _identity(sft_model), "rm": _identity(rm_model), "prompts": len(rows),
-                "pairs": "verified"}
+                "pairs": "verifier_plus_standardized best-worst"}
     settings_path = out / "dpo_pairs.settings.json"
     if not pairs_path.exists() or not settings_path.exists() or json.loads(settings_path.read_text()) != settings:
         _remove(out, DOWNSTREAM["dpo_pairs.jsonl"])
         settings_path.unlink(missing_ok=True)
         scores = reward_matrix(reward_from_spec(f"rm:{rm_model}", device=config.device), rows)
         correct = reward_matrix(reward_from_spec("verifier:math"), rows)
-        write_jsonl(verified_pair_rows(rows, scores, correct), pairs_path)
+        write_jsonl(verified_best_worst_rows(rows, scores, correct), pairs_path)
         settings_path.write_text(json.dumps(settings))
     n_pairs = len(pairs_path.read_text().splitlines())
+    # the implicit reward's accuracy on 500 of the world's held-out pairs (all 2000 cost the stage ~20 s more)
+    eval_pairs = out / "dpo_eval_pairs.jsonl"
+    heldout = (paths.data / "preference_heldout.jsonl").read_text().splitlines(keepends=True)
+    eval_pairs.write_text("".join(heldout[:DPO_EVAL_PAIRS]))
     dpo_config = DPOConfig(
-        loss="dpo_nll", model=str(sft_model), data=str(pairs_path),
-        eval_data=str(paths.data / "preference_heldout.jsonl"), out=str(out / "dpo"), epochs=3.0, batch_size=16,
-        lr=2e-4, beta=0.1, warmup_steps=10, save_every=100, device=config.device, progress=config.progress,
-        resume=True)
+        loss="dpo_nll", model=str(sft_model), data=str(pairs_path), eval_data=str(eval_pairs), out=str(out / "dpo"),
+        epochs=3.0, batch_size=16, lr=2e-4, beta=0.1, warmup_steps=10, save_every=100, device=config.device,
+        progress=config.progress, resume=True)
     _discard_if_config_changed(out / "dpo", dpo_config)
     model = out / "dpo" / "model" if is_complete(out / "dpo") else train_dpo(dpo_config)
     done = json.loads((model / "complete.json").read_text())
     return {"loss": "dpo_nll", "beta": 0.1, "prompts": len(rows), "pairs": n_pairs, "steps": done["steps"],
             "implicit_reward_accuracy": done["eval"]["rewards/accuracy"],
             "implicit_reward_margin": done["eval"]["rewards/margin"]}, model
+
+
+SIDE_REPORT = "reward_model_stages.json"  # what _with_the_reward_model reports
+DPO_EVAL_PAIRS = 500
+
+
+def _with_the_reward_model(config: DemoConfig, data: Path, prompts: Path, sft_model: Path, rm_model: Path | None,
+                           out: Path, sft_gold: float) -> None:
+    """What follows the reward model but not DPO, run beside DPO in a :class:`_Background` process: the RM scored
+    against the gold reward on the world's held-out pairs and rankings, best-of-N on the SFT model's held-out samples,
+    and the RM-selected rejection-sampling round. Written to ``out/SIDE_REPORT`` as ``{"reward_model",
+    "best_of_n", "rs_rm"}`` (those that ran)."""
+    from posttrain.data.prompts import load_generated
+    from posttrain.rewards import ScalarRewardModel
+    from posttrain.world.evaluate import evaluate_reward_on_world
+
+    side: dict = {}
+    if rm_model is not None:
+        side["reward_model"] = {"loss": "bt", "model": str(rm_model), **evaluate_reward_on_world(
+            ScalarRewardModel(rm_model, device=config.device), data)}
+    if config.bon_n:
+        side["best_of_n"] = _best_of_n_stage(config, load_generated(str(out / "sft_samples_heldout.jsonl")), rm_model)
+    if config.rs_prompts and rm_model is not None:
+        side["rs_rm"] = _rejection_sampling_round(config, prompts, sft_model, out / "sft_samples_train.jsonl", out,
+                                                  f"rm:{rm_model}", "rs_rm", sft_gold)
+    (out / SIDE_REPORT).write_text(json.dumps(side))
 
 
 def demo_sft_config(config: DemoConfig, paths, out: Path):
@@ -334,18 +372,23 @@ def run_demo(config: DemoConfig) -> dict:
     else:
         _remove(out, DOWNSTREAM["sft"])
         sft_model = train_sft(sft_config)
-    stages["sft"] = evaluate(sft_model, "sft")
-    timed("sft")
 
     summary = {"stages": stages}
     stage = 3
+    rm_config = _reward_model_config(config, paths, sft_model, out)
     rm_job = None
     if config.rm_steps:
-        stage += 1
-        print(f"[{stage}/{stage_count}] Bradley-Terry reward model from the SFT model ({config.rm_steps} steps), "
-              "trained in a second process while the SFT model's samples are drawn and the verifier selects")
-        rm_job = _RewardModelJob(config, paths, sft_model, out)
+        _discard_if_config_changed(out / "rm", rm_config)
+        if not is_complete(out / "rm"):
+            _remove(out, DOWNSTREAM["rm"])
+            rm_job = _Background("reward model's training", out / "rm", _train_rm, rm_config)
     try:
+        stages["sft"] = evaluate(sft_model, "sft")
+        timed("sft")
+        if config.rm_steps:
+            stage += 1
+            print(f"[{stage}/{stage_count}] Bradley-Terry reward model from the SFT model ({config.rm_steps} steps), "
+                  "trained in a second process while the SFT model's samples are drawn and the verifier selects")
         # The SFT model's samples, made once: held-out ones serve best-of-N and the sampled gold reward that
         # rejection sampling and DPO are measured against; training ones are what rejection sampling selects from and
         # DPO pairs.
@@ -362,7 +405,7 @@ def run_demo(config: DemoConfig) -> dict:
             return [mean_or_nan([gold_reward(row["prompt"], c) for c in row["completions"][:n]])
                     for row in heldout_rows[: config.eval_prompts or None]]
 
-        sft_gold = sft_expected_gold()
+        sft_gold = mean_or_nan(sft_expected_gold())
         train_samples = out / "sft_samples_train.jsonl"
         train_rows = []
         if config.rs_prompts or config.dpo_prompts:
@@ -370,61 +413,71 @@ def run_demo(config: DemoConfig) -> dict:
                                       limit=max(config.rs_prompts, config.dpo_prompts), n=8, seed=1)
         timed("sft samples")
 
-        def rejection_sampling_round(name: str, selector: str) -> None:
-            stage_name = "rs" if name == "verifier" else f"rs_{name}"
-            report, rs_model = _rejection_sampling_stage(config, sft_model, train_samples, out, selector, stage_name)
-            report.update(eval_gold_before=mean_or_nan(sft_gold), eval_gold_after=mean_or_nan(
-                sampled_gold_per_prompt(rs_model, eval_prompts, n=8, max_new_tokens=config.max_new_tokens, seed=3,
-                                        device=config.device)))
-            summary.setdefault("rejection_sampling", {})[name] = report
-            stages[stage_name] = evaluate(rs_model, stage_name)
+        def record_round(name: str, result: dict) -> None:
+            summary.setdefault("rejection_sampling", {})[name] = result["report"]
+            stages["rs" if name == "verifier" else f"rs_{name}"] = result["stage"]
 
         if config.rs_prompts:
             stage += 1
             print(f"[{stage}/{stage_count}] rejection-sampling fine-tuning, one round each selected by the verifier "
                   f"and by the reward model ({config.rs_prompts} prompts)")
-            rejection_sampling_round("verifier", "verifier:math")
+            record_round("verifier", _rejection_sampling_round(config, prompts, sft_model, train_samples, out,
+                                                               "verifier:math", "rs", sft_gold))
             timed("rejection sampling (verifier)")
         if rm_job is not None:
-            summary["reward_model"] = rm_job.result()
-            timed("reward model (rest of its training, evaluation)")
+            rm_job.join()
+            timed("reward model (rest of its training)")
     except BaseException:
         if rm_job is not None:
             rm_job.cancel()
         raise
-    rm_model = Path(summary["reward_model"]["model"]) if "reward_model" in summary else None
-    if config.bon_n:
-        stage += 1
-        print(f"[{stage}/{stage_count}] best-of-{config.bon_n} on {config.bon_prompts} held-out prompts")
-        summary["best_of_n"] = _best_of_n_stage(config, heldout_rows, rm_model)
-        timed("best-of-n")
-    if config.rs_prompts and rm_model is not None:
-        rejection_sampling_round("rm", f"rm:{rm_model}")
-        timed("rejection sampling (reward model)")
-    if config.dpo_prompts and rm_model is not None:
-        from posttrain.maths.stats import win_rate
-        from posttrain.models.logprobs import policy_kl
+    rm_model = Path(rm_config.out) / "model" if config.rm_steps else None
+    side_job = None
+    if config.bon_n or rm_model is not None:
+        if config.bon_n:
+            stage += 1
+            print(f"[{stage}/{stage_count}] best-of-{config.bon_n} on {config.bon_prompts} held-out prompts")
+        (out / SIDE_REPORT).unlink(missing_ok=True)
+        side_job = _Background("reward model's evaluation, best-of-N and RM-selected rejection sampling", out,
+                               _with_the_reward_model, dataclasses.replace(config, progress=False), paths.data,
+                               prompts, sft_model, rm_model, out, sft_gold)
+    try:
+        if config.dpo_prompts and rm_model is not None:
+            from posttrain.maths.stats import win_rate
+            from posttrain.models.logprobs import policy_kl
 
-        stage += 1
-        print(f"[{stage}/{stage_count}] on-policy DPO from the SFT model ({config.dpo_prompts} prompts x 8 samples; "
-              f"pairs: the reward model's best correct reply vs its worst correct and its nearest wrong one)")
-        summary["dpo"], dpo_model = _dpo_stage(config, paths, sft_model, train_rows[: config.dpo_prompts], rm_model,
-                                               out)
-        stages["dpo"] = evaluate(dpo_model, "dpo")
-        dpo_gold = sampled_gold_per_prompt(dpo_model, eval_prompts, n=config.dpo_eval_samples,
-                                           max_new_tokens=config.max_new_tokens, seed=4, device=config.device)
-        sft_gold_n = sft_expected_gold(config.dpo_eval_samples)
-        summary["dpo"].update(
-            win_rate_vs_sft=win_rate(dpo_gold, sft_gold_n), sampled_gold_dpo=mean_or_nan(dpo_gold),
-            sampled_gold_sft=mean_or_nan(sft_gold_n),
-            kl_to_reference=policy_kl(dpo_model, sft_model, eval_prompts[:100], n=4,
-                                      max_new_tokens=config.max_new_tokens, device=config.device))
-        timed("dpo")
+            stage += 1
+            print(f"[{stage}/{stage_count}] on-policy DPO from the SFT model ({config.dpo_prompts} prompts x 8 "
+                  f"samples; pairs: best vs worst under the verifier plus the standardized reward model)")
+            summary["dpo"], dpo_model = _dpo_stage(config, paths, sft_model, train_rows[: config.dpo_prompts],
+                                                   rm_model, out)
+            stages["dpo"] = evaluate(dpo_model, "dpo")
+            dpo_gold = sampled_gold_per_prompt(dpo_model, eval_prompts, n=config.dpo_eval_samples,
+                                               max_new_tokens=config.max_new_tokens, seed=4, device=config.device)
+            sft_gold_n = sft_expected_gold(config.dpo_eval_samples)
+            summary["dpo"].update(
+                win_rate_vs_sft=win_rate(dpo_gold, sft_gold_n), sampled_gold_dpo=mean_or_nan(dpo_gold),
+                sampled_gold_sft=mean_or_nan(sft_gold_n),
+                kl_to_reference=policy_kl(dpo_model, sft_model, eval_prompts[:100], n=4,
+                                          max_new_tokens=config.max_new_tokens, device=config.device))
+            timed("dpo")
+        if side_job is not None:
+            side_job.join()
+            side = json.loads((out / SIDE_REPORT).read_text())
+            summary.update({key: side[key] for key in ("reward_model", "best_of_n") if key in side})
+            if "rs_rm" in side:
+                record_round("rm", side["rs_rm"])
+            timed("reward model evaluation, best-of-n, rejection sampling (reward model)")  # what is left after DPO
+    except BaseException:
+        if side_job is not None:
+            side_job.cancel()
+        raise
+    summary["stages"] = {name: stages[name] for name in ("base", "sft", "rs", "rs_rm", "dpo") if name in stages}
     summary.update(world=str(paths.data.parent), base_model=str(paths.base_model),
                    seconds=round(time.time() - started, 1), stage_seconds=stage_seconds)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print()
-    print(format_table(stages))
+    print(format_table(summary["stages"]))
     if rm := summary.get("reward_model"):
         print(f"\nreward model (bt), held-out pairs against the gold reward: all {rm['pair_accuracy']:.3f}; request "
               f"{rm['pair_accuracy_request']:.3f} (preferred reply shorter: {rm['pair_accuracy_request_shorter']:.3f}; "
