@@ -136,11 +136,12 @@ def test_demo_on_policy_dpo_beats_sft_under_the_gold_reward(demo_summary):
     """On-policy DPO (dpo_nll, beta 0.1, 3 epochs at 2e-4) from the SFT model on pairs of its own replies (1000
     training prompts x 8 samples; per prompt the best against the worst under the math verifier plus the BT RM's
     standardized score): its expected gold reward (16 samples per held-out prompt) beats the SFT model's on more than
-    half of the 200 held-out prompts (measured 0.62; 0.635 in this test's run), the mean gold reward of its samples rises (1.071 -> 1.153), its
-    greedy request rate does not fall (0.454 -> 0.582; 0.532 in this test's run), it keeps the format, its KL to
-    the SFT reference is reported, and its implicit reward beta * log pi/pi_ref ranks 500 of the world's held-out
-    pairs better than chance (0.66; 0.62 in this test's run). The issue's 0.70 win-rate and +0.25 request
-    rate are NOT met (docs/direct-alignment.md: the two move against each other across pair rules and budgets)."""
+    half of the 200 held-out prompts (measured 0.62; 0.635 in this test's run), the mean gold reward of its samples
+    rises (1.071 -> 1.153), its greedy request rate does not fall (0.454 -> 0.582; 0.532 in this test's run), it
+    keeps the format, its KL to the SFT reference is reported, and its implicit reward beta * log pi/pi_ref ranks
+    500 of the world's held-out pairs better than chance (0.66; 0.62 in this test's run). The issue's 0.70 win-rate
+    and +0.25 request rate are NOT met (docs/direct-alignment.md: the two move against each other across pair rules
+    and budgets)."""
     out, summary = demo_summary
     dpo = summary["dpo"]
     assert dpo["pairs"] > 500 and dpo["prompts"] == 1000

@@ -7,9 +7,9 @@ length-biased pairs), scored against the gold reward -> the SFT model's samples,
 verifier -> one round of rejection-sampling fine-tuning on the training samples selected by the RM, and one selected
 by the verifier -> on-policy DPO from the SFT model on pairs of its own training samples (per prompt the best against
 the worst under the verifier plus the RM's standardized score; win-rate against the SFT model under the gold reward,
-KL to it). The reward model trains in a second process while the samples are drawn and the verifier's round runs,
-and the RM's round runs in one beside DPO (see ``_Background``). Every stage's run
-directory lives under ``--out``; ``summary.json`` holds ``{"stages": {"base", "sft", "rs_rm", "rs", "dpo"},
+KL to it). The reward model trains in a second process while the samples are drawn and the verifier's round runs;
+its evaluation, best-of-N and the RM's round run in one beside DPO (``_Background``). Every stage's run directory
+lives under ``--out``; ``summary.json`` holds ``{"stages": {"base", "sft", "rs_rm", "rs", "dpo"},
 "reward_model", "best_of_n", "rejection_sampling": {"rm", "verifier"}, "dpo", "seconds", "stage_seconds"}``: per
 policy format_rate, accuracy, request_rate (and per style), gold_reward, mean_length, stop_rate of greedy replies to
 held-out prompts; for the RM the pair accuracies by kind against the gold reward (request, surface, answer check,
@@ -88,9 +88,9 @@ def _in_child(target, args: tuple) -> None:
 class _Background:
     """``target(*args)`` in a second process while the main one goes on with one thread fewer: the reward model's
     training while the SFT model's samples are drawn and the verifier selects, then the RM's evaluation, best-of-N and
-    the RM-selected rejection-sampling round while DPO trains. On 2 cores this is the cheaper schedule: the tiny models barely use a second thread (one
-    RM run on 1 thread, two side by side, each runs as fast as one on 2 threads), so a job beside another costs the
-    demo almost no wall-clock time of its own. ``join()`` waits for it; ``cancel()`` stops it (SIGTERM: a training run
+    the RM-selected rejection-sampling round while DPO trains. On 2 cores this is the cheaper schedule: the tiny
+    models barely use a second thread (one RM run on 1 thread, two side by side, each runs as fast as one on 2
+    threads), so a job beside another costs the demo almost no wall-clock time of its own. ``join()`` waits for it; ``cancel()`` stops it (SIGTERM: a training run
     checkpoints at a step boundary, so a rerun resumes it)."""
 
     def __init__(self, name: str, run_dir: Path, target, *args):
