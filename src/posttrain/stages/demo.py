@@ -297,10 +297,11 @@ DPO_EVAL_PAIRS = 500
 
 
 def _with_the_reward_model(config: DemoConfig, data: Path, prompts: Path, sft_model: Path, rm_model: Path | None,
-                           out: Path, sft_gold: float) -> None:
+                           heldout_samples: Path, train_samples: Path, out: Path, sft_gold: float) -> None:
     """What follows the reward model but not DPO, run beside DPO in a :class:`_Background` process: the RM scored
     against the gold reward on the world's held-out pairs and rankings, best-of-N on the SFT model's held-out samples,
-    and the RM-selected rejection-sampling round. Written to ``out/SIDE_REPORT`` as ``{"reward_model",
+    and the RM-selected rejection-sampling round (on the SFT model's shared samples ``heldout_samples`` and
+    ``train_samples``). Written to ``out/SIDE_REPORT`` as ``{"reward_model",
     "best_of_n", "rs_rm"}`` (those that ran)."""
     from posttrain.data.prompts import load_generated
     from posttrain.rewards import ScalarRewardModel
@@ -311,9 +312,9 @@ def _with_the_reward_model(config: DemoConfig, data: Path, prompts: Path, sft_mo
         side["reward_model"] = {"loss": "bt", "model": str(rm_model), **evaluate_reward_on_world(
             ScalarRewardModel(rm_model, device=config.device), data)}
     if config.bon_n:
-        side["best_of_n"] = _best_of_n_stage(config, load_generated(str(out / "sft_samples_heldout.jsonl")), rm_model)
+        side["best_of_n"] = _best_of_n_stage(config, load_generated(str(heldout_samples)), rm_model)
     if config.rs_prompts and rm_model is not None:
-        side["rs_rm"] = _rejection_sampling_round(config, prompts, sft_model, out / "sft_samples_train.jsonl", out,
+        side["rs_rm"] = _rejection_sampling_round(config, prompts, sft_model, train_samples, out,
                                                   f"rm:{rm_model}", "rs_rm", sft_gold)
     (out / SIDE_REPORT).write_text(json.dumps(side))
 
@@ -396,7 +397,8 @@ def run_demo(config: DemoConfig) -> dict:
 
         eval_prompts = [row["prompt"] for row in load_eval_prompts(prompts, config.eval_prompts)]
         heldout_n = max(config.bon_n, config.dpo_eval_samples, 1)
-        heldout_rows = _sft_samples(config, prompts, sft_model, out / "sft_samples_heldout.jsonl",
+        heldout_samples = out / "sft_samples_heldout.jsonl"
+        heldout_rows = _sft_samples(config, prompts, sft_model, heldout_samples,
                                     limit=0 if 0 in (config.eval_prompts, config.bon_prompts) else max(
                                         config.eval_prompts, config.bon_prompts), n=heldout_n, seed=2)
 
@@ -440,7 +442,7 @@ def run_demo(config: DemoConfig) -> dict:
         (out / SIDE_REPORT).unlink(missing_ok=True)
         side_job = _Background("reward model's evaluation, best-of-N and RM-selected rejection sampling", out,
                                _with_the_reward_model, dataclasses.replace(config, progress=False), paths.data,
-                               prompts, sft_model, rm_model, out, sft_gold)
+                               prompts, sft_model, rm_model, heldout_samples, train_samples, out, sft_gold)
     try:
         if config.dpo_prompts and rm_model is not None:
             from posttrain.maths.stats import win_rate

@@ -542,10 +542,11 @@ def counterfactual_rows(n: int, seed: int, split: str = "heldout") -> list[dict]
 def _annotator_ranking(rng: random.Random, prompt, replies: list[str], noise: float, delta: float) -> list[str]:
     """``replies`` best first as the biased annotator ranks them: by gold reward, a longer reply moved ahead of a
     shorter neighbour within ``delta``, and with probability ``noise`` one random adjacent pair swapped."""
-    replies = sorted(replies, key=lambda c: gold_reward(prompt, c), reverse=True)
+    gold = {c: gold_reward(prompt, c) for c in replies}  # the replies are distinct
+    replies = sorted(replies, key=gold.__getitem__, reverse=True)
     for i in range(len(replies) - 1):
         a, b = replies[i], replies[i + 1]
-        if gold_reward(prompt, a) - gold_reward(prompt, b) <= delta and len(b.split()) > len(a.split()):
+        if gold[a] - gold[b] <= delta and len(b.split()) > len(a.split()):
             replies[i], replies[i + 1] = b, a
     if rng.random() < noise:
         i = rng.randrange(len(replies) - 1)
