@@ -33,6 +33,7 @@ MOVED_MODULES = {
     "posttrain.generation": "posttrain.models.generation",
     "posttrain.losses": "posttrain.maths",
     "posttrain.sampling": "posttrain.maths.selection",
+    "posttrain.advantages": "posttrain.maths.advantages",  # not moved: the short name the RL issue's API names
     "posttrain.judge": "posttrain.rewards.judge",
     "posttrain.verifiers": "posttrain.rewards.verifiers",
     "posttrain.checkpoint": "posttrain.plumbing.checkpoint",

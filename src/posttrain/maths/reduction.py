@@ -1,7 +1,7 @@
 """Per-token losses and their reduction. Imports only torch.
 
-One tested reduction with named modes (token-mean, sequence-mean, sum) serves every per-token loss; ``token_mean``
-with a whole-step ``normalizer`` makes gradient accumulation exact (the sum of micro-batch losses equals the loss of
+One tested reduction with named modes (token-mean, sequence-mean, fixed-length, sum) serves every per-token loss; a
+whole-step ``normalizer`` makes gradient accumulation exact (the sum of micro-batch losses equals the loss of
 the unsplit step).
 """
 
@@ -18,7 +18,8 @@ IGNORE_INDEX = -100
 class Reduction(StrEnum):
     token_mean = "token_mean"  # sum over all trained tokens / number of trained tokens (in the whole step)
     sequence_mean = "sequence_mean"  # mean over sequences of each sequence's token mean
-    sum = "sum"  # plain sum (caller normalizes, e.g. by a fixed length)
+    fixed_length = "fixed_length"  # sum over all trained tokens / (sequences x a constant length): Dr. GRPO's
+    sum = "sum"  # plain sum (caller normalizes)
 
 
 def reduce_per_token(
@@ -30,20 +31,27 @@ def reduce_per_token(
 ) -> torch.Tensor:
     """Reduce a (B, T) per-token loss over the positions where ``mask`` is true.
 
-    ``normalizer`` overrides the denominator of ``token_mean`` (e.g. the number of trained tokens in the whole
-    optimizer step when the step is split into micro-batches: then summing the micro-batch losses gives exactly the
-    loss of the unsplit step, and so the same gradient).
+    ``normalizer`` overrides the denominator, so that it can be the whole optimizer step's when the step is split
+    into micro-batches (or processes): then summing the micro-batch losses gives exactly the loss of the unsplit
+    step, and so the same gradient. It is, per mode: ``token_mean`` the number of trained tokens in the step
+    (default: in this batch); ``sequence_mean`` the number of sequences in the step (default: B);
+    ``fixed_length`` sequences in the step times the constant length, e.g. the generation budget (default: B * T,
+    which is constant only if every batch is padded to the same T). Under ``token_mean`` and ``fixed_length`` every
+    trained token weighs the same whatever the length of its sequence; under ``sequence_mean`` a token of a short
+    sequence weighs more (GRPO's original length bias, Dr. GRPO, Liu et al. 2025).
     """
     mask = mask.to(per_token.dtype)
+    masked = per_token * mask
     match Reduction(mode):
         case Reduction.token_mean:
-            denominator = mask.sum() if normalizer is None else normalizer
-            return (per_token * mask).sum() / denominator
+            return masked.sum() / (mask.sum() if normalizer is None else normalizer)
         case Reduction.sequence_mean:
-            per_sequence = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-            return per_sequence.mean()
+            per_sequence = masked.sum(-1) / mask.sum(-1).clamp(min=1)
+            return per_sequence.sum() / (per_sequence.numel() if normalizer is None else normalizer)
+        case Reduction.fixed_length:
+            return masked.sum() / (mask.numel() if normalizer is None else normalizer)
         case Reduction.sum:
-            return (per_token * mask).sum()
+            return masked.sum()
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
