@@ -54,6 +54,16 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
             return torch.expm1(-log_ratio) + log_ratio
 
 
+def _clip_objective(ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float,
+                    clip_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped objective as a loss, -min(ratio A, clip(ratio, 1 - clip_low, 1 + clip_high) A), and where the
+    clipped term was taken and differs (1.0: no gradient flows there; detached). Shapes broadcast."""
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
+    loss = -torch.minimum(unclipped, clipped)
+    return loss, (clipped < unclipped).detach().to(loss.dtype)
+
+
 def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, *,
                       clip_low: float = 0.2, clip_high: float | None = None) -> tuple[torch.Tensor, dict]:
     """PPO's clipped surrogate (Schulman et al. 2017, Eq. 7) per token, as a loss to minimise:
@@ -66,14 +76,10 @@ def clipped_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advant
     (ratio - 1 - log ratio, the k3 estimate of KL(pi_old || pi)).
     """
     clip_high = clip_low if clip_high is None else clip_high
-    ratio = torch.exp(logprobs - old_logprobs)
-    unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
-    loss = -torch.minimum(unclipped, clipped)
+    loss, clipfrac = _clip_objective(torch.exp(logprobs - old_logprobs), advantages, clip_low, clip_high)
     with torch.no_grad():
-        metrics = {"clipfrac": (clipped < unclipped).to(loss.dtype),
-                   "approx_kl": kl_penalty(old_logprobs, logprobs.detach(), KLEstimator.k3)}
-    return loss, metrics
+        approx_kl = kl_penalty(old_logprobs, logprobs.detach(), KLEstimator.k3)
+    return loss, {"clipfrac": clipfrac, "approx_kl": approx_kl}
 
 
 def gspo_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
@@ -89,12 +95,8 @@ def gspo_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantage
     mask = mask.to(logprobs.dtype)
     lengths = mask.sum(-1).clamp(min=1)
     log_s = ((logprobs - old_logprobs) * mask).sum(-1) / lengths  # (B,)
-    s = torch.exp(log_s)
-    a = advantages.reshape(-1)
-    unclipped, clipped = s * a, torch.clamp(s, 1.0 - clip_low, 1.0 + clip_high) * a
-    per_sequence = -torch.minimum(unclipped, clipped)  # (B,)
-    loss = per_sequence.unsqueeze(-1) * mask
-    return loss, {"clipfrac": (clipped < unclipped).detach().to(loss.dtype)}
+    per_sequence, clipfrac = _clip_objective(torch.exp(log_s), advantages.reshape(-1), clip_low, clip_high)  # (B,)
+    return per_sequence.unsqueeze(-1) * mask, {"clipfrac": clipfrac}
 
 
 def cispo_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, *,
