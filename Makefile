@@ -39,6 +39,7 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/rm.py
 	$(PY) benchmarks/generate.py
 	$(PY) benchmarks/dpo.py
+	$(PY) benchmarks/grpo.py
 	$(PY) -m pytest -q tests/test_trl_parity.py  # loss parity with TRL (needs the bench extra's trl)
 
 # Mutation testing (docs/mutation.md): mutmut mutates the modules of pyproject's [tool.mutmut] only_mutate and runs

@@ -25,6 +25,7 @@ ALLOWED = {
     "rewards": {"rewards", "world", "models", "plumbing", "data", "maths"},
     "stages": {"stages", "rewards", "world", "models", "plumbing", "data", "maths"},
     "cli": {"stages", "rewards", "world", "models", "plumbing", "data", "maths"},
+    "classic": {"classic", "maths"},
     "__init__": set(),
 }
 PURE_EXTERNAL = {"torch", "__future__"} | set(sys.stdlib_module_names)

@@ -65,14 +65,14 @@ def test_sft_learns_format_and_stopping_but_follows_requests_only_half_the_time(
 def test_demo_writes_summary_and_runs(demo_summary):
     out, summary = demo_summary
     on_disk = json.loads((out / "summary.json").read_text())
-    assert set(on_disk["stages"]) == {"base", "sft", "rs", "rs_rm", "dpo"}
+    assert set(on_disk["stages"]) == {"base", "sft", "rs", "rs_rm", "dpo", "grpo"}
     assert on_disk["reward_model"]["pair_accuracy"] == summary["reward_model"]["pair_accuracy"]
     for stage in on_disk["stages"].values():
         assert {"format_rate", "accuracy", "request_rate", "gold_reward", "mean_length", "stop_rate",
                 "request_rate_by_style"} <= set(stage)
     assert set(on_disk["stage_seconds"]) >= {
         "sft", "sft samples", "rejection sampling (verifier)", "reward model (rest of its training)", "dpo",
-        "reward model evaluation, best-of-n, rejection sampling (reward model)"}
+        "reward model evaluation, best-of-n, rejection sampling (reward model)", "grpo (verifier)"}
     assert (out / "sft" / "model" / "model.safetensors").exists()
     assert (out / "sft" / "plots" / "train.png").exists()
     samples = [json.loads(line) for line in (out / "samples_sft.jsonl").read_text().splitlines()]
@@ -156,3 +156,20 @@ def test_demo_on_policy_dpo_beats_sft_under_the_gold_reward(demo_summary):
     assert 0.0 < dpo["kl_to_reference"] < 8.0
     assert dpo["implicit_reward_accuracy"] > 0.52, dpo
     assert summary["stages"]["dpo"]["format_rate"] >= 0.95
+
+
+def test_demo_grpo_with_the_verifier_beats_sft_and_rejection_sampling(demo_summary):
+    """GRPO with the math verifier from the SFT model (120 steps of 8 training prompts x 8 samples, beta 0, token mean,
+    clip-higher 0.2 / 0.28, dynamic sampling, lr 1e-4): on the 200 held-out prompts its sampled accuracy (4 samples
+    at T = 1 each) rises by >= 0.10 over the SFT model's and its greedy accuracy by >= 0.05, above the verifier-selected
+    rejection-sampling round's. Measured in a standalone run from the demo's SFT model: sampled 0.367 -> 0.626, greedy
+    0.525 -> 0.730 (rejection sampling: 0.695); docs/online-rl.md."""
+    out, summary = demo_summary
+    sft, grpo, rs = (summary["stages"][name] for name in ("sft", "grpo", "rs"))
+    assert grpo["sampled_accuracy"] >= sft["sampled_accuracy"] + 0.10, (sft, grpo)
+    assert grpo["accuracy"] >= sft["accuracy"] + 0.05, (sft, grpo)
+    assert grpo["accuracy"] > rs["accuracy"], (rs, grpo)
+    assert grpo["format_rate"] >= 0.95
+    metrics = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "rollout/reward_mean" in m]
+    assert len(steps) == 120 and sum(m["rollout/groups_trained"] for m in steps) / len(steps) >= 6  # of 8

@@ -389,3 +389,22 @@ def test_four_micro_batches_give_the_loss_and_gradient_of_one_step(mode):
     logp = start.clone()
     loss, _ = clipped_surrogate(logp, old, advantages, clip_low=0.2, clip_high=0.28)
     assert reduce_per_token(loss, mask, mode).item() == pytest.approx(whole[0], abs=1e-12)
+
+
+def test_process_advantages_hand_values():
+    """Group steps [0.2, 0.8] (ending at tokens 1 and 3 of 4) and [0.5] (token 2 of 3): mean 0.5, sample std
+    sqrt((0.09 + 0.09 + 0) / 2) = 0.3, normalised [-1, +1] and [0] (times 0.3 / (0.3 + 1e-4)); token t sums the steps
+    ending at or after it: A -> [-1 + 1, -1 + 1, 1, 1] = [0, 0, 1, 1], B -> [0, 0, 0]."""
+    from posttrain.advantages import process_advantages
+
+    a, b = process_advantages([torch.tensor([0.2, 0.8]), torch.tensor([0.5])],
+                              [torch.tensor([1, 3]), torch.tensor([2])], [4, 3])
+    scale = 0.3 / (0.3 + 1e-4)
+    assert torch.allclose(a, torch.tensor([0.0, 0.0, 1.0, 1.0]) * scale, atol=1e-6)
+    assert torch.allclose(b, torch.zeros(3), atol=1e-6)
+    # steps [1.0] and [0.0]: +/- 1 / sqrt(2) on every token up to the step's end, 0 after it
+    c, d = process_advantages([torch.tensor([1.0]), torch.tensor([0.0])], [torch.tensor([0]), torch.tensor([1])],
+                              [2, 2])
+    z = 0.5 / (2 ** -0.5 + 1e-4)
+    assert torch.allclose(c, torch.tensor([z, 0.0])) and torch.allclose(d, torch.tensor([-z, -z]))
+    assert [t.tolist() for t in process_advantages([torch.tensor([0.7])], [torch.tensor([0])], [3])] == [[0.0] * 3]

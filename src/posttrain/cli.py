@@ -18,6 +18,8 @@ commands:
   sft          instruction fine-tuning on conversations, loss on assistant turns only
   rm           reward models: --loss bt | margin | kcomparisons | plackett_luce | orm | prm
   dpo          direct alignment: --loss dpo | cdpo | robust | ipo | dpo_nll | simpo | orpo | kto
+  rl           online RL against a reward or a verifier: --algo reinforce | rloo | ppo | grpo | dr_grpo | gspo |
+               cispo (KL to a reference, DAPO options, PPO's critic)
   chat         talk to a model (one-shot --prompt, or interactive)
   serve        an OpenAI-compatible chat-completions server for a local model (127.0.0.1 by default)
   label        AI-feedback preference labels: an LLM judge picks chosen/rejected from completion pairs
@@ -100,6 +102,13 @@ def _dispatch(command: str, argv: list[str]) -> int:
             return _stage(DPOConfig, train_dpo, "posttrain dpo: direct alignment from preference pairs (kto: unpaired examples).\n"
                           "data: prompt/chosen/rejected (text or messages), or chosen/rejected conversations sharing "
                           "all but the last turn;\nkto also takes unpaired prompt/completion/label (bool) rows.", argv)
+        case "rl":
+            from posttrain.stages.rl import RLConfig, train_rl
+
+            return _stage(RLConfig, train_rl, "posttrain rl: online RL against a reward (RLHF) or a verifier (RLVR): "
+                          "--algo reinforce | rloo | ppo | grpo | dr_grpo | gspo | cispo.\n"
+                          "data: prompt rows (`prompt` or `messages`) plus the columns the reward reads (e.g. "
+                          "`answer` for verifier:math).", argv)
         case "pretrain":
             from posttrain.stages.pretrain import PretrainConfig, train_pretrain
 

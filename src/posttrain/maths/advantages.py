@@ -74,3 +74,25 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         next_value = values[:, t] * mask[:, t]
         advantages[:, t] = running
     return advantages, (advantages + values) * mask
+
+
+def process_advantages(step_scores: list[torch.Tensor], step_ends: list[torch.Tensor],
+                       lengths: list[int]) -> list[torch.Tensor]:
+    """GRPO with process supervision (Shao et al. 2024, DeepSeekMath §4.1.3) for ONE group of completions.
+
+    Completion i has steps scored ``step_scores[i]`` (S_i,) (e.g. a PRM's P(correct)) ending at the token indices
+    ``step_ends[i]`` (S_i,) of its ``lengths[i]`` tokens. Every step score of the group is normalised with the
+    group's mean and std over all its steps, r~ = (r - mean) / (std + eps); token t's advantage is the sum of r~ over
+    the steps of its completion that end at or after t (tokens after the last step get 0). Returns (L_i,) per
+    completion. A group with fewer than two step scores gives zeros.
+    """
+    dtype = step_scores[0].dtype if step_scores else torch.float32
+    flat = torch.cat(step_scores) if step_scores else torch.zeros(0)
+    out = [torch.zeros(length, dtype=dtype) for length in lengths]
+    if flat.numel() < 2:
+        return out
+    mean, std = flat.mean(), flat.std()
+    for advantages, scores, ends in zip(out, step_scores, step_ends):
+        placed = advantages.index_add(0, ends.long(), (scores - mean) / (std + GRPO_STD_EPS))
+        advantages.copy_(placed.flip(0).cumsum(0).flip(0))  # suffix sums: the steps ending at or after t
+    return out

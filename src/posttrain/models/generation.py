@@ -13,7 +13,9 @@ One interface, two backends:
 A :class:`Completion` holds the exact sampled token ids, the end-of-turn / EOS token included, and a finish reason.
 The built-in engine draws from a local ``torch.Generator``: sampling never reseeds or advances the global RNG.
 Per-token log-probs (``SamplingParams.logprobs``) are those of the unprocessed model distribution (raw logits, before
-temperature / top-p / top-k / min-p), which is what RL needs for importance ratios and KL terms.
+temperature / top-p / top-k / min-p), or with ``scaled_logprobs`` those of logits / temperature: the distribution RL
+trains when it samples at T != 1 (top-p / top-k truncation is not part of it, as in TRL and verl), which
+``posttrain.models.logprobs.token_logps(..., temperature=T)`` recomputes.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class SamplingParams:
     min_p: float = 0.0  # 0 = off
     seed: int | None = None  # same seed + same inputs -> same completions
     logprobs: bool = False  # per-token log-probs of the sampled tokens
+    scaled_logprobs: bool = False  # log-probs of logits / temperature (what RL trainers score), not of raw logits
 
     def __post_init__(self):
         if self.n < 1 or self.max_new_tokens < 1:
@@ -175,6 +178,9 @@ class HFEngine:
         copies = params.n if sampler.greedy else 1  # greedy: decode once, the n completions are identical
         per_prompt = params.n // copies  # rows decoded per prompt
         was_training = model.training
+        attention = getattr(model.config, "_attn_implementation", None)
+        if attention == "posttrain_segments":  # a model in training: its padding-free attention gets no padding
+            model.config._attn_implementation = "sdpa"  # mask from transformers, so decode left-padded rows with sdpa
         model.eval()
         encoded = [render_prompt(tokenizer, messages) for messages in prompts]
         order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))  # longest first: little padding
@@ -192,6 +198,8 @@ class HFEngine:
                     results[chunk[row // per_prompt]].extend([completion] * copies)
         finally:
             model.train(was_training)
+            if attention == "posttrain_segments":
+                model.config._attn_implementation = attention
         return results
 
     def _decode(self, prompt_ids: list[list[int]], per_prompt: int, params: SamplingParams, sampler: _Sampler,
@@ -237,12 +245,14 @@ class HFEngine:
         tokens = torch.full((rows, params.max_new_tokens), -1, dtype=torch.long, device=device)  # -1: not sampled
         logprobs = torch.zeros((rows, params.max_new_tokens), device=device) if params.logprobs else None
         done = torch.zeros(rows, dtype=torch.bool, device=device)  # stopped rows still in the batch
+        temperature = params.temperature if params.scaled_logprobs and params.temperature > 0 else 1.0
         for step in range(params.max_new_tokens):
             drawn = sampler(logits)  # (R,)
             active = ~done
             tokens[live[active], step] = drawn[active]
-            if logprobs is not None:  # under the raw model distribution, before any warper
-                chosen = logits.float().log_softmax(-1).gather(1, drawn[:, None])[:, 0]
+            if logprobs is not None:  # under the raw model distribution (or logits / T), before any other warper
+                scores = logits.float() / temperature if temperature != 1.0 else logits.float()
+                chosen = scores.log_softmax(-1).gather(1, drawn[:, None])[:, 0]
                 logprobs[live[active], step] = chosen[active]
             done = done | torch.isin(drawn, stops)
             if step == params.max_new_tokens - 1 or bool(done.all()):

@@ -79,11 +79,18 @@ def trained_token_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor
     return output_logits(model, hidden[predictors.to(hidden.device)]), targets.to(hidden.device)
 
 
-def token_logps(model, batch: dict) -> torch.Tensor:
+def token_logps(model, batch: dict, *, temperature: float = 1.0) -> torch.Tensor:
     """log pi(y_t | y_<t) (n,) of every scored token of ``batch``, in the order of :func:`scored_positions`, from
-    one forward. Log-softmax in float32 at least (bf16 loses ~2 digits)."""
+    one forward; with ``temperature`` != 1 of softmax(logits / T), the distribution RL samples from. Log-softmax in
+    float32 at least (bf16 loses ~2 digits)."""
     logits, targets = trained_token_logits(model, batch)
-    return torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None])[:, 0]
+    return logps_of(logits, targets, temperature)
+
+
+def logps_of(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / T)[target] (n,) from logits (n, V) and targets (n,), in float32 at least."""
+    scores = logits.float() / temperature if temperature != 1.0 else logits.float()
+    return torch.log_softmax(scores, -1).gather(-1, targets[:, None])[:, 0]
 
 
 def sequence_sums(values: torch.Tensor, owners: torch.Tensor, num_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:

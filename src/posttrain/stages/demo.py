@@ -7,12 +7,14 @@ length-biased pairs), scored against the gold reward -> the SFT model's samples,
 verifier -> one round of rejection-sampling fine-tuning on the training samples selected by the RM, and one selected
 by the verifier -> on-policy DPO from the SFT model on pairs of its own training samples (per prompt the best against
 the worst under the verifier plus the RM's standardized score; win-rate against the SFT model under the gold reward,
-KL to it). The reward model trains in a second process while the samples are drawn and the verifier's round runs;
+KL to it) -> GRPO with the math verifier from the SFT model (RLVR). The reward model trains in a second process
+while the samples are drawn, the verifier's round runs and GRPO trains;
 its evaluation, best-of-N and the RM's round run in one beside DPO (``_Background``). Every stage's run directory
-lives under ``--out``; ``summary.json`` holds ``{"stages": {"base", "sft", "rs_rm", "rs", "dpo"},
+lives under ``--out``; ``summary.json`` holds ``{"stages": {"base", "sft", "rs_rm", "rs", "dpo", "grpo"},
 "reward_model", "best_of_n", "rejection_sampling": {"rm", "verifier"}, "dpo", "seconds", "stage_seconds"}``: per
 policy format_rate, accuracy, request_rate (and per style), gold_reward, mean_length, stop_rate of greedy replies to
-held-out prompts; for the RM the pair accuracies by kind against the gold reward (request, surface, answer check,
+held-out prompts (sft and grpo also ``sampled_accuracy``: the share of right answers among 4 samples at T = 1 per
+prompt); for the RM the pair accuracies by kind against the gold reward (request, surface, answer check,
 near ties, unseen phrasings), the counterfactual flip rate and length correlation; for best-of-N the gold reward and
 request rate of single samples and of each selector's picks; for rejection sampling the held-out gold reward of the
 policy's samples before (the SFT model's 16 per prompt) and after each round (8 per prompt); for DPO the win-rate
@@ -53,6 +55,9 @@ class DemoConfig:
                                     "the worst under the math verifier plus the reward model's standardized score; "
                                     "needs the RM stage); 0 = skip the stage")
     dpo_eval_samples: int = option(16, "DPO win-rate: samples per held-out prompt for each policy's expected gold")
+    grpo_steps: int = option(120, "GRPO with the math verifier from the SFT model (RLVR): rollout steps of 8 training "
+                                  "prompts x 8 samples, run while the reward model trains; 0 = skip the stage")
+    sampled_eval_n: int = option(4, "samples (T = 1) per held-out prompt for a stage's sampled_accuracy")
     eval_prompts: int = option(200, "held-out prompts to evaluate each stage on")
     max_new_tokens: int = option(64, "generation budget per reply")
     device: str = device_option()
@@ -160,7 +165,8 @@ def _remove(out: Path, names: tuple[str, ...]) -> None:
 
 # What each stage's output feeds: redone when that stage is (re)trained or its samples are redrawn.
 DOWNSTREAM = {
-    "sft": ("rm", "rs_rm", "rs", "dpo", "dpo_pairs.jsonl", "sft_samples_heldout.jsonl", "sft_samples_train.jsonl"),
+    "sft": ("rm", "rs_rm", "rs", "dpo", "grpo", "dpo_pairs.jsonl", "sft_samples_heldout.jsonl",
+            "sft_samples_train.jsonl"),
     "rm": ("rs_rm", "dpo", "dpo_pairs.jsonl"),
     "sft_samples_train.jsonl": ("rs_rm", "rs", "dpo", "dpo_pairs.jsonl"),
     "dpo_pairs.jsonl": ("dpo",),
@@ -292,6 +298,30 @@ def _dpo_stage(config: DemoConfig, paths, sft_model: Path, rows: list[dict], rm_
             "implicit_reward_margin": done["eval"]["rewards/margin"]}, model
 
 
+def _grpo_stage(config: DemoConfig, paths, sft_model: Path, out: Path) -> Path:
+    """GRPO with the math verifier from the SFT model (RLVR): 8 training prompts x 8 samples a step, no KL (beta 0,
+    as DAPO and Dr. GRPO), token-mean loss, DAPO's clip-higher (0.2 / 0.28) and dynamic sampling (groups whose
+    answers are all right or all wrong carry no signal and are refilled), lr 1e-4 constant. Returns the model."""
+    from posttrain.stages.rl import RLConfig, resolve, train_rl
+
+    rl_config = resolve(RLConfig(
+        algo="grpo", model=str(sft_model), reward="verifier:math", data=str(paths.data / "rl_train.jsonl"),
+        eval_data="", out=str(out / "grpo"), max_steps=config.grpo_steps, batch_size=8, group_size=8, beta=0.0,
+        lr=1e-4, clip_high=0.28, dynamic_sampling=True, loss_aggregation="token_mean",
+        max_new_tokens=config.max_new_tokens, save_every=50, device=config.device, progress=config.progress,
+        resume=True))
+    _discard_if_config_changed(out / "grpo", rl_config)
+    return out / "grpo" / "model" if is_complete(out / "grpo") else train_rl(rl_config)
+
+
+def sampled_accuracy(rows: list[dict], completions: list[list[str]]) -> float:
+    """The share of sampled replies whose final answer is right, over every prompt's samples."""
+    from posttrain.world.gold import parse_final_answer
+
+    return mean_or_nan([float(parse_final_answer(c) == int(row["answer"]))
+                        for row, samples in zip(rows, completions) for c in samples])
+
+
 SIDE_REPORT = "reward_model_stages.json"  # what _with_the_reward_model reports
 DPO_EVAL_PAIRS = 500
 
@@ -348,7 +378,7 @@ def run_demo(config: DemoConfig) -> dict:
         print(f"    ({name}: {stage_seconds[name]:.0f} s)")
 
     stage_count = (3 + bool(config.rm_steps) + bool(config.bon_n) + bool(config.rs_prompts)
-                   + bool(config.dpo_prompts and config.rm_steps))
+                   + bool(config.dpo_prompts and config.rm_steps) + bool(config.grpo_steps))
     print(f"[1/{stage_count}] tiny world: tokenizer, datasets, base model (cached after the first run)")
     paths = build.ensure_world(base_model=True, progress=config.progress)
     timed("world")
@@ -408,6 +438,9 @@ def run_demo(config: DemoConfig) -> dict:
                     for row in heldout_rows[: config.eval_prompts or None]]
 
         sft_gold = mean_or_nan(sft_expected_gold())
+        evaluated = heldout_rows[: config.eval_prompts or None]
+        stages["sft"]["sampled_accuracy"] = sampled_accuracy(
+            evaluated, [row["completions"][: config.sampled_eval_n] for row in evaluated])
         train_samples = out / "sft_samples_train.jsonl"
         train_rows = []
         if config.rs_prompts or config.dpo_prompts:
@@ -426,6 +459,16 @@ def run_demo(config: DemoConfig) -> dict:
             record_round("verifier", _rejection_sampling_round(config, prompts, sft_model, train_samples, out,
                                                                "verifier:math", "rs", sft_gold))
             timed("rejection sampling (verifier)")
+        if config.grpo_steps:
+            stage += 1
+            print(f"[{stage}/{stage_count}] GRPO with the math verifier from the SFT model ({config.grpo_steps} steps "
+                  "of 8 prompts x 8 samples; dynamic sampling, clip-higher)")
+            grpo_model = _grpo_stage(config, paths, sft_model, out)
+            stages["grpo"] = evaluate(grpo_model, "grpo")
+            stages["grpo"]["sampled_accuracy"] = evaluate_model(
+                grpo_model, prompts, limit=config.eval_prompts, max_new_tokens=config.max_new_tokens,
+                device=config.device, temperature=1.0, n=config.sampled_eval_n, seed=5)["accuracy"]
+            timed("grpo (verifier)")
         if rm_job is not None:
             rm_job.join()
             timed("reward model (rest of its training)")
@@ -474,7 +517,8 @@ def run_demo(config: DemoConfig) -> dict:
         if side_job is not None:
             side_job.cancel()
         raise
-    summary["stages"] = {name: stages[name] for name in ("base", "sft", "rs", "rs_rm", "dpo") if name in stages}
+    summary["stages"] = {name: stages[name] for name in ("base", "sft", "rs", "rs_rm", "dpo", "grpo")
+                         if name in stages}
     summary.update(world=str(paths.data.parent), base_model=str(paths.base_model),
                    seconds=round(time.time() - started, 1), stage_seconds=stage_seconds)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -504,6 +548,11 @@ def run_demo(config: DemoConfig) -> dict:
               f"gold from {config.dpo_eval_samples} samples each; ties half), sampled gold {dpo['sampled_gold_sft']:.3f} -> "
               f"{dpo['sampled_gold_dpo']:.3f}, KL to the SFT reference {dpo['kl_to_reference']:.3f} nats, held-out "
               f"implicit-reward pair accuracy {dpo['implicit_reward_accuracy']:.3f}")
+    if grpo := summary["stages"].get("grpo"):
+        sft = summary["stages"]["sft"]
+        print(f"GRPO with the math verifier ({config.grpo_steps} steps): held-out accuracy greedy "
+              f"{sft['accuracy']:.3f} -> {grpo['accuracy']:.3f}, sampled (T=1) {sft['sampled_accuracy']:.3f} -> "
+              f"{grpo['sampled_accuracy']:.3f}")
     times = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stage_seconds.items())
     print(f"\nsummary: {out / 'summary.json'}   ({summary['seconds']:.0f} s: {times})")
     return summary

@@ -1,0 +1,791 @@
+"""A sandbox for running untrusted Python (programs a policy wrote) to score them: ``run_sandboxed``.
+
+Two processes of ours stand between the caller and the program: the caller starts a *supervisor* (this file, run as a
+script) in a new session, and the supervisor forks the program. The supervisor is trusted code; it enforces the
+wall-clock deadline itself, reads the program's output with a cap, kills every descendant and reports one JSON line.
+
+Layers (docs/verifiers.md has what each attack meets):
+
+- *namespace* isolation (``unshare(2)`` through ctypes: Python 3.11 has no ``os.unshare``; detected once with a
+  probe run): new user, network, mount and pid namespaces. The network namespace has only a downed loopback: no
+  network at all. The supervisor's child is the pid namespace's init; when it exits the kernel kills every process
+  left, including ones that called setsid. A fresh /proc shows no process outside. Every mount is read-only, nosuid
+  and nodev, /dev holds only null/zero/full/random/urandom, the scratch directory is a size-limited tmpfs, and the
+  caller's HOME, /run and the temp root are covered by empty tmpfs (the interpreter's own directories bound back
+  in). The program runs with no capabilities and no_new_privs, so it cannot undo any of that. A caller running as
+  root gets the program mapped to the host's ``nobody`` (65534): RLIMIT_NPROC never binds uid 0.
+- *socket* fallback (``network_isolation == "socket-blocked"``), where namespaces do not work: a Python audit hook
+  installed before the program refuses sockets, process creation, native code (ctypes), writes outside the scratch
+  directory, other processes' /proc entries and signals to other processes. It is a Python-level guard, not a
+  kernel boundary: native code that gets past it is limited only by the rlimits and the process sweep.
+- both: resource limits in the program's process (RLIMIT_CPU, AS, FSIZE, NPROC, NOFILE, CORE=0), a scrubbed
+  environment (nothing of the caller's), stdin from /dev/null, a fresh scratch directory as cwd, HOME and TMPDIR
+  (removed afterwards), ``python -s -S -B -P``, output captured head + tail up to a cap, and every wait with a
+  deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+SUPERVISOR_GRACE_S = 10.0  # the caller's deadline = the program's + this (start-up, the sweep, the report)
+EXIT_GRACE_S = 0.2  # after the program exits, how long its output pipes may stay open (held by a descendant)
+SWEEP_S = 2.0  # the longest the supervisor spends killing leftover processes
+ENV_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+class Isolation(StrEnum):
+    auto = "auto"  # namespaces when they work here, else the socket fallback
+    namespace = "namespace"
+    socket = "socket"
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    returncode: int | None  # the program's exit status; -N: killed by signal N; None: it never ran
+    stdout: str  # head and tail up to the cap, "[... N bytes omitted ...]" between them
+    stderr: str
+    timed_out: bool  # the wall-clock deadline passed and the program was killed
+    killed: bool  # ended by a signal (deadline, RLIMIT_CPU, the disk cap, or a crash)
+    network_isolation: str  # "netns" (namespace mode) or "socket-blocked" (the fallback)
+    filesystem: str  # "read-only" (namespace mode, every remount held), "partial" (some did not), "python-guard"
+    duration_s: float = 0.0
+    stdout_bytes: int = 0  # written in total, before the cap
+    stderr_bytes: int = 0
+    error: str | None = None  # the sandbox itself failed (could not start, no report): nothing was judged
+    scratch_dir: str = ""  # already removed; its name is in the program's command line (for leak checks)
+    notes: tuple[str, ...] = field(default_factory=tuple)  # remounts that failed, the disk cap, ...
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.timed_out and self.returncode == 0
+
+
+_PROBE: dict[str, bool] = {}  # "namespace" -> whether the probe run worked
+_PROBE_LOCK = threading.Lock()
+
+
+def namespaces_available() -> bool:
+    """Whether the namespace sandbox works on this machine (Linux, unprivileged user namespaces allowed, no seccomp
+    profile forbidding unshare): checked once per process by running a tiny program in it."""
+    with _PROBE_LOCK:
+        if "namespace" not in _PROBE:
+            ok = sys.platform == "linux"
+            if ok:
+                result = _run("print('ok')", Isolation.namespace, timeout_s=10.0, memory_mb=256,
+                              max_output_bytes=4096, max_processes=8, disk_mb=4, open_files=64, site_packages=False)
+                ok = result.error is None and result.returncode == 0 and result.stdout.strip() == "ok"
+            _PROBE["namespace"] = ok
+        return _PROBE["namespace"]
+
+
+def run_sandboxed(source: str, *, timeout_s: float = 10.0, memory_mb: int = 512, isolation: str = "auto",
+                  max_output_bytes: int = 64 * 1024, max_processes: int = 64, disk_mb: int = 64,
+                  open_files: int = 256, site_packages: bool = False) -> SandboxResult:
+    """Run the Python program ``source`` in the sandbox and return what happened; never raises for the program's
+    sake and never waits past ``timeout_s`` + ``SUPERVISOR_GRACE_S``.
+
+    ``memory_mb``: RLIMIT_AS of the program's processes. ``max_output_bytes``: kept of stdout and of stderr each
+    (half from the start, half from the end). ``max_processes``: RLIMIT_NPROC (processes and threads). ``disk_mb``:
+    the scratch tmpfs's size (namespace mode) and RLIMIT_FSIZE; the fallback also stops a program whose scratch
+    directory outgrows it. ``site_packages``: let the program import the interpreter's installed packages (off: the
+    standard library only). ``isolation``: "auto", "namespace" (RuntimeError where unavailable) or "socket".
+    """
+    mode = Isolation(isolation)
+    if mode is Isolation.auto:
+        mode = Isolation.namespace if namespaces_available() else Isolation.socket
+    elif mode is Isolation.namespace and not namespaces_available():
+        raise RuntimeError("namespace isolation is not available here (the probe run in new user, network, mount "
+                           "and pid namespaces failed)")
+    return _run(source, mode, timeout_s=timeout_s, memory_mb=memory_mb, max_output_bytes=max_output_bytes,
+                max_processes=max_processes, disk_mb=disk_mb, open_files=open_files, site_packages=site_packages)
+
+
+def _user_env(scratch: str) -> dict[str, str]:
+    """The program's whole environment: nothing from the caller's (API keys, tokens, paths stay out)."""
+    return {"PATH": ENV_PATH, "LANG": "C.UTF-8", "HOME": scratch, "TMPDIR": scratch,
+            "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
+
+
+def _run(source: str, mode: Isolation, *, timeout_s: float, memory_mb: int, max_output_bytes: int,
+         max_processes: int, disk_mb: int, open_files: int, site_packages: bool) -> SandboxResult:
+    namespace = mode is Isolation.namespace
+    network = "netns" if namespace else "socket-blocked"
+    started = time.monotonic()
+    scratch = os.path.realpath(tempfile.mkdtemp(prefix="posttrain-sandbox-"))
+    keep = {os.path.realpath(p) for p in (sys.executable, sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    if site_packages:
+        keep |= {os.path.realpath(p) for p in sys.path if p}
+    config = {"scratch": scratch, "namespace": namespace, "timeout_s": float(timeout_s), "memory_mb": memory_mb,
+              "max_output_bytes": max_output_bytes, "max_processes": max_processes, "disk_mb": disk_mb,
+              "open_files": open_files, "site_packages": site_packages, "python": sys.executable,
+              "env": _user_env(scratch), "keep": sorted(keep), "uid": os.getuid(),
+              "home": os.path.realpath(os.path.expanduser("~")), "tempdir": os.path.realpath(tempfile.gettempdir())}
+    command = [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), json.dumps(config)]
+
+    def failed(message: str) -> SandboxResult:
+        return SandboxResult(None, "", "", False, False, network, "", time.monotonic() - started,
+                             error=message, scratch_dir=scratch)
+
+    try:
+        with open(os.path.join(scratch, "prog.py"), "w", encoding="utf-8") as handle:
+            handle.write(source)
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                cwd=scratch, env=_user_env(scratch), start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout_s + SUPERVISOR_GRACE_S)
+        except subprocess.TimeoutExpired:  # the supervisor itself is stuck: kill its whole session
+            _kill_session(proc.pid)
+            try:
+                out, err = proc.communicate(timeout=5)
+            except subprocess.TimeoutExpired:
+                return failed("the supervisor did not finish and its output pipes stayed open")
+            return failed(f"the supervisor missed its deadline; stderr: {err.decode(errors='replace')[-500:]}")
+        try:
+            report = json.loads(out.decode(errors="replace").strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return failed(f"no report from the supervisor (exit {proc.returncode}): "
+                          f"{err.decode(errors='replace')[-500:]}")
+        if "error" in report:
+            return failed(report["error"])
+        return SandboxResult(
+            returncode=report["returncode"], stdout=report["stdout"], stderr=report["stderr"],
+            timed_out=report["timed_out"], killed=report["killed"], network_isolation=network,
+            filesystem=report["filesystem"], duration_s=time.monotonic() - started,
+            stdout_bytes=report["stdout_bytes"], stderr_bytes=report["stderr_bytes"], scratch_dir=scratch,
+            notes=tuple(report["notes"]))
+    except OSError as error:
+        return failed(f"could not start the sandbox: {error}")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _proc_stat(pid: str) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name: [state, ppid, pgrp, session, ...]; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read().decode(errors="replace")
+    except OSError:
+        return None
+    return data[data.rfind(")") + 2:].split()
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL to a session: its process groups, then any process whose session is ``sid`` (/proc scan)."""
+    try:
+        os.killpg(sid, signal.SIGKILL)
+    except OSError:
+        pass
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        stat = _proc_stat(pid)
+        if stat and stat[3] == str(sid):
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The supervisor (this file run as a script; standard library only)
+
+# linux/mount.h, linux/prctl.h, linux/capability.h
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+MOUNT_OPTIONS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": 1024,
+                 "nodiratime": 2048, "relatime": 1 << 21, "strictatime": 1 << 24}
+PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 1, 24, 36, 38, 47
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x10000000, 0x20000000, 0x40000000
+NOBODY = 65534  # the host uid/gid a root caller's program runs as (in-namespace uid 1)
+PR_CAP_AMBIENT_CLEAR_ALL, LINUX_CAPABILITY_VERSION_3 = 4, 0x20080522
+DEVICES = ("null", "zero", "full", "random", "urandom")
+
+
+def _libc():
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    libc.unshare.argtypes = [ctypes.c_int]
+    return libc
+
+
+def _mount(libc, source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    import ctypes
+
+    encode = (lambda s: None if s is None else s.encode())
+    if libc.mount(encode(source), encode(target), encode(fstype), flags, encode(data)) != 0:
+        raise OSError(ctypes.get_errno(), f"mount {target}: {os.strerror(ctypes.get_errno())}")
+
+
+def _mount_points() -> list[tuple[str, int]]:
+    """(mount point, flags to keep) of every mount, parents first (/proc/self/mountinfo escapes spaces as \\040)."""
+    points = []
+    with open("/proc/self/mountinfo") as handle:
+        for line in handle:
+            fields = line.split()
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            flags = 0
+            for option in fields[5].split(","):
+                flags |= MOUNT_OPTIONS.get(option, 0)
+            points.append((point, flags))
+    return points
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _private_filesystem(libc, config: dict) -> list[str]:
+    """Inside the mount namespace (we are its root, with every capability until the program drops them): a fresh
+    /dev, every mount read-only, nosuid and nodev, a tmpfs scratch directory, the caller's home, /run and the temp
+    root covered. Returns the steps that failed (each is skipped, the rest still applied)."""
+    scratch, failures = config["scratch"], []
+    keep = [k for k in config["keep"] if not any(k != o and _under(k, o) for o in config["keep"])]  # outermost
+    points = _mount_points()
+    nodes = {}
+    for name in DEVICES:  # bound in below from the old /dev: a bind copies its source mount's flags, so first
+        try:
+            nodes[name] = os.open(f"/dev/{name}", os.O_PATH)
+        except OSError:
+            pass
+
+    def attempt(step, *args):
+        try:
+            step(*args)
+        except OSError as error:
+            failures.append(str(error))
+
+    def fresh_dev():
+        _mount(libc, "tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,mode=755")
+        for name, fd in nodes.items():
+            open(f"/dev/{name}", "w").close()
+            _mount(libc, f"/proc/self/fd/{fd}", f"/dev/{name}", None, MS_BIND)
+        for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                             ("stderr", "/proc/self/fd/2")):
+            os.symlink(target, f"/dev/{name}")
+        os.mkdir("/dev/shm")
+        _mount(libc, "tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=16m,mode=1777")
+        _mount(libc, None, "/dev", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+    attempt(fresh_dev)
+    for fd in nodes.values():
+        os.close(fd)
+    for point, flags in points:
+        if not _under(point, "/dev"):
+            attempt(_mount, libc, None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | flags)
+
+    def cover(path: str) -> None:
+        """An empty read-only tmpfs over a directory the program has no business reading, with the interpreter's
+        directories under it (pyenv lives in ~/.pyenv) bound back in at their paths."""
+        if not os.path.isdir(path) or os.path.islink(path):
+            return
+        held = {k: os.open(k, os.O_PATH) for k in keep if _under(k, path) and k != path and os.path.exists(k)}
+        if len(held) < sum(_under(k, path) for k in keep):  # the interpreter is this directory itself: keep it
+            return
+        try:
+            _mount(libc, "tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,mode=755")
+            for inner, fd in held.items():
+                if os.path.isdir(f"/proc/self/fd/{fd}"):
+                    os.makedirs(inner, exist_ok=True)
+                else:
+                    os.makedirs(os.path.dirname(inner), exist_ok=True)
+                    open(inner, "w").close()
+                _mount(libc, f"/proc/self/fd/{fd}", inner, None, MS_BIND | MS_REC)
+            if _under(scratch, path):
+                os.makedirs(scratch, mode=0o700)
+            _mount(libc, None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        finally:
+            for fd in held.values():
+                os.close(fd)
+
+    for path in sorted({config["home"], "/run", config["tempdir"]} - {"/"}):
+        if not _under(scratch, path) or path == config["tempdir"]:
+            attempt(cover, path)
+    owner = ",uid=1,gid=1" if config["uid"] == 0 else ""  # a root caller's program runs as in-namespace uid 1
+    attempt(_mount, libc, "tmpfs", scratch, "tmpfs", MS_NOSUID | MS_NODEV,
+            f"size={config['disk_mb']}m,mode=700{owner}")
+    return failures
+
+
+def _drop_capabilities(libc, uid: int | None) -> None:
+    """No capability left, now or after exec (bounding set emptied), and none to regain (no_new_privs is set by the
+    caller): root inside the namespace can no longer remount, unmount or bring up an interface. ``uid``: switch to
+    this uid and gid first (while CAP_SETUID is still held)."""
+    import ctypes
+
+    for cap in range(64):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            break
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    if uid is not None:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)  # leaving uid 0 also clears the permitted and effective sets
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    if libc.capset(ctypes.byref(Header(LINUX_CAPABILITY_VERSION_3, 0)), (Data * 2)()) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+def _uid_tasks(uid: int) -> int:
+    """Processes and threads of ``uid`` now: RLIMIT_NPROC counts all of them, not just the sandbox's."""
+    total = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/status") as handle:
+                status = dict(line.split(":", 1) for line in handle if ":" in line)
+            if int(status["Uid"].split()[0]) == uid:
+                total += int(status["Threads"])
+        except (OSError, KeyError, ValueError):
+            continue
+    return total
+
+
+_GUARD = r'''
+def _posttrain_guard(scratch, allowed_devices):
+    import os, sys, _posixsubprocess
+    own = str(os.getpid())
+    realpath, fsdecode = os.path.realpath, os.fsdecode
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+    def deny(what):
+        raise PermissionError(f"sandbox: {what} is not allowed (socket-blocked fallback)")
+
+    def resolve(path):
+        return None if isinstance(path, int) else realpath(fsdecode(path))
+
+    def inside(path):
+        return path == scratch or path.startswith(scratch + "/") or path in allowed_devices
+
+    def other_process(path):
+        parts = path.split("/")
+        return len(parts) > 2 and parts[1] == "proc" and parts[2].isdigit() and parts[2] != own
+
+    def check_write(event, *paths):
+        for path in paths:
+            resolved = resolve(path) if isinstance(path, (str, bytes, os.PathLike)) else None
+            if resolved is not None and not inside(resolved):
+                deny(f"{event} outside the scratch directory")
+
+    def blocked_spawn(*args, **kwargs):
+        deny("starting a process")
+
+    _posixsubprocess.fork_exec = blocked_spawn  # it raises no audit event of its own
+    blocked = {"os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "subprocess.Popen",
+               "pty.spawn", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "socket.connect", "socket.bind",
+               "socket.sendto", "socket.sendmsg", "socket.getaddrinfo", "socket.gethostbyname",
+               "socket.gethostbyaddr", "socket.getnameinfo", "socket.sethostname", "os.setxattr",
+               "os.removexattr", "os.chflags", "os.lchflags"}
+    mutations = {"os.mkdir": 1, "os.remove": 1, "os.rmdir": 1, "os.chmod": 1, "os.chown": 1, "os.utime": 1,
+                 "os.truncate": 1, "os.rename": 2, "os.link": 2, "os.symlink": 2, "shutil.rmtree": 1}
+
+    def hook(event, args):
+        if event == "open":
+            path, mode, flags = args
+            resolved = resolve(path)
+            if resolved is None:
+                return
+            if other_process(resolved):
+                deny("reading another process's /proc entries")
+            writes = (flags & write_flags) if isinstance(flags, int) and flags > 0 else any(
+                c in (mode or "") for c in "wax+")
+            if writes and not inside(resolved):
+                deny("writing outside the scratch directory")
+        elif event in ("os.listdir", "os.scandir"):
+            resolved = resolve(args[0] if args and args[0] is not None else ".")
+            if resolved is not None and other_process(resolved):
+                deny("reading another process's /proc entries")
+        elif event in mutations:
+            check_write(event, *args[:mutations[event]])
+        elif event in blocked:
+            deny(event)
+        elif event == "socket.__new__" and args[1] != 1:  # AF_UNIX socketpairs (asyncio's wake-up) stay
+            deny("a network socket")
+        elif event in ("os.kill", "os.killpg") and str(args[0]) not in (own, "0"):
+            deny("signalling another process")
+        elif event == "import" and args[0] in ("_ctypes", "ctypes", "_posixsubprocess"):
+            deny(f"importing {args[0]}")
+
+    sys.addaudithook(hook)
+'''
+
+
+def _program_command(config: dict) -> list[str]:
+    # -s -S -B -P rather than -I: -I implies -E, which would ignore PYTHONHASHSEED=0 (the environment is ours anyway)
+    flags = ["-s", "-B", "-P"] + ([] if config["site_packages"] else ["-S"])
+    program = os.path.join(config["scratch"], "prog.py")
+    if config["namespace"]:
+        return [config["python"], *flags, program]
+    devices = tuple(f"/dev/{name}" for name in DEVICES)
+    boot = (_GUARD + f"_posttrain_guard({config['scratch']!r}, {devices!r})\ndel _posttrain_guard\n"
+            "import runpy, sys\nsys.argv = sys.argv[1:]\nsys.path[0] = " + repr(config["scratch"]) + "\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    return [config["python"], *flags, "-c", boot, program]
+
+
+def _exec_program(libc, config: dict, stdout_fd: int, stderr_fd: int, nproc: int) -> None:
+    """In the forked child: its own process group, stdio, no capabilities, rlimits, then exec the program."""
+    import resource
+
+    os.setpgid(0, 0)
+    devnull = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(stdout_fd, 1)
+    os.dup2(stderr_fd, 2)
+    os.closerange(3, 65536)
+    # in the fallback too: a caller running as root gives the program uid 0, not its powers
+    _drop_capabilities(libc, 1 if config["namespace"] and config["uid"] == 0 else None)
+    libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    cpu = math.ceil(config["timeout_s"]) + 1
+    memory, disk = config["memory_mb"] << 20, config["disk_mb"] << 20
+    for limit, value in ((resource.RLIMIT_CPU, (cpu, cpu + 1)), (resource.RLIMIT_AS, (memory, memory)),
+                         (resource.RLIMIT_FSIZE, (disk, disk)), (resource.RLIMIT_NPROC, (nproc, nproc)),
+                         (resource.RLIMIT_NOFILE, (config["open_files"], config["open_files"])),
+                         (resource.RLIMIT_CORE, (0, 0))):
+        resource.setrlimit(limit, value)  # soft = hard: the program cannot raise them again
+    os.chdir(config["scratch"])
+    command = _program_command(config)
+    os.execve(command[0], command, config["env"])
+
+
+class _Capture:
+    """The first and the last ``cap // 2`` bytes of a stream, and its total length."""
+
+    def __init__(self, cap: int):
+        self.half, self.head, self.tail, self.total = cap // 2, bytearray(), bytearray(), 0
+
+    def add(self, data: bytes) -> None:
+        self.total += len(data)
+        room = self.half - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+            data = data[room:]
+        if data:
+            self.tail += data[-self.half:] if self.half else b""
+            if len(self.tail) > self.half:
+                del self.tail[:len(self.tail) - self.half]
+
+    def text(self) -> str:
+        omitted = self.total - len(self.head) - len(self.tail)
+        middle = f"\n[... {omitted} bytes omitted ...]\n" if omitted > 0 else ""
+        return self.head.decode(errors="replace") + middle + self.tail.decode(errors="replace")
+
+
+def _tree_bytes(root: str, max_entries: int = 10_000) -> int:
+    """Bytes under ``root`` (allocated blocks); past ``max_entries`` files, reported as unbounded."""
+    total, seen, stack = 0, 0, [root]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            seen += 1
+            if seen > max_entries:
+                return sys.maxsize
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+                else:
+                    total += entry.stat(follow_symlinks=False).st_blocks * 512
+            except OSError:
+                continue
+    return total
+
+
+def _reap(pid: int, status: int | None) -> tuple[int | None, bool]:
+    """Collect every exited child (we are a subreaper or the namespace's init). Returns (the program's status if
+    seen, whether children remain)."""
+    while True:
+        try:
+            done, code = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return status, False
+        if done == 0:
+            return status, True
+        if done == pid:
+            status = code
+
+
+def _sweep(pid: int, namespace: bool, status: int | None) -> int | None:
+    """Kill everything the program started: its process group, then (pid namespace) every process of the namespace,
+    or (fallback) every process re-parented to us, until none is left or ``SWEEP_S`` passes."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+    deadline = time.monotonic() + SWEEP_S
+    me = str(os.getpid())
+    while time.monotonic() < deadline:
+        if namespace:
+            try:
+                os.kill(-1, signal.SIGKILL)  # as the namespace's init: every process in it but us
+            except OSError:
+                pass
+            left = False
+        else:
+            left = False
+            for child in filter(str.isdigit, os.listdir("/proc")):
+                stat = _proc_stat(child)
+                if stat and stat[1] == me and stat[0] != "Z":
+                    left = True
+                    try:
+                        os.kill(int(child), signal.SIGKILL)
+                    except OSError:
+                        pass
+        status, remaining = _reap(pid, status)
+        if not left and not remaining:
+            break
+        time.sleep(0.005)
+    return status
+
+
+def _watch(pid: int, streams: dict[int, _Capture], deadline: float, config: dict) -> tuple[int | None, bool, list]:
+    """Read the program's output until it exits (plus ``EXIT_GRACE_S`` for pipes a descendant holds) or the
+    deadline passes. Returns (wait status or None, timed out, notes)."""
+    import selectors
+
+    selector = selectors.DefaultSelector()
+    for fd in streams:
+        os.set_blocking(fd, False)
+        selector.register(fd, selectors.EVENT_READ)
+    pidfd = None
+    if hasattr(os, "pidfd_open"):
+        try:
+            pidfd = os.pidfd_open(pid)
+            selector.register(pidfd, selectors.EVENT_READ)
+        except OSError:
+            pidfd = None
+    status, exited_at, timed_out, notes = None, 0.0, False, []
+    disk_limit, next_disk_check = config["disk_mb"] << 20, 0.0
+    open_fds = set(streams)
+    while True:
+        now = time.monotonic()
+        if status is None:
+            done, code = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status, exited_at = code, now
+                if pidfd is not None:
+                    selector.unregister(pidfd)
+                    os.close(pidfd)
+                    pidfd = None
+        if status is not None and (not open_fds or now - exited_at > EXIT_GRACE_S):
+            break
+        if status is None and now >= deadline:
+            timed_out = True
+            break
+        if not config["namespace"] and now >= next_disk_check:  # the tmpfs caps it in namespace mode
+            next_disk_check = now + 0.25
+            if _tree_bytes(config["scratch"]) > disk_limit:
+                notes.append(f"killed: the scratch directory outgrew {config['disk_mb']} MB")
+                break
+        wait = min(0.25, max(0.0, (deadline if status is None else exited_at + EXIT_GRACE_S) - now))
+        for key, _ in selector.select(wait):
+            if key.fd == pidfd:
+                continue
+            try:
+                data = os.read(key.fd, 65536)
+            except BlockingIOError:
+                continue
+            if data:
+                streams[key.fd].add(data)
+            else:
+                selector.unregister(key.fd)
+                open_fds.discard(key.fd)
+    for fd in list(open_fds):
+        selector.unregister(fd)
+    if pidfd is not None:
+        os.close(pidfd)
+    return status, timed_out, notes
+
+
+def _drain(streams: dict[int, _Capture], seconds: float) -> None:
+    """What the dead program left in its pipes (all writers are gone, so this ends at EOF)."""
+    deadline = time.monotonic() + seconds
+    for fd, capture in streams.items():
+        while time.monotonic() < deadline:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            capture.add(data)
+        os.close(fd)
+
+
+def _supervise(config: dict) -> dict:
+    """Set up, fork and exec the program, watch it, kill what is left, report."""
+    deadline = time.monotonic() + config["timeout_s"]
+    namespace = config["namespace"]
+    libc = _libc()
+    failures: list[str] = []
+    if namespace:
+        with open(os.path.join(config["scratch"], "prog.py"), "rb") as handle:
+            program = handle.read()
+        failures = _private_filesystem(libc, config)
+        with open(os.path.join(config["scratch"], "prog.py"), "wb") as handle:  # into the fresh tmpfs
+            handle.write(program)
+        # counted per (user namespace, uid): the program's processes, plus us when we share its uid
+        nproc = config["max_processes"] + (0 if config["uid"] == 0 else 1)
+    else:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of the program come to us, not to init
+        nproc = _uid_tasks(config["uid"]) + config["max_processes"]  # RLIMIT_NPROC counts the whole uid
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _exec_program(libc, config, out_w, err_w, nproc)
+        except BaseException as error:
+            os.write(2, f"sandbox: could not start the program: {error!r}\n".encode())
+        finally:
+            os._exit(126)
+    try:
+        os.setpgid(pid, pid)  # also done in the child; whichever runs first
+    except OSError:
+        pass
+    os.close(out_w)
+    os.close(err_w)
+    streams = {out_r: _Capture(config["max_output_bytes"]), err_r: _Capture(config["max_output_bytes"])}
+    status, timed_out, notes = _watch(pid, streams, deadline, config)
+    status = _sweep(pid, namespace, status)
+    if status is None:
+        status = _reap_blocking(pid)
+    _drain(streams, 0.5)
+    code = os.waitstatus_to_exitcode(status) if status is not None else None
+    filesystem = ("partial" if failures else "read-only") if namespace else "python-guard"
+    return {"returncode": code, "timed_out": timed_out, "killed": code is not None and code < 0,
+            "stdout": streams[out_r].text(), "stderr": streams[err_r].text(),
+            "stdout_bytes": streams[out_r].total, "stderr_bytes": streams[err_r].total,
+            "filesystem": filesystem, "notes": failures + notes}
+
+
+def _reap_blocking(pid: int) -> int | None:
+    deadline = time.monotonic() + SWEEP_S
+    while time.monotonic() < deadline:
+        try:
+            done, code = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return None
+        if done:
+            return code
+        time.sleep(0.005)
+    return None
+
+
+def _write_id_maps(pid: int, uid: int, gid: int) -> None:
+    """The new user namespace's uid/gid maps, written from the parent namespace (a multi-line map needs CAP_SETUID
+    there). Root: in-namespace 0 = root (to set up the mounts), 1 = nobody (the program). Anyone else: 0 = itself."""
+    if uid == 0:
+        uid_map, gid_map = f"0 0 1\n1 {NOBODY} 1\n", f"0 0 1\n1 {NOBODY} 1\n"
+    else:
+        with open(f"/proc/{pid}/setgroups", "w") as handle:  # required before an unprivileged gid_map
+            handle.write("deny")
+        uid_map, gid_map = f"0 {uid} 1\n", f"0 {gid} 1\n"
+    for name, content in (("uid_map", uid_map), ("gid_map", gid_map)):
+        with open(f"/proc/{pid}/{name}", "w") as handle:
+            handle.write(content)
+
+
+def _wait_deadline(pid: int, seconds: float) -> int | None:
+    """waitpid with a deadline: the exit code, or None if ``pid`` is still running then."""
+    deadline = time.monotonic() + seconds
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.002)
+
+
+def _supervise_in_namespaces(config: dict) -> dict:
+    """Enter new user, mount, network and pid namespaces, then fork the pid namespace's init, which runs
+    ``_supervise``; its report comes back through a pipe. A short-lived helper left in the parent namespace writes
+    the id maps. If we die, the init gets SIGKILL (PR_SET_PDEATHSIG) and with it every process of the namespace."""
+    libc = _libc()
+    ready_r, ready_w = os.pipe()
+    helper = os.fork()
+    if helper == 0:
+        code = 1
+        try:
+            os.close(ready_w)
+            if os.read(ready_r, 1) == b"u":
+                _write_id_maps(os.getppid(), config["uid"], os.getgid())
+                code = 0
+        finally:
+            os._exit(code)
+    os.close(ready_r)
+    if libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID) != 0:
+        import ctypes
+
+        errno = ctypes.get_errno()
+        os.close(ready_w)
+        _wait_deadline(helper, 5.0)
+        raise OSError(errno, f"unshare: {os.strerror(errno)}")
+    os.write(ready_w, b"u")
+    os.close(ready_w)
+    if _wait_deadline(helper, 5.0) != 0:
+        raise OSError("could not write the user namespace's id maps")
+    _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here propagates to the host
+    report_r, report_w = os.pipe()
+    init = os.fork()
+    if init == 0:  # pid 1 of the new pid namespace
+        try:
+            os.close(report_r)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            _mount(libc, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)  # this namespace's processes
+            report = _supervise(config)
+        except BaseException as error:
+            report = {"error": f"namespace init: {error!r}"}
+        try:
+            os.write(report_w, json.dumps(report).encode())
+        finally:
+            os._exit(0)
+    os.close(report_w)
+    import select
+
+    chunks, deadline = [], time.monotonic() + config["timeout_s"] + SWEEP_S + 3.0
+    while time.monotonic() < deadline:
+        readable, _, _ = select.select([report_r], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(report_r, 1 << 20) if readable else b""
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(report_r)
+    if _wait_deadline(init, 2.0) is None:
+        os.kill(init, signal.SIGKILL)  # the init's death ends the namespace and everything in it
+        _wait_deadline(init, 2.0)
+    try:
+        return json.loads(b"".join(chunks))
+    except ValueError:
+        return {"error": "the namespace's init sent no report"}
+
+
+if __name__ == "__main__":
+    try:
+        _config = json.loads(sys.argv[1])
+        _report = (_supervise_in_namespaces if _config["namespace"] else _supervise)(_config)
+    except BaseException as _error:  # the sandbox failed, not the program: the caller scores None
+        _report = {"error": f"supervisor: {_error!r}"}
+    os.write(1, (json.dumps(_report) + "\n").encode())

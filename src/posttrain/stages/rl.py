@@ -1,0 +1,667 @@
+"""Online RL: ``posttrain rl --algo reinforce | rloo | ppo | grpo | dr_grpo | gspo | cispo``.
+
+Maximise E[r(x, y)] - beta KL(pi || pi_ref) by policy gradients (RLHF book, policy-gradient chapter), against any
+reward of the reward contract: a reward model (RLHF), a verifier (RLVR), the tiny world's gold reward, a judge, or a
+weighted sum. One step of the loop, top to bottom:
+
+  1. rollouts: ``batch_size`` prompts x ``group_size`` completions from the generation engine, the exact sampled
+     tokens kept (end-of-turn included) with their log-probs under softmax(logits / T) — the behaviour policy's
+     log pi_old, so no extra forward is needed for them;
+  2. rewards: the reward on each completion (None = cannot score: that sample is dropped and counted, its group's
+     other samples keep their advantages); DAPO's overlong shaping or masking of truncated completions; dynamic
+     sampling drops groups whose rewards are all equal (no signal) and refills the batch with fresh prompts;
+  3. one forward of the reference (beta > 0) and the critic (ppo) over shared-prompt rows: each group's prompt
+     appears once, its completions after it (``collate_shared_prefix``);
+  4. advantages (``posttrain.maths.advantages``): REINFORCE with the batch-mean baseline, RLOO, GRPO's group
+     normalisation (Dr. GRPO: no std), or GAE over per-token rewards (ppo). The KL penalty goes in the reward
+     (k1 per token for ppo, summed per sequence for reinforce/rloo) or in the loss (k3, GRPO style);
+  5. ``ppo_epochs`` passes of ``num_minibatches`` optimizer steps each over the rollout batch; each minibatch is
+     ``grad_accum`` micro-batches whose losses share the minibatch's denominator (``reduce_per_token``), so the
+     gradient does not depend on how the minibatch is split. Loss: PPO's clipped surrogate (reinforce, rloo, ppo,
+     grpo, dr_grpo; with one epoch and one minibatch the ratio is 1 and this is the plain policy gradient), GSPO's
+     sequence ratio, or CISPO's clipped detached weight; the critic takes the clipped value loss;
+  6. the adaptive KL controller (when ``target_kl`` > 0), metrics, checkpoint.
+
+The rollout of step s is a pure function of (seed, s): the prompts come from the seeded epoch order and the
+sampling seed from (seed, s, round), so ``--resume`` replays the same rollouts without saving any RNG stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from posttrain.data.packing import Example, add_scored_tokens, collate_shared_prefix
+from posttrain.data.prompts import load_prompt_rows
+from posttrain.data.render import render_prompt
+from posttrain.maths import advantages as adv
+from posttrain.maths.policy import (KLEstimator, cispo_surrogate, clipped_surrogate, clipped_value_loss,
+                                    gspo_surrogate, kl_penalty)
+from posttrain.maths.reduction import Reduction, reduce_per_token
+from posttrain.models import (load_causal_lm, load_tokenizer, prepare_for_training, resolve_device,
+                              use_segment_attention)
+from posttrain.models.generation import HFEngine, SamplingParams
+from posttrain.models.heads import load_value_model, token_values
+from posttrain.models.logprobs import logps_of, trained_token_logits
+from posttrain.plumbing.config import ChatTrainConfig, option, stage_config
+from posttrain.plumbing.harness import Run
+from posttrain.plumbing.training import (autocast, batch_indices, build_optimizer, build_scheduler, micro_batches,
+                                         optimizer_and_scheduler, optimizer_step)
+
+
+class Algo(StrEnum):
+    reinforce = "reinforce"
+    rloo = "rloo"
+    ppo = "ppo"
+    grpo = "grpo"
+    dr_grpo = "dr_grpo"
+    gspo = "gspo"
+    cispo = "cispo"
+
+
+GROUP_ALGOS = (Algo.grpo, Algo.dr_grpo, Algo.gspo, Algo.cispo)
+
+# What "auto" (or -1) resolves to per algorithm: where the KL goes, how the loss is reduced, the clip range, the
+# passes over a rollout batch. Sources: PPO/RLHF (Ouyang et al. 2022; KL per token in the reward), RLOO (Ahmadian et
+# al. 2024; KL in the sequence reward), GRPO (Shao et al. 2024; k3 in the loss, sequence mean), Dr. GRPO (Liu et al.
+# 2025; no std, constant denominator), GSPO (Zheng et al. 2025; clip 3e-4 / 4e-4), CISPO (MiniMax-M1 2025; upper
+# clip only, token mean).
+ALGO_DEFAULTS: dict[Algo, dict[str, Any]] = {
+    Algo.reinforce: dict(kl_in="reward", loss_aggregation="token_mean", clip_low=0.2, clip_high=0.2, ppo_epochs=1,
+                         beta=0.05),
+    Algo.rloo: dict(kl_in="reward", loss_aggregation="token_mean", clip_low=0.2, clip_high=0.2, ppo_epochs=1,
+                    beta=0.05),
+    Algo.ppo: dict(kl_in="reward", loss_aggregation="token_mean", clip_low=0.2, clip_high=0.2, ppo_epochs=4,
+                   beta=0.05),
+    Algo.grpo: dict(kl_in="loss", loss_aggregation="sequence_mean", clip_low=0.2, clip_high=0.2, ppo_epochs=1,
+                    beta=0.04),
+    Algo.dr_grpo: dict(kl_in="loss", loss_aggregation="fixed_length", clip_low=0.2, clip_high=0.2, ppo_epochs=1,
+                       beta=0.0),
+    Algo.gspo: dict(kl_in="loss", loss_aggregation="sequence_mean", clip_low=3e-4, clip_high=4e-4, ppo_epochs=1,
+                    beta=0.0),
+    Algo.cispo: dict(kl_in="loss", loss_aggregation="token_mean", clip_low=-1.0, clip_high=0.28, ppo_epochs=1,
+                     beta=0.0),
+}
+
+
+STEP_PATTERNS = {
+    "lines": re.compile(r"[^\n]*\S[^\n]*"),  # a step per non-blank line (the PRM data's own separator)
+    "sentences": re.compile(r"\S.*?(?:[.!?](?=\s|$)|(?=\n)|$)"),  # a step per sentence ("2.5" does not end one)
+}
+
+
+@stage_config
+class RLConfig(ChatTrainConfig):
+    algo: str = option("grpo", "reinforce | rloo | ppo | grpo | dr_grpo | gspo | cispo",
+                       choices=tuple(a.value for a in Algo))
+    reward: str = option("verifier:math", "the reward (see `posttrain score --help`): gold | verifier:math | rm:DIR | "
+                                          "prm:DIR | judge:DIR | weighted sums like 0.5*rm:DIR+0.5*verifier:math")
+    group_size: int = option(8, "completions sampled per prompt (G)")
+    max_new_tokens: int = option(64, "generation budget per completion, in tokens")
+    temperature: float = option(1.0, "sampling temperature; the policy trained is softmax(logits / T)")
+    top_p: float = option(1.0, "nucleus sampling at rollout (not part of the trained distribution, as in TRL/verl)")
+    ppo_epochs: int = option(-1, "passes over each rollout batch; -1 = the algorithm's (ppo 4, the others 1)")
+    num_minibatches: int = option(1, "optimizer steps per pass over a rollout batch (split by prompt groups)")
+    beta: float = option(-1.0, "KL coefficient; -1 = the algorithm's (0.05 reinforce/rloo/ppo, 0.04 grpo, 0 for "
+                               "dr_grpo/gspo/cispo); 0 loads no reference model")
+    kl_estimator: str = option("auto", "auto (k1 in the reward, k3 in the loss) | k1 | k2 | k3",
+                               choices=("auto", "k1", "k2", "k3"))
+    kl_in: str = option("auto", "auto (the algorithm's) | reward (per token for ppo, per sequence otherwise) | loss",
+                        choices=("auto", "reward", "loss"))
+    target_kl: float = option(0.0, "adaptive KL controller's target KL per sequence (nats); 0 = fixed beta")
+    kl_horizon: int = option(10000, "adaptive KL controller's horizon (in sequences)")
+    loss_aggregation: str = option("auto", "auto (the algorithm's) | token_mean | sequence_mean | fixed_length",
+                                   choices=("auto", "token_mean", "sequence_mean", "fixed_length"))
+    scale_rewards: str = option("auto", "group algorithms' advantage scale: auto | group (std of the group) | batch "
+                                        "(std of the batch) | none (Dr. GRPO)",
+                                choices=("auto", "group", "batch", "none"))
+    clip_low: float = option(-1.0, "lower clip range eps_low; -1 = the algorithm's (0.2; gspo 3e-4; cispo none)")
+    clip_high: float = option(-1.0, "upper clip range eps_high (> clip_low: DAPO's clip-higher); -1 = the "
+                                    "algorithm's (= clip_low; gspo 4e-4; cispo 0.28)")
+    dynamic_sampling: bool = option(False, "DAPO: drop groups whose rewards are all equal and refill the batch")
+    max_refills: int = option(4, "dynamic sampling: extra rollout rounds per step before training on fewer groups")
+    overlong: str = option("none", "truncated completions (no end-of-turn): none | mask (no loss) | shape (DAPO's "
+                                   "soft penalty over the last overlong_buffer tokens, -overlong_penalty if cut)",
+                           choices=("none", "mask", "shape"))
+    overlong_buffer: int = option(16, "shape: tokens before the budget where the length penalty starts")
+    overlong_penalty: float = option(1.0, "shape: the largest length penalty")
+    gamma: float = option(1.0, "ppo: discount")
+    lam: float = option(0.95, "ppo: GAE lambda")
+    value_model: str = option("", "ppo: the critic's initial weights: empty = the policy's with a new head; a "
+                                  "directory = its backbone, and its 1-output head when it has one (a reward model)")
+    value_lr: float = option(-1.0, "ppo: critic learning rate; -1 = lr")
+    value_clip: float = option(0.2, "ppo: value clipping range; 0 = off")
+    whiten_advantages: bool = option(True, "ppo: normalise advantages over the batch's tokens")
+    step_reward: str = option("", "dense process rewards from a process RM (prm:DIR): each step (line) of a "
+                                  "completion is scored on its last sampled token; ppo: the change in the PRM's "
+                                  "P(correct) since the previous step, a per-token reward into GAE; the other "
+                                  "algorithms: DeepSeekMath's process advantages, added to the outcome advantages")
+    step_reward_weight: float = option(1.0, "weight of the dense process rewards / advantages")
+    step_split: str = option("lines", "what a step is for --step_reward: lines | sentences (the tiny world's replies "
+                                      "are one line of sentences)", choices=tuple(STEP_PATTERNS))
+    ref_model: str = option("", "frozen reference for the KL; empty = the starting policy")
+    track_kl: bool = option(False, "at beta 0, load the reference anyway to report policy/kl (over-optimization "
+                                   "curves: reward against KL)")
+    eval_prompts: int = option(200, "held-out prompts evaluated (greedy) every eval_every steps and at the end")
+    generation_batch_size: int = option(512, "sequences per generation batch (built-in engine)")
+    data: str = option("", "prompt rows (`prompt` or `messages`, plus the reward's columns, e.g. `answer`); empty = "
+                           "the tiny world's rl_train.jsonl")
+    eval_data: str = option("", "held-out prompt rows; empty = the tiny world's rl_heldout.jsonl when data is empty")
+    model: str = option("", "local policy model directory to start from (an SFT model; required)")
+    batch_size: int = option(8, "prompts per rollout batch (each gives group_size completions)")
+    grad_accum: int = option(1, "micro-batches per optimizer step (the denominators are the whole step's)")
+    max_steps: int = option(100, "rollout steps (each: generate, score, ppo_epochs x num_minibatches updates)")
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    log_every: int = 1
+    save_every: int = 50
+    out: str = "runs/rl"
+
+
+def resolve(config: RLConfig) -> RLConfig:
+    """The algorithm's defaults in place of every auto / -1 option (so config.yaml records what ran), and checks."""
+    algo = Algo(config.algo)
+    defaults = ALGO_DEFAULTS[algo]
+    changes: dict[str, Any] = {}
+    for name in ("kl_in", "loss_aggregation"):
+        if getattr(config, name) == "auto":
+            changes[name] = defaults[name]
+    for name in ("beta", "clip_low", "clip_high", "ppo_epochs"):
+        if getattr(config, name) == -1:
+            changes[name] = defaults[name]
+    if config.clip_high == -1 and algo not in (Algo.gspo, Algo.cispo):
+        changes["clip_high"] = changes.get("clip_low", config.clip_low)
+    if config.scale_rewards == "auto":
+        changes["scale_rewards"] = "none" if algo == Algo.dr_grpo else "group"
+    if config.value_lr == -1:
+        changes["value_lr"] = config.lr
+    config = dataclasses.replace(config, **changes)
+    if config.kl_estimator == "auto":
+        config.kl_estimator = "k1" if config.kl_in == "reward" else "k3"
+    if algo == Algo.gspo and config.loss_aggregation != "sequence_mean":
+        raise ValueError("gspo: the sequence-level ratio needs --loss_aggregation=sequence_mean")
+    if config.group_size < (2 if algo in GROUP_ALGOS + (Algo.rloo,) else 1):
+        raise ValueError(f"{algo}: group baselines need --group_size >= 2, got {config.group_size}")
+    for name in ("batch_size", "grad_accum", "max_steps", "ppo_epochs", "num_minibatches", "max_new_tokens"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(config, name)}")
+    if config.num_minibatches > config.batch_size:
+        raise ValueError(f"--num_minibatches ({config.num_minibatches}) cannot exceed --batch_size "
+                         f"({config.batch_size}): minibatches split the batch by prompt")
+    if config.beta < 0 or config.temperature <= 0:
+        raise ValueError(f"need beta >= 0 and temperature > 0, got beta={config.beta}, "
+                         f"temperature={config.temperature}")
+    return config
+
+
+class AdaptiveKL:
+    """Ziegler et al. (2019)'s controller: beta <- beta (1 + clip(KL / target - 1, -0.2, 0.2) n / horizon) after
+    each batch of n sequences whose mean KL was KL. ``target`` 0: beta stays fixed. Saved with the checkpoint (it has
+    the scheduler's state_dict interface) so that a resumed run continues with the same beta."""
+
+    def __init__(self, beta: float, target: float, horizon: int):
+        self.beta, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, n: int) -> None:
+        if self.target > 0 and math.isfinite(kl):
+            error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+            self.beta *= 1.0 + error * n / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta = float(state["beta"])
+
+
+@dataclass
+class Sample:
+    """One completion of a rollout, with everything its updates need. Per-token lists run over ``token_ids``
+    (the completion's sampled tokens, end-of-turn included when it stopped)."""
+
+    group: int  # index of its prompt in the batch
+    prompt_ids: list[int]
+    token_ids: list[int]
+    old_logps: list[float]  # log pi_old(token) under softmax(logits / T), from the sampler
+    text: str
+    truncated: bool
+    reward: float  # NaN: the reward could not score it (dropped)
+    trained: bool = True  # False: dropped (no reward) or masked (truncated under --overlong=mask)
+    ref_logps: torch.Tensor | None = None  # (L,)
+    values: torch.Tensor | None = None  # (L,) V(s_t) before each token (ppo)
+    advantages: torch.Tensor | None = None  # (L,)
+    returns: torch.Tensor | None = None  # (L,) (ppo)
+    kl: torch.Tensor | None = None  # (L,) per-token KL estimate to the reference (reward placement)
+    extra: dict = field(default_factory=dict)
+
+    def example(self) -> Example:
+        return Example(self.prompt_ids + self.token_ids, [0] * len(self.prompt_ids) + [1] * len(self.token_ids))
+
+
+def overlong_penalty(length: int, truncated: bool, budget: int, buffer: int, penalty: float) -> float:
+    """DAPO's soft overlong punishment (Yu et al. 2025, Eq. 13): 0 up to ``budget - buffer`` tokens, then falling
+    linearly to ``-penalty`` at the budget; a completion cut at the budget (no end-of-turn) gets ``-penalty``."""
+    if truncated:
+        return -penalty
+    start = budget - buffer
+    if buffer <= 0 or length <= start:
+        return 0.0
+    return -penalty * min(1.0, (length - start) / buffer)
+
+
+def token_rewards(score: float, kl: torch.Tensor | None, beta: float, length: int) -> torch.Tensor:
+    """PPO's per-token rewards (L,) of one completion (Ouyang et al. 2022; Stiennon et al. 2020): -beta kl_t on every
+    token (when the KL is in the reward) and the score on the last sampled token, which is the end-of-turn token when
+    the completion stopped, so the reward is credited to the action that ended the reply. NaN score: no score."""
+    rewards = -beta * kl.clone() if kl is not None else torch.zeros(length)
+    if not math.isnan(score):
+        rewards[-1] += score
+    return rewards
+
+
+def step_end_tokens(tokenizer, content_ids: list[int], split: str = "lines") -> tuple[list[str], list[int]]:
+    """The steps of a completion (lines or sentences of its text) and, for each, the index of the sampled token that
+    completes it: the first token whose decoded prefix covers the step's last character."""
+    text = tokenizer.decode(content_ids, skip_special_tokens=True)
+    spans = [(m.group().strip(), m.end() - 1) for m in STEP_PATTERNS[split].finditer(text)]
+    decoded = [len(tokenizer.decode(content_ids[: k + 1], skip_special_tokens=True)) for k in range(len(content_ids))]
+    ends = [next((k for k, n in enumerate(decoded) if n > char), len(content_ids) - 1) for _, char in spans]
+    return [step for step, _ in spans], ends
+
+
+def group_advantages(rewards: torch.Tensor, algo: Algo, scale: str) -> torch.Tensor:
+    """(P, G) rewards (NaN = missing) -> (P, G) sequence advantages of the non-PPO algorithms."""
+    match algo:
+        case Algo.reinforce:  # the batch-mean baseline (Williams 1992 with a constant baseline)
+            scored = ~torch.isnan(rewards)
+            baseline = rewards[scored].mean() if scored.any() else torch.tensor(0.0)
+            return torch.where(scored, rewards - baseline, torch.zeros_like(rewards))
+        case Algo.rloo:
+            return adv.rloo(rewards)
+    centred = adv.grpo(rewards, normalize_std=scale == "group")
+    if scale == "batch":  # TRL's scale_rewards="batch": the group-centred rewards over the std of the whole batch
+        scored = ~torch.isnan(rewards)
+        std = rewards[scored].std() if int(scored.sum()) > 1 else torch.tensor(0.0)
+        centred = centred / (std + adv.GRPO_STD_EPS)
+    return centred
+
+
+def padded(values: list[torch.Tensor], pad: float = 0.0) -> torch.Tensor:
+    """Ragged per-sequence tensors -> (B, T_max), right-padded with ``pad``."""
+    return torch.nn.utils.rnn.pad_sequence(values, batch_first=True, padding_value=pad)
+
+
+def shared_prompt_batch(samples: list[Sample]) -> tuple[dict, list[Sample]]:
+    """Samples grouped by prompt -> one shared-prompt row (each prompt once) with the scored completion tokens, and
+    the samples in the row's order (the order of the scored tokens)."""
+    groups: dict[int, list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(s.group, []).append(s)
+    ordered = [s for members in groups.values() for s in members]
+    examples = [[s.example() for s in members] for members in groups.values()]
+    return add_scored_tokens(collate_shared_prefix(examples), examples), ordered
+
+
+def split_tokens(flat: torch.Tensor, samples: list[Sample]) -> list[torch.Tensor]:
+    """Flat per-token values (n,) of a :func:`shared_prompt_batch` -> one tensor per sample."""
+    return list(torch.split(flat, [len(s.token_ids) for s in samples]))
+
+
+def _default_world_paths(config: RLConfig) -> RLConfig:
+    if config.data:
+        return config
+    from posttrain.stages import world as build
+
+    paths = build.ensure_world(base_model=False)
+    config.data = str(paths.data / "rl_train.jsonl")
+    config.eval_data = config.eval_data or str(paths.data / "rl_heldout.jsonl")
+    return config
+
+
+def _world_rollout_metrics(prompts: list[list[dict]], texts: list[str]) -> dict[str, float]:
+    """rollout/gold_reward and rollout/request_rate when every prompt is a tiny-world question (else nothing)."""
+    from posttrain.world.requests import follows_request
+    from posttrain.world.tasks import solve
+
+    if not prompts or any(solve(p[-1]["content"]) is None for p in prompts):
+        return {}
+    from posttrain.world.gold import gold_reward
+
+    follows = [follows_request(p, t) for p, t in zip(prompts, texts)]
+    asked = [f for f in follows if f is not None]
+    metrics = {"rollout/gold_reward": sum(gold_reward(p, t) for p, t in zip(prompts, texts)) / len(texts)}
+    if asked:
+        metrics["rollout/request_rate"] = sum(asked) / len(asked)
+    return metrics
+
+
+def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | None = None) -> Path:
+    """Run online RL; returns the final policy's directory (``out/model``).
+
+    ``on_step_end(step, info)`` gets ``info = {"samples": [Sample, ...], "rollout_metrics": {...}, "tokens": ...}``
+    after every step (tests and benchmarks hook in here).
+    """
+    if not config.model:
+        raise ValueError("posttrain rl needs --model: the policy to start from (an SFT model directory)")
+    config = resolve(_default_world_paths(config))
+    algo = Algo(config.algo)
+    device = resolve_device(config.device)
+    run = Run(config, "rl", on_step_end=on_step_end)
+    if run.complete:
+        return run.final_dir
+
+    from posttrain.rewards import reward_from_spec
+
+    tokenizer = load_tokenizer(config.model, config.chat_template or None)
+    rows = load_prompt_rows(config.data, columns=config.columns or None, skip_invalid=config.skip_invalid)
+    eval_rows = load_prompt_rows(config.eval_data, columns=config.columns or None, skip_invalid=config.skip_invalid,
+                                 limit=config.eval_prompts) if config.eval_data else []
+    prompt_ids = [render_prompt(tokenizer, messages) for messages, _ in rows]
+    reward = reward_from_spec(config.reward, device=str(device))
+
+    process_reward = None
+    if config.step_reward:
+        process_reward = reward_from_spec(config.step_reward, device=str(device))
+        if not hasattr(process_reward, "step_rewards"):
+            raise ValueError(f"--step_reward={config.step_reward!r} is not a process reward model (prm:DIR)")
+
+    model = load_causal_lm(config.model, device=device)
+    prepare_for_training(model, gradient_checkpointing=config.gradient_checkpointing)
+    optimizer, scheduler = optimizer_and_scheduler(model, config, config.max_steps * config.ppo_epochs
+                                                   * config.num_minibatches)
+    modules, optimizers, schedulers = {"model": model}, {"model": optimizer}, {"model": scheduler}
+    kl_control = AdaptiveKL(config.beta, config.target_kl, config.kl_horizon)
+    schedulers["kl"] = kl_control
+    reference = None
+    if config.beta > 0 or config.target_kl > 0 or config.track_kl:  # no reference model when beta = 0
+        reference = load_causal_lm(config.ref_model or config.model, device=device).eval().requires_grad_(False)
+        use_segment_attention(reference)  # shared-prompt rows
+    critic = critic_optimizer = critic_scheduler = None
+    if algo == Algo.ppo:
+        critic = load_value_model(config.value_model or config.model, tokenizer=tokenizer, device=device)
+        prepare_for_training(critic, gradient_checkpointing=config.gradient_checkpointing)
+        critic_optimizer = build_optimizer(critic, config.value_lr, config.weight_decay)
+        critic_scheduler = build_scheduler(critic_optimizer, warmup_steps=config.warmup_steps,
+                                           total_steps=config.max_steps * config.ppo_epochs * config.num_minibatches,
+                                           schedule=config.lr_schedule)
+        modules["critic"], optimizers["critic"], schedulers["critic"] = critic, critic_optimizer, critic_scheduler
+    run.start(config.max_steps, modules=modules, optimizers=optimizers, schedulers=schedulers, tokenizer=tokenizer)
+    engine = HFEngine(model, tokenizer, batch_size=config.generation_batch_size)
+    prompt_order = batch_indices(len(rows), config.batch_size, config.seed, shuffle=config.shuffle,
+                                 start_batch=run.start_step)
+    clip_low = None if config.clip_low < 0 else config.clip_low
+    aggregation = Reduction(config.loss_aggregation)
+    dropped_total = 0
+
+    def rollout(indices: list[int], seed: int) -> list[list[Sample]]:
+        """``group_size`` scored samples for each prompt of ``indices`` (steps 1 and 2 of the module docstring)."""
+        params = SamplingParams(n=config.group_size, max_new_tokens=config.max_new_tokens,
+                                temperature=config.temperature, top_p=config.top_p, seed=seed, logprobs=True,
+                                scaled_logprobs=True)
+        completions = engine.generate([rows[i][0] for i in indices], params)
+        flat_prompts = [rows[i][0] for i in indices for _ in range(config.group_size)]
+        columns = {k: [rows[i][1].get(k) for i in indices for _ in range(config.group_size)]
+                   for k in {k for i in indices for k in rows[i][1]}}
+        texts = [c.text for group in completions for c in group]
+        scores = reward(flat_prompts, texts, **columns)
+        step_scores: list = [None] * len(texts)
+        if process_reward is not None:  # dense: the PRM's P(correct) at the end of every step
+            located = [step_end_tokens(tokenizer, c.content_ids, config.step_split)
+                       for group in completions for c in group]
+            scored = process_reward.step_rewards(flat_prompts, texts, [steps for steps, _ in located])
+            step_scores = [None if sc is None else (sc, ends) for sc, (_, ends) in zip(scored, located)]
+        groups, k = [], 0
+        for g, (i, group) in enumerate(zip(indices, completions)):
+            samples = []
+            for c in group:
+                score = math.nan if scores[k] is None else float(scores[k])
+                truncated = c.finish_reason != "stop"
+                if config.overlong == "shape" and not math.isnan(score):
+                    score += overlong_penalty(len(c.token_ids), truncated, config.max_new_tokens,
+                                              config.overlong_buffer, config.overlong_penalty)
+                samples.append(Sample(g, prompt_ids[i], list(c.token_ids), list(c.logprobs), c.text, truncated,
+                                      score, trained=not math.isnan(score)
+                                      and not (truncated and config.overlong == "mask")))
+                if step_scores[k] is not None:
+                    samples[-1].extra["steps"] = step_scores[k]  # ([P(correct) per step], [its last token])
+                k += 1
+            groups.append(samples)
+        return groups
+
+    @torch.no_grad()
+    def reference_and_values(samples: list[Sample]) -> None:
+        """Step 3: the reference's log-probs and the critic's values of every sampled token (no gradient)."""
+        for chunk in micro_batches(list(range(len(samples))), config.grad_accum):
+            batch, ordered = shared_prompt_batch([samples[i] for i in chunk])
+            if reference is not None:
+                with autocast(device, config.precision):
+                    logits, targets = trained_token_logits(reference, batch)
+                for s, values in zip(ordered, split_tokens(logps_of(logits, targets, config.temperature), ordered)):
+                    s.ref_logps = values.cpu()
+            if critic is not None:
+                critic.eval()
+                with autocast(device, config.precision):
+                    flat = token_values(critic, batch)
+                critic.train()
+                for s, values in zip(ordered, split_tokens(flat.float(), ordered)):
+                    s.values = values.cpu()
+
+    def assign_advantages(groups: list[list[Sample]]) -> dict[str, float]:
+        """Step 4: the KL placement and the advantages; returns the KL metrics."""
+        samples = [s for group in groups for s in group]
+        beta = kl_control.beta
+        kl_sums = []
+        for s in samples:
+            old = torch.tensor(s.old_logps)
+            if s.ref_logps is not None:
+                s.kl = kl_penalty(old, s.ref_logps, config.kl_estimator)
+                kl_sums.append(float(kl_penalty(old, s.ref_logps, KLEstimator.k1).sum()))
+        kl_in_reward = config.kl_in == "reward" and reference is not None
+        if algo == Algo.ppo:
+            for s in samples:
+                s.extra["token_rewards"] = token_rewards(s.reward, s.kl if kl_in_reward else None, beta,
+                                                         len(s.token_ids))
+                if "steps" in s.extra:  # the change in P(correct) at each step's last token (they sum to the last)
+                    scores, ends = s.extra["steps"]
+                    changes = torch.diff(torch.tensor(scores), prepend=torch.zeros(1))
+                    s.extra["token_rewards"].index_add_(0, torch.tensor(ends), config.step_reward_weight * changes)
+            trained = [s for s in samples if s.trained]
+            if trained:
+                rewards_bt = padded([s.extra["token_rewards"] for s in trained])
+                values_bt = padded([s.values for s in trained])
+                mask = padded([torch.ones(len(s.token_ids)) for s in trained])
+                advantages, returns = adv.gae(rewards_bt, values_bt, mask, gamma=config.gamma, lam=config.lam)
+                if config.whiten_advantages:
+                    on = mask.bool()
+                    mean, std = advantages[on].mean(), advantages[on].std() if int(on.sum()) > 1 else 1.0
+                    advantages = torch.where(on, (advantages - mean) / (std + 1e-8), advantages)
+                for row, s in enumerate(trained):
+                    s.advantages = advantages[row, : len(s.token_ids)]
+                    s.returns = returns[row, : len(s.token_ids)]
+        elif groups:
+            sequence_rewards = []
+            for group in groups:
+                row = []
+                for s in group:
+                    penalty = beta * float(s.kl.sum()) if kl_in_reward else 0.0
+                    row.append(s.reward - penalty if s.trained else math.nan)
+                sequence_rewards.append(row)
+            table = group_advantages(torch.tensor(sequence_rewards, dtype=torch.float64), algo, config.scale_rewards)
+            for group, values in zip(groups, table):
+                for s, a in zip(group, values):
+                    s.advantages = torch.full((len(s.token_ids),), float(a))
+                dense = [s for s in group if s.trained and "steps" in s.extra]
+                if process_reward is not None and dense:
+                    process = adv.process_advantages([torch.tensor(s.extra["steps"][0]) for s in dense],
+                                                     [torch.tensor(s.extra["steps"][1]) for s in dense],
+                                                     [len(s.token_ids) for s in dense])
+                    for s, a in zip(dense, process):
+                        s.advantages = s.advantages + config.step_reward_weight * a
+        mean_kl = sum(kl_sums) / len(kl_sums) if kl_sums else 0.0
+        return {"policy/kl": mean_kl, "policy/beta": beta}
+
+    def update(minibatch: list[Sample], sums: dict[str, float]) -> None:
+        """Step 5 for one minibatch: its micro-batches' losses share the minibatch's denominators."""
+        trained = [s for s in minibatch if s.trained]
+        if not trained:
+            return
+        tokens = sum(len(s.token_ids) for s in trained)
+        normalizer = {Reduction.token_mean: tokens, Reduction.sequence_mean: len(trained),
+                      Reduction.fixed_length: len(trained) * config.max_new_tokens}[aggregation]
+        for chunk in micro_batches(list(range(len(trained))), config.grad_accum):
+            batch, ordered = shared_prompt_batch([trained[i] for i in chunk])
+            with autocast(device, config.precision):
+                logits, targets = trained_token_logits(model, batch)
+            logps = padded(split_tokens(logps_of(logits, targets, config.temperature), ordered))  # (B, T)
+            old = padded([torch.tensor(s.old_logps) for s in ordered]).to(logps.device)
+            advantages = padded([s.advantages.float() for s in ordered]).to(logps.device)
+            mask = padded([torch.ones(len(s.token_ids)) for s in ordered]).to(logps.device)
+            if algo == Algo.gspo:
+                per_token, metrics = gspo_surrogate(logps, old, advantages[:, 0], mask, clip_low=config.clip_low,
+                                                    clip_high=config.clip_high)
+                clipfrac = float((metrics["clipfrac"] * mask.sum(-1)).sum())  # a clipped sequence clips its tokens
+            elif algo == Algo.cispo:
+                per_token, metrics = cispo_surrogate(logps, old, advantages, clip_high=config.clip_high,
+                                                     clip_low=clip_low)
+                clipfrac = float((metrics["clipfrac"] * mask).sum())
+            else:
+                per_token, metrics = clipped_surrogate(logps, old, advantages, clip_low=config.clip_low,
+                                                       clip_high=config.clip_high)
+                clipfrac = float((metrics["clipfrac"] * mask).sum())
+            if config.kl_in == "loss" and reference is not None and kl_control.beta > 0:
+                ref = padded([s.ref_logps for s in ordered]).to(logps.device)
+                per_token = per_token + kl_control.beta * kl_penalty(logps, ref, config.kl_estimator)
+            loss = reduce_per_token(per_token, mask, aggregation, normalizer=normalizer)
+            loss.backward()
+            with torch.no_grad():
+                probs = torch.softmax(logits.float() / config.temperature, -1)
+                entropy = -(probs * torch.log(probs.clamp(min=1e-30))).sum(-1)
+                sums["loss"] += float(loss)
+                sums["clipfrac"] += clipfrac
+                sums["approx_kl"] += float((kl_penalty(old, logps, KLEstimator.k3) * mask).sum())
+                sums["entropy"] += float(entropy.sum())
+                sums["ratio_max"] = max(sums["ratio_max"], float(((logps - old).exp() * mask).max()))
+                sums["tokens"] += float(mask.sum())
+            if critic is not None:
+                with autocast(device, config.precision):
+                    values = padded(split_tokens(token_values(critic, batch), ordered))
+                old_values = padded([s.values for s in ordered]).to(values.device)
+                returns = padded([s.returns for s in ordered]).to(values.device)
+                value_loss = reduce_per_token(
+                    clipped_value_loss(values, old_values, returns, clip=config.value_clip or None), mask,
+                    Reduction.token_mean, normalizer=tokens)
+                value_loss.backward()
+                sums["value_loss"] += float(value_loss.detach())
+        grad_norm, lr = optimizer_step(model, optimizer, scheduler, config.max_grad_norm)
+        sums["grad_norm"] += grad_norm
+        sums["lr"] = lr
+        sums["updates"] += 1
+        if critic is not None:
+            optimizer_step(critic, critic_optimizer, critic_scheduler, config.max_grad_norm)
+
+    def evaluate() -> dict[str, float]:
+        """Greedy replies to the held-out prompts: mean reward (and the tiny world's gold metrics)."""
+        if not eval_rows:
+            return {}
+        prompts = [messages for messages, _ in eval_rows]
+        replies = [c[0] for c in engine.generate(prompts, SamplingParams(n=1, max_new_tokens=config.max_new_tokens,
+                                                                         temperature=0.0))]
+        columns = {k: [extra.get(k) for _, extra in eval_rows] for k in {k for _, e in eval_rows for k in e}}
+        scores = [s for s in reward(prompts, [c.text for c in replies], **columns) if s is not None]
+        metrics = {"eval/reward": sum(scores) / len(scores) if scores else math.nan}
+        world = _world_rollout_metrics(prompts, [c.text for c in replies])
+        metrics.update({k.replace("rollout/", "eval/"): v for k, v in world.items()})
+        return metrics
+
+    with run:
+        for step in run.steps():
+            started = time.perf_counter()
+            indices = next(prompt_order)
+            groups = rollout(indices, seed=config.seed * 1_000_003 + step * 101)
+            generated = sum(len(s.token_ids) for g in groups for s in g)
+            dropped = sum(1 for g in groups for s in g if math.isnan(s.reward))
+            rollout_rewards = [s.reward for g in groups for s in g if not math.isnan(s.reward)]
+            rollout_samples = [s for g in groups for s in g]
+            filtered = 0
+            if config.dynamic_sampling:  # DAPO: keep groups whose rewards differ; refill from fresh prompts
+                generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+                kept = [g for g in groups if len({s.reward for s in g if s.trained}) > 1]
+                for refill in range(1, config.max_refills + 1):
+                    if len(kept) >= config.batch_size:
+                        break
+                    extra = torch.randint(len(rows), (config.batch_size,), generator=generator).tolist()
+                    more = rollout(extra, seed=config.seed * 1_000_003 + step * 101 + refill)
+                    generated += sum(len(s.token_ids) for g in more for s in g)
+                    kept += [g for g in more if len({s.reward for s in g if s.trained}) > 1]
+                filtered = len(groups) - len([g for g in groups if len({s.reward for s in g if s.trained}) > 1])
+                groups = kept[: config.batch_size]
+                for g, group in enumerate(groups):
+                    for s in group:
+                        s.group = g
+            generation_seconds = time.perf_counter() - started
+            samples = [s for g in groups for s in g]
+            if samples:
+                reference_and_values(samples)
+            kl_metrics = assign_advantages(groups)
+
+            training_started = time.perf_counter()
+            sums = dict.fromkeys(("loss", "clipfrac", "approx_kl", "entropy", "tokens", "value_loss", "grad_norm",
+                                  "updates", "ratio_max", "lr"), 0.0)
+            shuffle = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 7919)
+            for epoch in range(config.ppo_epochs if groups else 0):
+                order = torch.randperm(len(groups), generator=shuffle).tolist() if config.ppo_epochs > 1 else \
+                    list(range(len(groups)))
+                for part in micro_batches(order, config.num_minibatches):
+                    update([s for g in part for s in groups[g]], sums)
+            training_seconds = time.perf_counter() - training_started
+            kl_control.update(kl_metrics["policy/kl"], len(samples))
+
+            dropped_total += dropped
+            lengths = [len(s.token_ids) for s in rollout_samples]
+            mean_reward = sum(rollout_rewards) / len(rollout_rewards) if rollout_rewards else math.nan
+            spread = sum((r - mean_reward) ** 2 for r in rollout_rewards)
+            std_reward = (spread / max(len(rollout_rewards) - 1, 1)) ** 0.5
+            n_tokens = max(sums["tokens"], 1.0)
+            metrics = {
+                "rollout/reward_mean": mean_reward, "rollout/reward_std": std_reward,
+                "rollout/mean_length": sum(lengths) / len(lengths),
+                "rollout/truncated_rate": sum(s.truncated for s in rollout_samples) / len(rollout_samples),
+                "rollout/dropped": dropped, "rollout/dropped_total": dropped_total,
+                "rollout/groups_trained": len(groups), "rollout/groups_filtered": filtered,
+                "rollout/generation_tokens_per_s": generated / max(generation_seconds, 1e-9),
+                **_world_rollout_metrics([rows[i][0] for i in indices for _ in range(config.group_size)],
+                                         [s.text for s in rollout_samples]),
+                **kl_metrics,
+                "policy/clipfrac": sums["clipfrac"] / n_tokens, "policy/approx_kl": sums["approx_kl"] / n_tokens,
+                "policy/entropy": sums["entropy"] / n_tokens, "policy/ratio_max": sums["ratio_max"],
+                "train/loss": sums["loss"] / max(sums["updates"], 1), "train/lr": sums["lr"],
+                "train/grad_norm": sums["grad_norm"] / max(sums["updates"], 1),
+                "train/training_tokens_per_s": sums["tokens"] / max(training_seconds, 1e-9),
+            }
+            if critic is not None:
+                values = torch.cat([s.values for s in samples if s.trained and s.returns is not None] or
+                                   [torch.zeros(1)])
+                returns = torch.cat([s.returns for s in samples if s.trained and s.returns is not None] or
+                                    [torch.zeros(1)])
+                variance = float(returns.var()) if returns.numel() > 1 else 0.0
+                metrics["value/loss"] = sums["value_loss"] / max(sums["updates"], 1)
+                metrics["value/explained_variance"] = (1.0 - float((returns - values).var()) / variance
+                                                       if variance > 0 else math.nan)
+            if eval_rows and run.eval_due(step):
+                run.log_metrics(step, evaluate())
+            run.end_step(step, metrics, tokens=generated + int(sums["tokens"]), samples=rollout_samples,
+                         rollout_metrics=metrics)
+
+    final = evaluate()
+    if final:
+        run.log_metrics(run.step, final)
+    return run.finish({"algo": algo.value, "eval": final})
