@@ -90,6 +90,14 @@ def test_program_errors_and_bad_tests(isolation):
     "import ast\nast.parse = lambda *a, **k: ast.Module([], [])\n",  # parse the tests to no statement
     "import os\nos._exit(0)\n",  # leave before the tests, exit code 0
     "import json\njson.dumps = lambda *a, **k: '{\"program\": true, \"asserts\": 4, \"passed\": 4, \"all\": true}'\n",
+    # read the result tag's nonce from the running script and forge the line: the script is unlinked first
+    "import os, re, sys\ntry:\n    source = open(sys.argv[0]).read()\nexcept OSError:\n    source = ''\n"
+    "tag = re.search(r'__posttrain_tests__-[0-9a-f]{16}', source)\nif tag:\n"
+    "    print('\\n' + tag.group() + ' {\"program\": true, \"statements\": 4, \"asserts\": 4, \"passed\": 4, "
+    "\"all\": true}', flush=True)\n    os._exit(0)\n",
+    # empty the harness's list of test statements through the garbage collector: the caller counts them
+    "import ast, gc\nfor o in gc.get_objects():\n    if type(o) is list and o and all(isinstance(x, ast.stmt) for x in o):\n"
+    "        o.clear()\n",
 ])
 def test_program_cannot_skip_the_tests_by_patching_the_harness(isolation, hack):
     """Reward hacking by monkeypatching what the harness calls after the program: bound before the program runs."""
@@ -97,7 +105,14 @@ def test_program_cannot_skip_the_tests_by_patching_the_harness(isolation, hack):
     assert code_reward(program, ADD_TESTS, isolation=isolation) == 0.0
     # add = 0 passes add(-1, 1) == 0 and add(0, 0) == 0 only: 0.5 when the tests run, 0.0 when the program left early
     partial = code_reward(program, ADD_TESTS, partial_credit=True, isolation=isolation)
-    assert partial == (0.0 if "_exit" in hack else 0.5)
+    assert partial == (0.0 if hack.startswith("import os\n") or "gc" in hack else 0.5)
+
+
+def test_tests_see_pristine_builtins(isolation):
+    """A program that patches a builtin the tests use does not change what the tests compute."""
+    program = "__builtins__['len'] = lambda x: 2\ndef f():\n    return 'abc'\n"
+    assert code_reward(program, "assert len(f()) == 2\n", isolation=isolation) == 0.0
+    assert code_reward(program, "assert len(f()) == 3\n", isolation=isolation) == 1.0
 
 
 def test_program_output_does_not_hide_the_result(isolation):

@@ -81,9 +81,15 @@ TRICKY = [
     ("\\boxed{}", "5", 0),
     ("I don't know.", "5", 0),
     ("#### 18\n\nCheck: 9 + 9 = 18, and 99 is too many.", "18", 1),
+    # prose after "answer is": its first number, or its last after a negation
+    ("The answer is 5 because there are 2 red and 3 blue.", "5", 1),
+    ("The answer is 5 because there are 2 red and 3 blue.", "3", 0),
+    ("The answer is 6, not 7.", "6", 1),
+    ("The answer is 6, not 7.", "7", 0),
+    ("The answer is:\n\n42", "42", 1),
 ]
 # Measured by test_tricky_suite_error_counts (docs/verifiers.md): the counts may only go down.
-FALSE_POSITIVES = 1  # "The answer is 5 or maybe 6" (last number of a hedge)
+FALSE_POSITIVES = 0
 FALSE_NEGATIVES = 1  # "We get 72 in total: 48 in April and 24 in May." (its last number is not the answer)
 UNJUDGED = 0
 

@@ -179,14 +179,14 @@ class HFEngine:
         per_prompt = params.n // copies  # rows decoded per prompt
         was_training = model.training
         attention = getattr(model.config, "_attn_implementation", None)
-        if attention == "posttrain_segments":  # a model in training: its padding-free attention gets no padding
-            model.config._attn_implementation = "sdpa"  # mask from transformers, so decode left-padded rows with sdpa
-        model.eval()
         encoded = [render_prompt(tokenizer, messages) for messages in prompts]
         order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))  # longest first: little padding
         prompts_per_batch = max(1, self.batch_size // per_prompt)
         results: list[list[Completion]] = [[] for _ in encoded]
         try:
+            if attention == "posttrain_segments":  # a model in training: its padding-free attention gets no padding
+                model.config._attn_implementation = "sdpa"  # mask from transformers: decode left-padded rows with sdpa
+            model.eval()
             for start in range(0, len(order), prompts_per_batch):
                 chunk = order[start : start + prompts_per_batch]
                 rows = self._decode([encoded[i] for i in chunk], per_prompt, params, sampler, stop_ids, pad_id, device)
@@ -289,6 +289,9 @@ class VLLMEngine:
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
 
+        if params.scaled_logprobs:
+            raise NotImplementedError("scaled_logprobs (log-probs of logits / T) with vLLM: not wired yet; RL uses the "
+                                      "built-in engine")
         stop_ids = end_of_turn_token_ids(self.tokenizer)
         vllm_params = VLLMSamplingParams(
             n=params.n, max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,

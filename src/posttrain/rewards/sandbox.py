@@ -169,7 +169,24 @@ def _run(source: str, mode: Isolation, *, timeout_s: float, memory_mb: int, max_
     except OSError as error:
         return failed(f"could not start the sandbox: {error}")
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        remove_tree(scratch)
+
+
+def remove_tree(path: str) -> None:
+    """``rmtree`` that also removes what the program made unreadable (``os.chmod(d, 0)``): permissions are restored
+    and the removal retried, so no scratch directory is left behind."""
+    def retry(function, failed_path, _error):
+        try:
+            os.chmod(os.path.dirname(failed_path) or ".", 0o700)
+            if os.path.isdir(failed_path) and not os.path.islink(failed_path):
+                os.chmod(failed_path, 0o700)
+            function(failed_path)
+        except OSError:
+            pass
+
+    shutil.rmtree(path, onerror=retry)
+    if os.path.exists(path):  # a directory emptied only on the second pass
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _proc_stat(pid: str) -> list[str] | None:

@@ -120,14 +120,33 @@ def _last_expression(text: str) -> str | None:
     return best
 
 
+def _first_expression(text: str) -> str | None:
+    """The first maths span or number of ``text``, whichever starts first."""
+    spans = [(m.start(), next(g for g in m.groups() if g is not None)) for m in _MATH_SPAN.finditer(text)][:1]
+    numbers = [(m.start(), m.group(0)) for m in _LAST_NUMBER.finditer(text)][:1]
+    found = sorted(spans + numbers)
+    return found[0][1] if found else None
+
+
+def _answer_after_marker(line: str) -> str | None:
+    """The answer in the rest of an "answer is" line: the line itself when it is an expression; in prose, the first
+    number or maths span ("5 because 2 + 3", "6, not 7"), or the last one when the line opens with a negation
+    ("not 5; it is 7")."""
+    if not _is_prose(_strip_text_units(line)):
+        return line
+    negated = re.match(r"\s*(?:not|n't|never)\b", line, re.I) is not None
+    return _last_expression(line) if negated else _first_expression(line)
+
+
 def extract_answer(completion: str) -> str | None:
     """The final answer of a completion, or None when it gives none. Rules, first that applies (docs/verifiers.md):
 
     1. scope: the content of the last ``<answer>...</answer>``; else the text after the last ``</think>``; else all;
     2. the last ``\\boxed{...}`` / ``\\fbox{...}`` in the scope;
     3. GSM8K's ``#### X``: the rest of the last such line;
-    4. the rest of the line after the last "answer is" / "answer:" (case-insensitive) — when that reads as prose
-       ("not 5; it is 7") its last number or maths span;
+    4. the rest of the line after the last "answer is" / "answer:" (case-insensitive; the next line when nothing
+       follows on it) — when that reads as prose, its first number or maths span ("5 because 2 + 3", "6, not 7"),
+       or its last when it opens with a negation ("not 5; it is 7");
     5. an ``<answer>`` scope as a whole (or its last number when it is prose);
     6. the last number or maths span of the scope.
     """
@@ -153,9 +172,12 @@ def extract_answer(completion: str) -> str | None:
     cut = max((low_scope.rfind(k) + len(k) for k in ("answer is", "answer:") if low_scope.rfind(k) >= 0),
               default=-1)
     if cut >= 0:
-        line = scope[cut:].lstrip(" :").split("\n", 1)[0]
+        rest = scope[cut:].lstrip(" :")
+        line = rest.split("\n", 1)[0]
+        if not _clean(line) and "\n" in rest:  # "The answer is:" with the answer on the next line
+            line = rest.split("\n", 1)[1].strip().split("\n", 1)[0]
         if line.strip():
-            answer = _last_expression(line) if _is_prose(_strip_text_units(line)) else line
+            answer = _answer_after_marker(line)
             if answer is not None:
                 return _clean(answer)
     if tagged and scope.strip():
@@ -482,19 +504,26 @@ _RESULT_TAG = "__posttrain_tests__"
 
 def _harness(program: str, tests: str, nonce: str) -> str:
     """The sandboxed script: the program, then each top-level statement of ``tests`` in its own try, then one line
-    ``<tag>-<nonce> {"program": ok, "asserts": n, "passed": k, "all": ok}`` on file descriptor 1. Everything the
-    harness calls after the program is bound as a default argument before the program runs, and the program gets its
-    own copy of the builtins, so ``builtins.exec = ...`` or ``ast.parse = ...`` in the program does not skip the
-    tests. The program still runs in the same interpreter as the tests, so one that goes looking for the nonce
-    (frame inspection) can forge the line (docs/verifiers.md)."""
+    ``<tag>-<nonce> {"program": ok, "statements": s, "asserts": n, "passed": k, "all": ok}`` on file descriptor 1.
+    The script unlinks itself (the nonce is in it) before the program runs; everything the harness calls after the
+    program is bound as a default argument before it runs; the program gets its own copy of the builtins and every
+    test statement a pristine one; and the caller checks that the report counts every test statement. So
+    ``builtins.exec = ...``, ``ast.parse = ...``, reading the script or emptying the statement list does not skip
+    or fake the tests. The program still runs in the same interpreter as the tests, so one that inspects frames or
+    code objects for the nonce can forge the line (docs/verifiers.md)."""
     return f'''\
 import ast as _ast, builtins as _builtins, json as _json, os as _os, sys as _sys, traceback as _traceback
+try:
+    _os.unlink(__file__)  # the nonce is in this file: gone before the program runs
+except OSError:
+    pass
 def _posttrain_run(program, tests, tag, exec=exec, compile=compile, isinstance=isinstance, BaseException=BaseException,
                    SystemExit=SystemExit, parse=_ast.parse, Assert=_ast.Assert, Module=_ast.Module,
                    print_exc=_traceback.print_exc, write=_os.write, dumps=_json.dumps, stdout=_sys.stdout):
     statements = parse(tests).body  # parsed before the program runs
-    scope = {{"__name__": "__main__", "__builtins__": dict(vars(_builtins))}}
-    report = {{"program": True, "asserts": 0, "passed": 0, "all": True}}
+    pristine = dict(vars(_builtins))  # each test statement gets these builtins, whatever the program did to its own
+    scope = {{"__name__": "__main__", "__builtins__": dict(pristine)}}
+    report = {{"program": True, "statements": 0, "asserts": 0, "passed": 0, "all": True}}
     try:
         exec(compile(program, "<program>", "exec"), scope)
     except SystemExit as stop:
@@ -505,7 +534,9 @@ def _posttrain_run(program, tests, tag, exec=exec, compile=compile, isinstance=i
     if report["program"]:
         for statement in statements:
             is_assert = isinstance(statement, Assert)
+            report["statements"] += 1
             report["asserts"] += is_assert
+            scope["__builtins__"] = dict(pristine)
             try:
                 exec(compile(Module([statement], []), "<tests>", "exec"), scope)
                 report["passed"] += is_assert
@@ -558,6 +589,10 @@ def code_reward(program: str, tests: str, *, timeout_s: float = 10.0, partial_cr
         return None
     report = _test_report(result.stdout, nonce)
     if result.timed_out or report is None or not report["program"]:
+        return 0.0
+    statements = ast.parse(tests).body  # the report must account for every test statement (none skipped)
+    if (report.get("statements"), report.get("asserts")) != (len(statements),
+                                                              sum(isinstance(s, ast.Assert) for s in statements)):
         return 0.0
     if partial_credit and report["asserts"]:
         return report["passed"] / report["asserts"]

@@ -67,6 +67,7 @@ class Algo(StrEnum):
     cispo = "cispo"
 
 
+MAX_REFILLS = 100
 GROUP_ALGOS = (Algo.grpo, Algo.dr_grpo, Algo.gspo, Algo.cispo)
 
 # What "auto" (or -1) resolves to per algorithm: where the KL goes, how the loss is reduced, the clip range, the
@@ -127,7 +128,8 @@ class RLConfig(ChatTrainConfig):
     clip_high: float = option(-1.0, "upper clip range eps_high (> clip_low: DAPO's clip-higher); -1 = the "
                                     "algorithm's (= clip_low; gspo 4e-4; cispo 0.28)")
     dynamic_sampling: bool = option(False, "DAPO: drop groups whose rewards are all equal and refill the batch")
-    max_refills: int = option(4, "dynamic sampling: extra rollout rounds per step before training on fewer groups")
+    max_refills: int = option(4, "dynamic sampling: extra rollout rounds per step before training on fewer groups "
+                                 f"(at most {MAX_REFILLS})")
     overlong: str = option("none", "truncated completions (no end-of-turn): none | mask (no loss) | shape (DAPO's "
                                    "soft penalty over the last overlong_buffer tokens, -overlong_penalty if cut)",
                            choices=("none", "mask", "shape"))
@@ -197,6 +199,13 @@ def resolve(config: RLConfig) -> RLConfig:
     if config.num_minibatches > config.batch_size:
         raise ValueError(f"--num_minibatches ({config.num_minibatches}) cannot exceed --batch_size "
                          f"({config.batch_size}): minibatches split the batch by prompt")
+    if config.target_kl > 0 and config.beta == 0:
+        raise ValueError("--target_kl adapts beta multiplicatively: it needs a starting --beta > 0")
+    if algo == Algo.gspo and config.step_reward:
+        raise ValueError("gspo has one ratio and one advantage per sequence: dense --step_reward needs a token-level "
+                         "algorithm")
+    if not 0 <= config.max_refills <= MAX_REFILLS:
+        raise ValueError(f"--max_refills must be in [0, {MAX_REFILLS}], got {config.max_refills}")
     if config.beta < 0 or config.temperature <= 0:
         raise ValueError(f"need beta >= 0 and temperature > 0, got beta={config.beta}, "
                          f"temperature={config.temperature}")
@@ -231,11 +240,13 @@ class Sample:
     group: int  # index of its prompt in the batch
     prompt_ids: list[int]
     token_ids: list[int]
-    old_logps: list[float]  # log pi_old(token) under softmax(logits / T), from the sampler
+    sampler_logps: list[float]  # log pi(token) under softmax(logits / T) as the sampler computed it
     text: str
     truncated: bool
     reward: float  # NaN: the reward could not score it (dropped)
     trained: bool = True  # False: dropped (no reward) or masked (truncated under --overlong=mask)
+    score: float = math.nan  # the reward before any shaping (dynamic sampling filters on it)
+    old_logps: torch.Tensor | None = None  # (L,) log pi_old by the trainer's forward (when an update needs it first)
     ref_logps: torch.Tensor | None = None  # (L,)
     values: torch.Tensor | None = None  # (L,) V(s_t) before each token (ppo)
     advantages: torch.Tensor | None = None  # (L,)
@@ -273,9 +284,30 @@ def step_end_tokens(tokenizer, content_ids: list[int], split: str = "lines") -> 
     completes it: the first token whose decoded prefix covers the step's last character."""
     text = tokenizer.decode(content_ids, skip_special_tokens=True)
     spans = [(m.group().strip(), m.end() - 1) for m in STEP_PATTERNS[split].finditer(text)]
-    decoded = [len(tokenizer.decode(content_ids[: k + 1], skip_special_tokens=True)) for k in range(len(content_ids))]
-    ends = [next((k for k, n in enumerate(decoded) if n > char), len(content_ids) - 1) for _, char in spans]
+    decoded: dict[int, int] = {}
+
+    def covered(k: int) -> int:  # characters decoded from the first k + 1 tokens (grows with k)
+        if k not in decoded:
+            decoded[k] = len(tokenizer.decode(content_ids[: k + 1], skip_special_tokens=True))
+        return decoded[k]
+
+    ends = []
+    for _, char in spans:  # binary search: O(log L) decodes per step, not one per token
+        low, high = 0, len(content_ids) - 1
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (middle + 1, high) if covered(middle) <= char else (low, middle)
+        ends.append(low)
     return [step for step, _ in spans], ends
+
+
+ENTROPY_CHUNK = 2048  # rows of (n, V) logits at a time: a 150k vocabulary's fp32 softmax stays ~1 GiB
+
+
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy (n,) of softmax(logits / T) per row of logits (n, V), in float32."""
+    logp = torch.log_softmax(logits.float() / temperature, -1)
+    return -(logp.exp() * logp).sum(-1)
 
 
 def group_advantages(rewards: torch.Tensor, algo: Algo, scale: str) -> torch.Tensor:
@@ -347,8 +379,9 @@ def _world_rollout_metrics(prompts: list[list[dict]], texts: list[str]) -> dict[
 def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | None = None) -> Path:
     """Run online RL; returns the final policy's directory (``out/model``).
 
-    ``on_step_end(step, info)`` gets ``info = {"samples": [Sample, ...], "rollout_metrics": {...}, "tokens": ...}``
-    after every step (tests and benchmarks hook in here).
+    ``on_step_end(step, info)`` gets ``info = {"samples": the first rollout round's [Sample, ...],
+    "trained_samples": those of the groups trained on (after dynamic sampling), "trained_tokens": tokens in the loss,
+    "tokens": generated + trained, "rollout_metrics": {...}}`` after every step (tests and benchmarks hook in here).
     """
     if not config.model:
         raise ValueError("posttrain rl needs --model: the policy to start from (an SFT model directory)")
@@ -394,13 +427,21 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
                                            total_steps=config.max_steps * config.ppo_epochs * config.num_minibatches,
                                            schedule=config.lr_schedule)
         modules["critic"], optimizers["critic"], schedulers["critic"] = critic, critic_optimizer, critic_scheduler
+    # pi_old by the trainer's own forward, at the training precision (verl's recomputed old_log_prob; the sampler's
+    # fp32 KV-cache log-probs differ from a bf16 forward by ~1e-2, beyond GSPO's 3e-4 clip), whenever the first
+    # update is not the first use: several passes, or a KL to place in the reward first. One on-policy pass takes
+    # pi_old = the current log-probs, detached (TRL's num_iterations = 1). The sampler's log-probs give the mismatch.
+    recompute_old = config.ppo_epochs > 1 or config.num_minibatches > 1 or reference is not None
     run.start(config.max_steps, modules=modules, optimizers=optimizers, schedulers=schedulers, tokenizer=tokenizer)
     engine = HFEngine(model, tokenizer, batch_size=config.generation_batch_size)
     prompt_order = batch_indices(len(rows), config.batch_size, config.seed, shuffle=config.shuffle,
                                  start_batch=run.start_step)
     clip_low = None if config.clip_low < 0 else config.clip_low
     aggregation = Reduction(config.loss_aggregation)
-    dropped_total = 0
+
+    def rollout_seed(step: int, refill: int) -> int:
+        """The sampling seed of rollout round ``refill`` of ``step``: distinct for every (seed, step, round)."""
+        return (config.seed * 1_000_003 + step) * (MAX_REFILLS + 1) + refill
 
     def rollout(indices: list[int], seed: int) -> list[list[Sample]]:
         """``group_size`` scored samples for each prompt of ``indices`` (steps 1 and 2 of the module docstring)."""
@@ -425,12 +466,13 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
             for c in group:
                 score = math.nan if scores[k] is None else float(scores[k])
                 truncated = c.finish_reason != "stop"
+                shaped = score
                 if config.overlong == "shape" and not math.isnan(score):
-                    score += overlong_penalty(len(c.token_ids), truncated, config.max_new_tokens,
-                                              config.overlong_buffer, config.overlong_penalty)
+                    shaped += overlong_penalty(len(c.token_ids), truncated, config.max_new_tokens,
+                                               config.overlong_buffer, config.overlong_penalty)
                 samples.append(Sample(g, prompt_ids[i], list(c.token_ids), list(c.logprobs), c.text, truncated,
-                                      score, trained=not math.isnan(score)
-                                      and not (truncated and config.overlong == "mask")))
+                                      shaped, trained=not math.isnan(score)
+                                      and not (truncated and config.overlong == "mask"), score=score))
                 if step_scores[k] is not None:
                     samples[-1].extra["steps"] = step_scores[k]  # ([P(correct) per step], [its last token])
                 k += 1
@@ -438,10 +480,18 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
         return groups
 
     @torch.no_grad()
-    def reference_and_values(samples: list[Sample]) -> None:
-        """Step 3: the reference's log-probs and the critic's values of every sampled token (no gradient)."""
+    def reference_and_values(samples: list[Sample], sums: dict[str, float]) -> None:
+        """Step 3: the policy's (when ``recompute_old``), the reference's log-probs and the critic's values of every
+        sampled token (no gradient), at the training precision."""
         for chunk in micro_batches(list(range(len(samples))), config.grad_accum):
             batch, ordered = shared_prompt_batch([samples[i] for i in chunk])
+            if recompute_old:
+                with autocast(device, config.precision):
+                    logits, targets = trained_token_logits(model, batch)
+                for s, values in zip(ordered, split_tokens(logps_of(logits, targets, config.temperature), ordered)):
+                    s.old_logps = values.cpu()
+                    sums["mismatch"] += float((s.old_logps - torch.tensor(s.sampler_logps)).abs().sum())
+                    sums["mismatch_tokens"] += len(s.token_ids)
             if reference is not None:
                 with autocast(device, config.precision):
                     logits, targets = trained_token_logits(reference, batch)
@@ -461,7 +511,7 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
         beta = kl_control.beta
         kl_sums = []
         for s in samples:
-            old = torch.tensor(s.old_logps)
+            old = s.old_logps if s.old_logps is not None else torch.tensor(s.sampler_logps)
             if s.ref_logps is not None:
                 s.kl = kl_penalty(old, s.ref_logps, config.kl_estimator)
                 kl_sums.append(float(kl_penalty(old, s.ref_logps, KLEstimator.k1).sum()))
@@ -522,9 +572,15 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
             with autocast(device, config.precision):
                 logits, targets = trained_token_logits(model, batch)
             logps = padded(split_tokens(logps_of(logits, targets, config.temperature), ordered))  # (B, T)
-            old = padded([torch.tensor(s.old_logps) for s in ordered]).to(logps.device)
-            advantages = padded([s.advantages.float() for s in ordered]).to(logps.device)
             mask = padded([torch.ones(len(s.token_ids)) for s in ordered]).to(logps.device)
+            if recompute_old:
+                old = padded([s.old_logps for s in ordered]).to(logps.device)
+            else:  # one on-policy pass: pi_old is the policy as it is now, at this very forward's precision
+                old = logps.detach()
+                sampled = padded([torch.tensor(s.sampler_logps) for s in ordered]).to(logps.device)
+                sums["mismatch"] += float(((old - sampled).abs() * mask).sum())
+                sums["mismatch_tokens"] += float(mask.sum())
+            advantages = padded([s.advantages.float() for s in ordered]).to(logps.device)
             if algo == Algo.gspo:
                 per_token, metrics = gspo_surrogate(logps, old, advantages[:, 0], mask, clip_low=config.clip_low,
                                                     clip_high=config.clip_high)
@@ -543,12 +599,11 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
             loss = reduce_per_token(per_token, mask, aggregation, normalizer=normalizer)
             loss.backward()
             with torch.no_grad():
-                probs = torch.softmax(logits.float() / config.temperature, -1)
-                entropy = -(probs * torch.log(probs.clamp(min=1e-30))).sum(-1)
+                sums["entropy"] += sum(float(token_entropy(part, config.temperature).sum())
+                                       for part in logits.detach().split(ENTROPY_CHUNK))
                 sums["loss"] += float(loss)
                 sums["clipfrac"] += clipfrac
                 sums["approx_kl"] += float((kl_penalty(old, logps, KLEstimator.k3) * mask).sum())
-                sums["entropy"] += float(entropy.sum())
                 sums["ratio_max"] = max(sums["ratio_max"], float(((logps - old).exp() * mask).max()))
                 sums["tokens"] += float(mask.sum())
             if critic is not None:
@@ -586,36 +641,39 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
         for step in run.steps():
             started = time.perf_counter()
             indices = next(prompt_order)
-            groups = rollout(indices, seed=config.seed * 1_000_003 + step * 101)
+            groups = rollout(indices, seed=rollout_seed(step, 0))
             generated = sum(len(s.token_ids) for g in groups for s in g)
             dropped = sum(1 for g in groups for s in g if math.isnan(s.reward))
             rollout_rewards = [s.reward for g in groups for s in g if not math.isnan(s.reward)]
             rollout_samples = [s for g in groups for s in g]
             filtered = 0
             if config.dynamic_sampling:  # DAPO: keep groups whose rewards differ; refill from fresh prompts
+                def informative(group: list[Sample]) -> bool:  # on the reward before shaping, as verl's DAPO
+                    return len({s.score for s in group if s.trained}) > 1
+
                 generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-                kept = [g for g in groups if len({s.reward for s in g if s.trained}) > 1]
+                kept = [g for g in groups if informative(g)]
+                filtered = len(groups) - len(kept)
                 for refill in range(1, config.max_refills + 1):
                     if len(kept) >= config.batch_size:
                         break
                     extra = torch.randint(len(rows), (config.batch_size,), generator=generator).tolist()
-                    more = rollout(extra, seed=config.seed * 1_000_003 + step * 101 + refill)
+                    more = rollout(extra, seed=rollout_seed(step, refill))
                     generated += sum(len(s.token_ids) for g in more for s in g)
-                    kept += [g for g in more if len({s.reward for s in g if s.trained}) > 1]
-                filtered = len(groups) - len([g for g in groups if len({s.reward for s in g if s.trained}) > 1])
+                    kept += [g for g in more if informative(g)]
                 groups = kept[: config.batch_size]
                 for g, group in enumerate(groups):
                     for s in group:
                         s.group = g
             generation_seconds = time.perf_counter() - started
             samples = [s for g in groups for s in g]
+            sums = dict.fromkeys(("loss", "clipfrac", "approx_kl", "entropy", "tokens", "value_loss", "grad_norm",
+                                  "updates", "ratio_max", "lr", "mismatch", "mismatch_tokens"), 0.0)
             if samples:
-                reference_and_values(samples)
+                reference_and_values(samples, sums)
             kl_metrics = assign_advantages(groups)
 
             training_started = time.perf_counter()
-            sums = dict.fromkeys(("loss", "clipfrac", "approx_kl", "entropy", "tokens", "value_loss", "grad_norm",
-                                  "updates", "ratio_max", "lr"), 0.0)
             shuffle = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 7919)
             for epoch in range(config.ppo_epochs if groups else 0):
                 order = torch.randperm(len(groups), generator=shuffle).tolist() if config.ppo_epochs > 1 else \
@@ -625,7 +683,6 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
             training_seconds = time.perf_counter() - training_started
             kl_control.update(kl_metrics["policy/kl"], len(samples))
 
-            dropped_total += dropped
             lengths = [len(s.token_ids) for s in rollout_samples]
             mean_reward = sum(rollout_rewards) / len(rollout_rewards) if rollout_rewards else math.nan
             spread = sum((r - mean_reward) ** 2 for r in rollout_rewards)
@@ -635,7 +692,7 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
                 "rollout/reward_mean": mean_reward, "rollout/reward_std": std_reward,
                 "rollout/mean_length": sum(lengths) / len(lengths),
                 "rollout/truncated_rate": sum(s.truncated for s in rollout_samples) / len(rollout_samples),
-                "rollout/dropped": dropped, "rollout/dropped_total": dropped_total,
+                "rollout/dropped": dropped,
                 "rollout/groups_trained": len(groups), "rollout/groups_filtered": filtered,
                 "rollout/generation_tokens_per_s": generated / max(generation_seconds, 1e-9),
                 **_world_rollout_metrics([rows[i][0] for i in indices for _ in range(config.group_size)],
@@ -643,6 +700,7 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
                 **kl_metrics,
                 "policy/clipfrac": sums["clipfrac"] / n_tokens, "policy/approx_kl": sums["approx_kl"] / n_tokens,
                 "policy/entropy": sums["entropy"] / n_tokens, "policy/ratio_max": sums["ratio_max"],
+                "rollout/logprob_mismatch": sums["mismatch"] / max(sums["mismatch_tokens"], 1.0),
                 "train/loss": sums["loss"] / max(sums["updates"], 1), "train/lr": sums["lr"],
                 "train/grad_norm": sums["grad_norm"] / max(sums["updates"], 1),
                 "train/training_tokens_per_s": sums["tokens"] / max(training_seconds, 1e-9),
@@ -659,7 +717,7 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
             if eval_rows and run.eval_due(step):
                 run.log_metrics(step, evaluate())
             run.end_step(step, metrics, tokens=generated + int(sums["tokens"]), samples=rollout_samples,
-                         rollout_metrics=metrics)
+                         trained_samples=samples, trained_tokens=int(sums["tokens"]), rollout_metrics=metrics)
 
     final = evaluate()
     if final:
