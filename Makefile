@@ -40,6 +40,7 @@ bench: $(VENV)/.bench
 	$(PY) benchmarks/generate.py
 	$(PY) benchmarks/dpo.py
 	$(PY) benchmarks/grpo.py
+	$(PY) benchmarks/grpo_world.py --model runs/demo/sft/model  # needs `make demo` first
 	$(PY) -m pytest -q tests/test_trl_parity.py  # loss parity with TRL (needs the bench extra's trl)
 
 # Mutation testing (docs/mutation.md): mutmut mutates the modules of pyproject's [tool.mutmut] only_mutate and runs

@@ -290,6 +290,8 @@ def test_no_reference_model_is_loaded_when_beta_is_zero(sft_model, prompts, tmp_
                     reward="gold"))  # the gold reward varies within groups: the policy moves
     assert len(loaded) == 5  # --track_kl: the reference only to report the KL
     assert read_metrics(tmp_path / "tracked")[-1]["policy/kl"] != 0.0
+    assert (tmp_path / "tracked" / "plots" / "reward_vs_kl.png").exists()  # the over-optimization view
+    assert not (tmp_path / "zero" / "plots" / "reward_vs_kl.png").exists()  # no KL measured, no such plot
 
 
 def test_dynamic_sampling_trains_only_groups_whose_rewards_differ(sft_model, prompts, tmp_path, monkeypatch):

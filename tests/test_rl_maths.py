@@ -408,3 +408,14 @@ def test_process_advantages_hand_values():
     z = 0.5 / (2 ** -0.5 + 1e-4)
     assert torch.allclose(c, torch.tensor([z, 0.0])) and torch.allclose(d, torch.tensor([-z, -z]))
     assert [t.tolist() for t in process_advantages([torch.tensor([0.7])], [torch.tensor([0])], [3])] == [[0.0] * 3]
+
+
+def test_process_advantages_keep_the_dtype_and_handle_no_steps():
+    """float64 step scores give float64 advantages; a group with no scored step gives zeros of each length."""
+    from posttrain.advantages import process_advantages
+
+    a, b = process_advantages([torch.tensor([0.2, 0.8], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)],
+                              [torch.tensor([0, 1]), torch.tensor([0])], [2, 1])
+    assert a.dtype == b.dtype == torch.float64
+    assert [t.tolist() for t in process_advantages([], [], [3, 1])] == [[0.0] * 3, [0.0]]
+    assert all(t.dtype == torch.float32 for t in process_advantages([], [], [2]))

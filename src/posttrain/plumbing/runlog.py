@@ -88,3 +88,35 @@ def plot_metrics(run_dir: Path, keys: list[str] | None = None) -> list[Path]:
         plt.close(fig)
         written.append(out)
     return written
+
+
+def plot_against(run_dir: Path, x_key: str, y_keys: list[str], name: str) -> Path | None:
+    """``y_keys`` against ``x_key`` over the logged steps that have them (e.g. RL's rewards against its KL to the
+    reference: the over-optimization curve), one panel, in ``plots/{name}.png``; None when nothing was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in read_metrics(run_dir) if isinstance(r.get(x_key), (int, float))]
+    curves = {key: [(r[x_key], r[key]) for r in records if isinstance(r.get(key), (int, float))] for key in y_keys}
+    curves = {key: sorted(points) for key, points in curves.items() if points}
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for key, points in curves.items():
+        xs, ys = zip(*points)
+        dots = ax.plot(xs, ys, marker=".", linestyle="none", alpha=0.4)[0]
+        window = max(1, len(ys) // 8)  # a running mean over neighbouring x: the trend through noisy batches
+        smooth = [sum(ys[max(0, i - window): i + window + 1]) / len(ys[max(0, i - window): i + window + 1])
+                  for i in range(len(ys))]
+        ax.plot(xs, smooth, color=dots.get_color(), label=key)
+    ax.set_xlabel(x_key)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(run_dir) / "plots" / f"{name}.png"
+    out.parent.mkdir(exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out

@@ -53,6 +53,7 @@ from posttrain.models.heads import load_value_model, token_values
 from posttrain.models.logprobs import logps_of, trained_token_logits
 from posttrain.plumbing.config import ChatTrainConfig, option, stage_config
 from posttrain.plumbing.harness import Run
+from posttrain.plumbing.runlog import plot_against
 from posttrain.plumbing.training import (autocast, batch_indices, build_optimizer, build_scheduler, micro_batches,
                                          optimizer_and_scheduler, optimizer_step)
 
@@ -161,6 +162,8 @@ class RLConfig(ChatTrainConfig):
     batch_size: int = option(8, "prompts per rollout batch (each gives group_size completions)")
     grad_accum: int = option(1, "micro-batches per optimizer step (the denominators are the whole step's)")
     max_steps: int = option(100, "rollout steps (each: generate, score, ppo_epochs x num_minibatches updates)")
+    epochs: float = option(1.0, "not used by rl: a run is max_steps rollout steps (prompts cycle through the data "
+                                "in seeded epochs)")
     lr: float = 1e-5
     warmup_steps: int = 0
     lr_schedule: str = "constant"
@@ -722,4 +725,7 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
     final = evaluate()
     if final:
         run.log_metrics(run.step, final)
-    return run.finish({"algo": algo.value, "eval": final})
+    model_dir = run.finish({"algo": algo.value, "eval": final})
+    if reference is not None:  # the rollouts' rewards against the KL to the reference: over-optimization shows here
+        plot_against(run.dir, "policy/kl", ["rollout/reward_mean", "rollout/gold_reward"], "reward_vs_kl")
+    return model_dir
