@@ -42,8 +42,8 @@ def ensure_workload(shared: Path, work: Path) -> tuple[Path, Path]:
     return model, data
 
 
-def run_subprocess(cmd: list[str], results: Path) -> dict | None:
-    """Run one measurement in a fresh process; its last JSON line is appended to ``results`` and returned."""
+def run_subprocess(cmd: list[str], results: Path | None = None) -> dict | None:
+    """Run one measurement in a fresh process; its last JSON line is returned (and appended to ``results``)."""
     env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -51,8 +51,9 @@ def run_subprocess(cmd: list[str], results: Path) -> dict | None:
         print(f"FAILED: {' '.join(cmd)}\n{proc.stderr[-3000:]}", file=sys.stderr)
         return None
     result = json.loads(lines[-1])
-    with results.open("a") as f:
-        f.write(json.dumps(result) + "\n")
+    if results is not None:
+        with results.open("a") as f:
+            f.write(json.dumps(result) + "\n")
     return result
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import statistics
 import subprocess
@@ -41,7 +40,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from common import ENV  # noqa: E402
+from common import run_subprocess  # noqa: E402
 
 
 
@@ -192,16 +191,6 @@ def evaluate(model_dir: str, heldout: Path, limit: int) -> dict:
     return {"greedy": greedy, "sampled": sampled}
 
 
-def run_one(cmd: list[str]) -> dict | None:
-    env = {**os.environ, **ENV, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        print(f"FAILED: {' '.join(cmd)}\n{proc.stderr[-3000:]}", file=sys.stderr)
-        return None
-    return json.loads(lines[-1])
-
-
 def fmt(x: float, spec: str = ".3f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -242,7 +231,7 @@ def main() -> None:
               "--out", str(args.out)]
     for lib in ("posttrain",) + (() if args.skip_trl else ("trl",)):
         before = uptime()
-        row = run_one([sys.executable, __file__, *common, "--one", lib])
+        row = run_subprocess([sys.executable, __file__, *common, "--one", lib])  # rows are written with their eval
         if row is None:
             continue
         row.update(uptime_before=before, uptime_after=uptime(), name=f"{lib} GRPO, {args.budget:.0f} s")

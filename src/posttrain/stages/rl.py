@@ -50,7 +50,7 @@ from posttrain.models import (load_causal_lm, load_tokenizer, prepare_for_traini
                               use_segment_attention)
 from posttrain.models.generation import HFEngine, SamplingParams
 from posttrain.models.heads import load_value_model, token_values
-from posttrain.models.logprobs import logps_of, trained_token_logits
+from posttrain.models.logprobs import logps_of, token_logps, trained_token_logits
 from posttrain.plumbing.config import ChatTrainConfig, option, stage_config
 from posttrain.plumbing.harness import Run
 from posttrain.plumbing.runlog import plot_against
@@ -362,6 +362,12 @@ def _default_world_paths(config: RLConfig) -> RLConfig:
     return config
 
 
+def reward_columns(extras: list[dict]) -> dict[str, list]:
+    """The rows' other columns (``answer``, ``tests``, ...) as the reward contract takes them: one list per column,
+    None where a row lacks it."""
+    return {key: [extra.get(key) for extra in extras] for key in {key for extra in extras for key in extra}}
+
+
 def _world_rollout_metrics(prompts: list[list[dict]], texts: list[str]) -> dict[str, float]:
     """rollout/gold_reward and rollout/request_rate when every prompt is a tiny-world question (else nothing)."""
     from posttrain.world.requests import follows_request
@@ -453,8 +459,7 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
                                 scaled_logprobs=True)
         completions = engine.generate([rows[i][0] for i in indices], params)
         flat_prompts = [rows[i][0] for i in indices for _ in range(config.group_size)]
-        columns = {k: [rows[i][1].get(k) for i in indices for _ in range(config.group_size)]
-                   for k in {k for i in indices for k in rows[i][1]}}
+        columns = reward_columns([rows[i][1] for i in indices for _ in range(config.group_size)])
         texts = [c.text for group in completions for c in group]
         scores = reward(flat_prompts, texts, **columns)
         step_scores: list = [None] * len(texts)
@@ -490,15 +495,15 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
             batch, ordered = shared_prompt_batch([samples[i] for i in chunk])
             if recompute_old:
                 with autocast(device, config.precision):
-                    logits, targets = trained_token_logits(model, batch)
-                for s, values in zip(ordered, split_tokens(logps_of(logits, targets, config.temperature), ordered)):
+                    flat = token_logps(model, batch, temperature=config.temperature)
+                for s, values in zip(ordered, split_tokens(flat, ordered)):
                     s.old_logps = values.cpu()
                     sums["mismatch"] += float((s.old_logps - torch.tensor(s.sampler_logps)).abs().sum())
                     sums["mismatch_tokens"] += len(s.token_ids)
             if reference is not None:
                 with autocast(device, config.precision):
-                    logits, targets = trained_token_logits(reference, batch)
-                for s, values in zip(ordered, split_tokens(logps_of(logits, targets, config.temperature), ordered)):
+                    flat = token_logps(reference, batch, temperature=config.temperature)
+                for s, values in zip(ordered, split_tokens(flat, ordered)):
                     s.ref_logps = values.cpu()
             if critic is not None:
                 critic.eval()
@@ -633,7 +638,7 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
         prompts = [messages for messages, _ in eval_rows]
         replies = [c[0] for c in engine.generate(prompts, SamplingParams(n=1, max_new_tokens=config.max_new_tokens,
                                                                          temperature=0.0))]
-        columns = {k: [extra.get(k) for _, extra in eval_rows] for k in {k for _, e in eval_rows for k in e}}
+        columns = reward_columns([extra for _, extra in eval_rows])
         scores = [s for s in reward(prompts, [c.text for c in replies], **columns) if s is not None]
         metrics = {"eval/reward": sum(scores) / len(scores) if scores else math.nan}
         world = _world_rollout_metrics(prompts, [c.text for c in replies])
