@@ -28,3 +28,27 @@ def test_cancel_stops_a_running_job_and_gives_the_threads_back(tmp_path):
     job.cancel()
     assert not job.process.is_alive() and time.monotonic() - started < 60
     assert torch.get_num_threads() == threads
+
+
+def test_over_optimization_curve_averages_windows_that_end_at_the_last_step():
+    """Seven logged steps (kl = step, proxy = step / 10, gold 1 2 3 2 1 0 0) in windows of 3: the windows end at the
+    last step, so step 1 is left out: steps 2-4 (kl 3, proxy 0.3, gold 7/3) and 5-7 (kl 6, proxy 0.6, gold 1/3);
+    the peak is the first window, the final point the second. Rows without all three metrics (an evaluation) are
+    skipped."""
+    from posttrain.stages.demo import over_optimization_curve
+
+    golds = [1, 2, 3, 2, 1, 0, 0]
+    rows = [{"step": s, "policy/kl": float(s), "rollout/reward_mean": s / 10, "rollout/gold_reward": float(g)}
+            for s, g in zip(range(1, 8), golds)]
+    rows.insert(3, {"step": 3, "eval/reward": 9.0})
+    curve = over_optimization_curve(rows, 3)
+    assert [point["steps"] for point in curve["curve"]] == [[2, 4], [5, 7]]
+    assert [point["kl"] for point in curve["curve"]] == pytest.approx([3.0, 6.0])
+    assert [point["proxy"] for point in curve["curve"]] == pytest.approx([0.3, 0.6])
+    assert [point["gold"] for point in curve["curve"]] == pytest.approx([7 / 3, 1 / 3])
+    assert curve["peak_gold"] == pytest.approx(7 / 3) and curve["peak_kl"] == pytest.approx(3.0)
+    assert curve["peak_steps"] == [2, 4]
+    assert curve["final_gold"] == pytest.approx(1 / 3) and curve["final_kl"] == pytest.approx(6.0)
+    assert curve["first_proxy"] == pytest.approx(0.3) and curve["final_proxy"] == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="fewer than one window of 8"):
+        over_optimization_curve(rows, 8)

@@ -239,3 +239,29 @@ def test_caches_whose_rows_cannot_be_edited_take_the_plain_path(stopping_engine,
     ids = lambda out: [[c.token_ids for c in samples] for samples in out]  # noqa: E731
     assert ids(fast) == ids(plain) == ids(greedy)
     assert len({len(samples[0].token_ids) for samples in fast}) > 1
+
+
+@pytest.mark.parametrize("room", [None, 1])
+def test_preallocated_cache_decodes_exactly_as_the_growing_one(stopping_engine, prompts, monkeypatch, room):
+    """The engine gives each plain cache layer a buffer with room for the reply (no torch.cat per token); sampled
+    tokens and their log-probs are those of transformers' own growing DynamicLayer, with rows leaving the batch
+    mid-way, and with a room of one token (the buffer doubles as it fills)."""
+    from posttrain.models import generation
+
+    real = generation._preallocate
+    kinds = []
+
+    def spy(cache, extra):
+        real(cache, extra if room is None else room)
+        kinds.append({type(layer).__name__ for layer in cache.layers})
+
+    params = SamplingParams(n=4, max_new_tokens=12, temperature=1.0, seed=5, logprobs=True)
+    monkeypatch.setattr(generation, "_preallocate", spy)
+    fast = stopping_engine.generate(prompts, params)
+    assert kinds and all(k == {"PreallocatedLayer"} for k in kinds)
+    monkeypatch.setattr(generation, "_preallocate", lambda cache, extra: None)
+    plain = stopping_engine.generate(prompts, params)
+    assert [[c.token_ids for c in s] for s in fast] == [[c.token_ids for c in s] for s in plain]
+    assert [x for s in fast for c in s for x in c.logprobs] == pytest.approx(
+        [x for s in plain for c in s for x in c.logprobs], abs=1e-5)
+    assert {c.finish_reason for s in fast for c in s} == {"stop", "length"}

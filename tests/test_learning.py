@@ -173,3 +173,50 @@ def test_demo_grpo_with_the_verifier_beats_sft_and_rejection_sampling(demo_summa
     metrics = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "rollout/reward_mean" in m]
     assert len(steps) == 120 and sum(m["rollout/groups_trained"] for m in steps) / len(steps) >= 6  # of 8
+
+
+def test_demo_ppo_against_the_reward_model_raises_its_score_inside_a_kl_budget(demo_summary):
+    """PPO (RLHF) from the SFT model against the demo's BT RM, k1 in the per-token reward at beta 0.1 (30 steps of 16
+    prompts x 4 samples, critic from the RM): the rollouts' mean RM reward over the last 5 steps is >= 0.15 above the
+    first 5 steps', the rollouts' KL to the SFT model stays under 4 nats (below the over-optimization run's final
+    KL, which has no penalty), and the held-out gold reward does not fall by more than 0.1 (the penalty's job).
+    Measured: rollout reward 0.292 -> 0.713, KL 1.51, held-out gold 1.262 -> 1.312 (the RM's score of the greedy
+    replies 0.710 -> 0.749); docs/online-rl.md."""
+    out, summary = demo_summary
+    sft, ppo, report = summary["stages"]["sft"], summary["stages"]["ppo"], summary["ppo"]
+    assert report["reward"].startswith("rm:") and report["beta"] == 0.1 and report["steps"] == 30
+    assert report["rollout_reward_last"] >= report["rollout_reward_first"] + 0.15, report
+    assert 0.0 < report["kl"] < 4.0, report
+    assert report["kl"] < summary["over_optimization"]["final_kl"], (report, summary["over_optimization"])
+    assert ppo["gold_reward"] >= sft["gold_reward"] - 0.1, (sft, ppo)
+    assert ppo["format_rate"] >= 0.95, ppo
+    metrics = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "value/explained_variance" in m]
+    assert len(steps) == 30 and all(math.isfinite(m["value/loss"]) for m in steps)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12's PPO claim is not met: the RM cannot check arithmetic (gold needs "
+                                       "accuracy) and the small policy collapses onto the RM's prompt-independent "
+                                       "favourite styles instead of reading the request; docs/online-rl.md")
+def test_demo_ppo_raises_gold_and_request_rate_by_0_2(demo_summary):
+    """The issue's claim, kept as a strict expected failure so that meeting it is noticed: PPO against the BT RM
+    raises the gold reward and the request rate by >= 0.20 over SFT."""
+    _, summary = demo_summary
+    sft, ppo = summary["stages"]["sft"], summary["stages"]["ppo"]
+    assert ppo["gold_reward"] >= sft["gold_reward"] + 0.2 and ppo["request_rate"] >= sft["request_rate"] + 0.2
+
+
+def test_demo_over_optimization_proxy_rises_while_gold_falls_from_its_peak(demo_summary):
+    """GRPO against the same RM at beta 0 (30 steps of 8 x 8, lr 2e-4, the KL only tracked): over windows of 5 steps
+    of rollouts the proxy (the RM's score) ends >= 0.15 above where it started while the gold reward ends >= 0.15
+    below its peak, at a larger KL; summary.json holds the curve, the peak and the final point, and the run's plot of
+    both against the KL exists. Measured from the demo's SFT model and RM with two sampling seeds: proxy 0.51 ->
+    0.86 / 0.51 -> 0.94, gold 1.201 at KL 1.7 -> 0.801 at KL 14.7 / 1.176 at KL 0.7 -> 0.739 at KL 26."""
+    out, summary = demo_summary
+    over = summary["over_optimization"]
+    assert over["beta"] == 0.0 and over["reward"].startswith("rm:") and len(over["curve"]) == 6
+    assert over["final_proxy"] >= over["first_proxy"] + 0.15, over
+    assert over["final_gold"] <= over["peak_gold"] - 0.15, over
+    assert over["final_kl"] > over["peak_kl"], over
+    assert over["peak_gold"] == max(point["gold"] for point in over["curve"])
+    assert (out / "overopt" / "plots" / "reward_vs_kl.png").stat().st_size > 1000

@@ -411,3 +411,50 @@ def test_process_rewards_are_dense(sft_model, prompts, process_model, tmp_path, 
             assert torch.allclose(s.extra["token_rewards"], expected, atol=1e-6)
     if algo == "grpo":
         assert any(len(set(s.advantages.tolist())) > 1 for s in dense)
+
+
+def test_truncated_importance_sampling_scales_by_the_samplers_mismatch(sft_model, prompts, tmp_path, monkeypatch):
+    """A sampler that is not the learner, simulated: the engine reports each sampled token's log-prob log 4 below the
+    learner's, so pi_old / pi_sampler = 4 on every token. With --tis_cap 2 every weight is the cap and the step's
+    gradient is exactly twice the uncorrected one (--tis_cap 0); with --tis_cap 8 it is four times; the metrics report
+    the mean weight and the capped share. The gradients themselves are compared (Adam would hide a scale)."""
+    from posttrain.models import generation
+
+    monkeypatch.setattr("posttrain.rewards.reward_from_spec", lambda spec, device="cpu": (
+        lambda prompts_, completions, **columns: [float(len(c) % 3) for c in completions]))
+    real_generate = generation.HFEngine.generate
+
+    def biased_sampler(self, prompts_, params):
+        out = real_generate(self, prompts_, params)
+        for samples in out:
+            for c in samples:
+                if c.logprobs is not None:
+                    c.logprobs = [x - math.log(4.0) for x in c.logprobs]
+        return out
+
+    monkeypatch.setattr(generation.HFEngine, "generate", biased_sampler)
+    captured: list[dict[str, torch.Tensor]] = []
+    real_step = rl.optimizer_step
+
+    def capture(model, optimizer, scheduler, max_grad_norm):
+        captured.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        return real_step(model, optimizer, scheduler, max_grad_norm)
+
+    monkeypatch.setattr(rl, "optimizer_step", capture)
+    metrics = {}
+    for cap in (0.0, 2.0, 8.0):
+        out = tmp_path / f"tis-{cap}"
+        train_rl(config(sft_model, prompts, out, algo="grpo", beta=0.0, max_steps=1, tis_cap=cap,
+                        max_grad_norm=0.0))
+        metrics[cap] = read_metrics(out)[0]
+    plain, capped, uncapped = captured
+    assert max(float(g.abs().max()) for g in plain.values()) > 1e-6
+    for name in plain:
+        assert torch.allclose(capped[name], 2 * plain[name], rtol=1e-4, atol=1e-7), name
+        assert torch.allclose(uncapped[name], 4 * plain[name], rtol=1e-4, atol=1e-7), name
+    assert "rollout/tis_weight_mean" not in metrics[0.0]
+    assert metrics[2.0]["rollout/tis_weight_mean"] == pytest.approx(2.0, abs=1e-4)
+    assert metrics[2.0]["rollout/tis_capped_frac"] == pytest.approx(1.0)
+    assert metrics[8.0]["rollout/tis_weight_mean"] == pytest.approx(4.0, rel=1e-4)
+    assert metrics[8.0]["rollout/tis_capped_frac"] == 0.0
+    assert metrics[2.0]["rollout/logprob_mismatch"] == pytest.approx(math.log(4.0), abs=1e-4)

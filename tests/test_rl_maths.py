@@ -17,6 +17,7 @@ from posttrain.losses import (
     gspo_surrogate,
     kl_penalty,
     reduce_per_token,
+    truncated_is_weights,
 )
 from posttrain.maths.advantages import GRPO_STD_EPS
 
@@ -419,3 +420,16 @@ def test_process_advantages_keep_the_dtype_and_handle_no_steps():
     assert a.dtype == b.dtype == torch.float64
     assert [t.tolist() for t in process_advantages([], [], [3, 1])] == [[0.0] * 3, [0.0]]
     assert all(t.dtype == torch.float32 for t in process_advantages([], [], [2]))
+
+
+def test_truncated_is_weights_hand_values():
+    """pi_old / pi_sampler for three tokens: 0.5 / 0.25 = 2, 0.2 / 0.4 = 0.5, 0.3 / 0.3 = 1; truncated at 1.5 the
+    first is 1.5 and the others stay. Detached (a weight, not a path for the gradient); a cap <= 0 is refused."""
+    old = torch.tensor([[math.log(0.5), math.log(0.2), math.log(0.3)]], requires_grad=True)
+    sampler = torch.log(torch.tensor([[0.25, 0.4, 0.3]]))
+    weights = truncated_is_weights(old, sampler, cap=1.5)
+    assert weights[0].tolist() == pytest.approx([1.5, 0.5, 1.0], abs=1e-6)
+    assert not weights.requires_grad
+    assert truncated_is_weights(old, sampler, cap=3.0)[0].tolist() == pytest.approx([2.0, 0.5, 1.0], abs=1e-6)
+    with pytest.raises(ValueError, match="cap must be > 0"):
+        truncated_is_weights(old, sampler, cap=0.0)

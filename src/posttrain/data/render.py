@@ -99,7 +99,8 @@ def _trained_char_spans(tokenizer, messages, strategy, chat_template) -> tuple[s
     spans = []
     for i in assistant_turns:
         prefix = _render_text(tokenizer, messages[:i], add_generation_prompt=True, chat_template=chat_template)
-        through = _render_text(tokenizer, messages[: i + 1], add_generation_prompt=False, chat_template=chat_template)
+        through = full if i + 1 == len(messages) else _render_text(  # the last turn: through it is the whole text
+            tokenizer, messages[: i + 1], add_generation_prompt=False, chat_template=chat_template)
         if not (through.startswith(prefix) and full.startswith(through)):
             raise TemplateNotPrefixStableError(
                 f"{template_name(tokenizer, chat_template)} is not prefix-stable: rendering the conversation up to "

@@ -113,6 +113,18 @@ def cispo_surrogate(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     return loss, {"clipfrac": (weight != ratio).to(loss.dtype)}
 
 
+def truncated_is_weights(old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance sampling for a sampler that is not the learner (Yao et al., "Your efficient RL framework
+    secretly brings you off-policy RL training", 2025; verl's token-level rollout IS): per token
+    min(pi_old(y) / pi_sampler(y), cap), detached. pi_old is the learner's own probability of the sampled token
+    before the update, pi_sampler the rollout engine's (vLLM, another precision); each token's policy loss is
+    multiplied by it, so the gradient is the learner's on-policy one up to the truncation, which bounds its variance.
+    (B, T) -> (B, T)."""
+    if cap <= 0:
+        raise ValueError(f"the truncation cap must be > 0, got {cap}")
+    return torch.exp(old_logprobs - sampler_logprobs).clamp(max=cap).detach()
+
+
 def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, *,
                        clip: float | None = 0.2) -> torch.Tensor:
     """PPO's value loss per token: 0.5 max((V - R)^2, (V_clipped - R)^2), V_clipped = old_V + clip(V - old_V, +-clip)

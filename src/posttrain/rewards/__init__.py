@@ -58,7 +58,8 @@ class _ModelReward:
     small): for scoring, that is faster than padding-free rows, and the pooling is exactly HF's.
     """
 
-    def __init__(self, path: str | Path, *, device: str = "auto", max_length: int = 1024, batch_tokens: int = 8192):
+    def __init__(self, path: str | Path, *, device: str = "auto", max_length: int = 1024,
+                 batch_tokens: int | None = None):
         from posttrain.models.loading import load_tokenizer, resolve_device
 
         self.path = Path(path)
@@ -66,7 +67,10 @@ class _ModelReward:
         self.device = resolve_device(device)
         self.tokenizer = load_tokenizer(self.path)
         self.model = self._load().to(self.device).eval()
-        self.max_length, self.batch_tokens = max_length, batch_tokens
+        # padded tokens per forward: on a CPU small batches stay in cache (the tiny world's RM scores 23 % faster at
+        # 2048 than at 8192 on one thread); an accelerator wants them large
+        self.max_length = max_length
+        self.batch_tokens = batch_tokens or (2048 if self.device.type == "cpu" else 8192)
         self.skipped = 0  # sequences longer than max_length (scored None)
 
     def _load(self):

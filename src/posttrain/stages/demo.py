@@ -7,11 +7,13 @@ length-biased pairs), scored against the gold reward -> the SFT model's samples,
 verifier -> one round of rejection-sampling fine-tuning on the training samples selected by the RM, and one selected
 by the verifier -> on-policy DPO from the SFT model on pairs of its own training samples (per prompt the best against
 the worst under the verifier plus the RM's standardized score; win-rate against the SFT model under the gold reward,
-KL to it) -> GRPO with the math verifier from the SFT model (RLVR). The reward model trains in a second process
-while the samples are drawn, the verifier's round runs and GRPO trains;
-its evaluation, best-of-N and the RM's round run in one beside DPO (``_Background``). Every stage's run directory
-lives under ``--out``; ``summary.json`` holds ``{"stages": {"base", "sft", "rs_rm", "rs", "dpo", "grpo"},
-"reward_model", "best_of_n", "rejection_sampling": {"rm", "verifier"}, "dpo", "seconds", "stage_seconds"}``: per
+KL to it) -> GRPO with the math verifier from the SFT model (RLVR) -> PPO against the RM with a KL penalty (RLHF)
+-> the over-optimization run: GRPO against the same RM without one, its proxy and gold reward against the KL. The
+reward model trains in a second process while the samples are drawn, the verifier's round runs and GRPO trains;
+the RM's round, its evaluation and the over-optimization run in one beside PPO, DPO and best-of-N
+(``_Background``). Every stage's run directory lives under ``--out``; ``summary.json`` holds ``{"stages": {"base",
+"sft", "rs_rm", "rs", "dpo", "grpo", "ppo"}, "reward_model", "best_of_n", "rejection_sampling": {"rm", "verifier"},
+"dpo", "ppo", "over_optimization", "seconds", "stage_seconds"}``: per
 policy format_rate, accuracy, request_rate (and per style), gold_reward, mean_length, stop_rate of greedy replies to
 held-out prompts (sft and grpo also ``sampled_accuracy``: the share of right answers among 4 samples at T = 1 per
 prompt); for the RM the pair accuracies by kind against the gold reward (request, surface, answer check,
@@ -19,7 +21,9 @@ near ties, unseen phrasings), the counterfactual flip rate and length correlatio
 request rate of single samples and of each selector's picks; for rejection sampling the held-out gold reward of the
 policy's samples before (the SFT model's 16 per prompt) and after each round (8 per prompt); for DPO the win-rate
 against SFT (per-prompt expected gold from 16 samples each), the mean sampled gold of both, the KL to the SFT model
-and the implicit-reward pair accuracy.
+and the implicit-reward pair accuracy; for PPO its reward, beta, the rollouts' KL to the SFT model and the RM's
+score of both policies' greedy replies; for the over-optimization run its curve and the peak and final gold reward
+with their KL (:func:`over_optimization_curve`).
 """
 
 from __future__ import annotations
@@ -57,6 +61,10 @@ class DemoConfig:
     dpo_eval_samples: int = option(16, "DPO win-rate: samples per held-out prompt for each policy's expected gold")
     grpo_steps: int = option(120, "GRPO with the math verifier from the SFT model (RLVR): rollout steps of 8 training "
                                   "prompts x 8 samples, run while the reward model trains; 0 = skip the stage")
+    ppo_steps: int = option(20, "PPO (RLHF) from the SFT model against the reward model, KL-penalised (beta 0.1): "
+                                "rollout steps of 16 training prompts x 4 samples; 0 = skip (needs the RM stage)")
+    overopt_steps: int = option(30, "over-optimization: GRPO steps (8 prompts x 8 samples) against the same reward "
+                                    "model at beta 0, the KL to the SFT model tracked; 0 = skip (needs the RM stage)")
     sampled_eval_n: int = option(4, "samples (T = 1) per held-out prompt for a stage's sampled_accuracy")
     eval_prompts: int = option(200, "held-out prompts to evaluate each stage on")
     max_new_tokens: int = option(64, "generation budget per reply")
@@ -92,10 +100,11 @@ def _in_child(target, args: tuple) -> None:
 
 class _Background:
     """``target(*args)`` in a second process while the main one goes on with one thread fewer: the reward model's
-    training while the SFT model's samples are drawn and the verifier selects, then the RM's evaluation, best-of-N and
-    the RM-selected rejection-sampling round while DPO trains. On 2 cores this is the cheaper schedule: the tiny
-    models barely use a second thread (one RM run on 1 thread, two side by side, each runs as fast as one on 2
-    threads), so a job beside another costs the demo almost no wall-clock time of its own. ``join()`` waits for it; ``cancel()`` stops it (SIGTERM: a training run
+    training while the SFT model's samples are drawn and the verifier selects, then the RM-selected
+    rejection-sampling round, the RM's evaluation and the over-optimization run while PPO, DPO and best-of-N run. On 2 cores this
+    is the cheaper schedule: the tiny models barely use a second thread (one RM run on 1 thread, two side by side,
+    each runs as fast as one on 2 threads), so a job beside another costs the demo almost no wall-clock time of its
+    own. ``join()`` waits for it; ``cancel()`` stops it (SIGTERM: a training run
     checkpoints at a step boundary, so a rerun resumes it)."""
 
     def __init__(self, name: str, run_dir: Path, target, *args):
@@ -165,9 +174,9 @@ def _remove(out: Path, names: tuple[str, ...]) -> None:
 
 # What each stage's output feeds: redone when that stage is (re)trained or its samples are redrawn.
 DOWNSTREAM = {
-    "sft": ("rm", "rs_rm", "rs", "dpo", "grpo", "dpo_pairs.jsonl", "sft_samples_heldout.jsonl",
+    "sft": ("rm", "rs_rm", "rs", "dpo", "grpo", "ppo", "overopt", "dpo_pairs.jsonl", "sft_samples_heldout.jsonl",
             "sft_samples_train.jsonl"),
-    "rm": ("rs_rm", "dpo", "dpo_pairs.jsonl"),
+    "rm": ("rs_rm", "dpo", "ppo", "overopt", "dpo_pairs.jsonl"),
     "sft_samples_train.jsonl": ("rs_rm", "rs", "dpo", "dpo_pairs.jsonl"),
     "dpo_pairs.jsonl": ("dpo",),
 }
@@ -259,6 +268,22 @@ def _rejection_sampling_round(config: DemoConfig, prompts: Path, sft_model: Path
                                 device=config.device, samples_path=out / f"samples_{name}.jsonl")}
 
 
+def _rm_scores_of_the_rs_round(out: Path, rows: list[dict]) -> list[list[float | None]] | None:
+    """The reward matrix the RM-selected rejection-sampling round wrote for ``rows`` (its ``scored.jsonl``), when it
+    scored exactly these samples: that round scores the SFT model's shared training samples with the same RM first
+    thing in the second process, so DPO reuses its scores instead of computing them again. None otherwise."""
+    from posttrain.data.prompts import load_generated
+
+    path = out / "rs_rm" / "round_1" / "scored.jsonl"
+    if not path.exists():
+        return None
+    scored = load_generated(str(path), need_rewards=True)
+    if len(scored) < len(rows) or any(s["prompt"] != r["prompt"] or s["completions"] != r["completions"]
+                                      for s, r in zip(scored, rows)):
+        return None
+    return [s["rewards"] for s in scored[: len(rows)]]
+
+
 def _dpo_stage(config: DemoConfig, paths, sft_model: Path, rows: list[dict], rm_model: Path,
                out: Path) -> tuple[dict, Path]:
     """On-policy DPO from the SFT model: of its 8 samples per training prompt, the best against the worst under the
@@ -277,7 +302,8 @@ def _dpo_stage(config: DemoConfig, paths, sft_model: Path, rows: list[dict], rm_
     if not pairs_path.exists() or not settings_path.exists() or json.loads(settings_path.read_text()) != settings:
         _remove(out, DOWNSTREAM["dpo_pairs.jsonl"])
         settings_path.unlink(missing_ok=True)
-        scores = reward_matrix(reward_from_spec(f"rm:{rm_model}", device=config.device), rows)
+        scores = _rm_scores_of_the_rs_round(out, rows) or reward_matrix(
+            reward_from_spec(f"rm:{rm_model}", device=config.device), rows)
         correct = reward_matrix(reward_from_spec("verifier:math"), rows)
         write_jsonl(verified_best_worst_rows(rows, scores, correct), pairs_path)
         settings_path.write_text(json.dumps(settings))
@@ -314,6 +340,95 @@ def _grpo_stage(config: DemoConfig, paths, sft_model: Path, out: Path) -> Path:
     return out / "grpo" / "model" if is_complete(out / "grpo") else train_rl(rl_config)
 
 
+def _ppo_stage(config: DemoConfig, data: Path, prompts: Path, sft_model: Path, rm_model: Path, out: Path) -> dict:
+    """PPO (RLHF) from the SFT model against the BT RM with a KL penalty: 16 training prompts x 4 samples a step,
+    k1 in the per-token reward at beta 0.1, the critic initialised from the RM, GAE (gamma 1, lambda 0.95), one
+    epoch of two minibatches (the second is off-policy by one update, so the clip acts), lr 1e-4; the same RM as
+    the over-optimization run, which has no KL penalty. Returns ``{"stage": greedy metrics on the held-out prompts,
+    "report": {reward, beta, steps, kl (the last 5 steps' mean per-sequence KL of the rollouts to the SFT model),
+    rollout_reward_first, rollout_reward_last (the rollouts' mean RM reward over the first and the last 5 steps: what
+    PPO maximises), rm_score_sft, rm_score_ppo (the RM's mean score of each policy's greedy held-out replies)}}``."""
+    from posttrain.plumbing.runlog import read_metrics
+    from posttrain.rewards import reward_from_spec
+    from posttrain.stages.rl import RLConfig, resolve, train_rl
+    from posttrain.world.evaluate import evaluate_model
+
+    rl_config = resolve(RLConfig(
+        algo="ppo", model=str(sft_model), reward=f"rm:{rm_model}", value_model=str(rm_model),
+        data=str(data / "rl_train.jsonl"), eval_data="", out=str(out / "ppo"), max_steps=config.ppo_steps,
+        batch_size=16, group_size=4, beta=0.1, lr=1e-4, value_lr=1e-4, ppo_epochs=1, num_minibatches=2,
+        max_new_tokens=config.max_new_tokens, save_every=50, device=config.device, progress=config.progress,
+        resume=True))
+    _discard_if_config_changed(out / "ppo", rl_config)
+    model = out / "ppo" / "model" if is_complete(out / "ppo") else train_rl(rl_config)
+    stage = evaluate_model(model, prompts, limit=config.eval_prompts, max_new_tokens=config.max_new_tokens,
+                           device=config.device, samples_path=out / "samples_ppo.jsonl")
+    rm = reward_from_spec(f"rm:{rm_model}", device=config.device)
+
+    def rm_score(name: str) -> float:
+        rows = [json.loads(line) for line in (out / f"samples_{name}.jsonl").read_text().splitlines()]
+        return mean_or_nan(rm([row["prompt"] for row in rows], [row["completion"] for row in rows]))
+
+    records = read_metrics(out / "ppo")
+    kls = [r["policy/kl"] for r in records if isinstance(r.get("policy/kl"), (int, float))]
+    rewards = [r["rollout/reward_mean"] for r in records if isinstance(r.get("rollout/reward_mean"), (int, float))]
+    return {"stage": stage, "report": {
+        "reward": rl_config.reward, "beta": rl_config.beta, "steps": rl_config.max_steps, "kl": mean_or_nan(kls[-5:]),
+        "rollout_reward_first": mean_or_nan(rewards[:5]), "rollout_reward_last": mean_or_nan(rewards[-5:]),
+        "rm_score_sft": rm_score("sft"), "rm_score_ppo": rm_score("ppo")}}
+
+
+def over_optimization_curve(records: list[dict], window: int) -> dict:
+    """The over-optimization run's proxy (RM) and gold rewards against its KL to the reference, as the demo
+    reports them: the steps' metrics (``rollout/reward_mean``, ``rollout/gold_reward``, ``policy/kl``) averaged
+    over consecutive windows of ``window`` steps, the last window ending at the last step (one step's rollouts are
+    few and noisy), then the peak of the gold curve and its final point.
+
+    Returns ``{"window", "curve": [{"steps": [first, last], "kl", "proxy", "gold"}, ...], "peak_gold",
+    "peak_kl", "peak_steps", "final_gold", "final_kl", "first_proxy", "final_proxy"}``.
+    """
+    keys = ("policy/kl", "rollout/reward_mean", "rollout/gold_reward")
+    rows = [r for r in records if all(isinstance(r.get(key), (int, float)) for key in keys)]
+    if window < 1 or len(rows) < window:
+        raise ValueError(f"over-optimization curve: {len(rows)} logged steps with {', '.join(keys)}, fewer than "
+                         f"one window of {window}")
+    curve = []
+    for start in range(len(rows) % window, len(rows), window):
+        chunk = rows[start: start + window]
+        curve.append({"steps": [chunk[0]["step"], chunk[-1]["step"]],
+                      "kl": mean_or_nan([r["policy/kl"] for r in chunk]),
+                      "proxy": mean_or_nan([r["rollout/reward_mean"] for r in chunk]),
+                      "gold": mean_or_nan([r["rollout/gold_reward"] for r in chunk])})
+    peak = max(curve, key=lambda point: point["gold"])
+    return {"window": window, "curve": curve, "peak_gold": peak["gold"], "peak_kl": peak["kl"],
+            "peak_steps": peak["steps"], "final_gold": curve[-1]["gold"], "final_kl": curve[-1]["kl"],
+            "first_proxy": curve[0]["proxy"], "final_proxy": curve[-1]["proxy"]}
+
+
+OVEROPT_WINDOW = 5
+
+
+def _over_optimization_stage(config: DemoConfig, data: Path, sft_model: Path, rm_model: Path, out: Path) -> dict:
+    """The book's over-optimization curve, measured: GRPO from the SFT model against the length-biased BT RM alone
+    at beta 0 (the reference loaded only to measure the KL: ``track_kl``), 8 prompts x 8 samples a step, lr 2e-4
+    (at 1e-4 the gold fell 0.14 from its peak in 40 steps in one run of two: the proxy and the gold part later);
+    :func:`over_optimization_curve` of its rollouts, and the plot ``plots/reward_vs_kl.png`` of its run."""
+    from posttrain.plumbing.runlog import read_metrics
+    from posttrain.stages.rl import RLConfig, resolve, train_rl
+
+    rl_config = resolve(RLConfig(
+        algo="grpo", model=str(sft_model), reward=f"rm:{rm_model}", data=str(data / "rl_train.jsonl"), eval_data="",
+        out=str(out / "overopt"), max_steps=config.overopt_steps, batch_size=8, group_size=8, beta=0.0,
+        track_kl=True, lr=2e-4, loss_aggregation="token_mean", max_new_tokens=config.max_new_tokens, save_every=50,
+        device=config.device, progress=config.progress, resume=True))
+    _discard_if_config_changed(out / "overopt", rl_config)
+    if not is_complete(out / "overopt"):
+        train_rl(rl_config)
+    return {"reward": rl_config.reward, "beta": 0.0, "steps": rl_config.max_steps,
+            **over_optimization_curve(read_metrics(out / "overopt"), OVEROPT_WINDOW),
+            "plot": str(out / "overopt" / "plots" / "reward_vs_kl.png")}
+
+
 def sampled_accuracy(rows: list[dict], completions: list[list[str]]) -> float:
     """The share of sampled replies whose final answer is right, over every prompt's samples."""
     from posttrain.world.gold import parse_final_answer
@@ -326,26 +441,23 @@ SIDE_REPORT = "reward_model_stages.json"  # what _with_the_reward_model reports
 DPO_EVAL_PAIRS = 500
 
 
-def _with_the_reward_model(config: DemoConfig, data: Path, prompts: Path, sft_model: Path, rm_model: Path | None,
-                           heldout_samples: Path, train_samples: Path, out: Path, sft_gold: float) -> None:
-    """What follows the reward model but not DPO, run beside DPO in a :class:`_Background` process: the RM scored
-    against the gold reward on the world's held-out pairs and rankings, best-of-N on the SFT model's held-out samples,
-    and the RM-selected rejection-sampling round (on the SFT model's shared samples ``heldout_samples`` and
-    ``train_samples``). Written to ``out/SIDE_REPORT`` as ``{"reward_model",
-    "best_of_n", "rs_rm"}`` (those that ran)."""
-    from posttrain.data.prompts import load_generated
+def _with_the_reward_model(config: DemoConfig, data: Path, prompts: Path, sft_model: Path, rm_model: Path,
+                           train_samples: Path, out: Path, sft_gold: float) -> None:
+    """What follows the reward model, run beside PPO, DPO and best-of-N in a :class:`_Background` process: the
+    RM-selected rejection-sampling round (on the SFT model's shared training samples ``train_samples``), the RM scored against the gold reward on the world's held-out pairs and rankings, and the
+    over-optimization run. Written to ``out/SIDE_REPORT`` as ``{"rs_rm", "reward_model", "over_optimization"}``
+    (those that ran)."""
     from posttrain.rewards import ScalarRewardModel
     from posttrain.world.evaluate import evaluate_reward_on_world
 
     side: dict = {}
-    if rm_model is not None:
-        side["reward_model"] = {"loss": "bt", "model": str(rm_model), **evaluate_reward_on_world(
-            ScalarRewardModel(rm_model, device=config.device), data)}
-    if config.bon_n:
-        side["best_of_n"] = _best_of_n_stage(config, load_generated(str(heldout_samples)), rm_model)
-    if config.rs_prompts and rm_model is not None:
+    if config.rs_prompts:  # first: DPO reuses its RM scores (_rm_scores_of_the_rs_round)
         side["rs_rm"] = _rejection_sampling_round(config, prompts, sft_model, train_samples, out,
                                                   f"rm:{rm_model}", "rs_rm", sft_gold)
+    side["reward_model"] = {"loss": "bt", "model": str(rm_model), **evaluate_reward_on_world(
+        ScalarRewardModel(rm_model, device=config.device), data)}
+    if config.overopt_steps:
+        side["over_optimization"] = _over_optimization_stage(config, data, sft_model, rm_model, out)
     (out / SIDE_REPORT).write_text(json.dumps(side))
 
 
@@ -378,7 +490,8 @@ def run_demo(config: DemoConfig) -> dict:
         print(f"    ({name}: {stage_seconds[name]:.0f} s)")
 
     stage_count = (3 + bool(config.rm_steps) + bool(config.bon_n) + bool(config.rs_prompts)
-                   + bool(config.dpo_prompts and config.rm_steps) + bool(config.grpo_steps))
+                   + bool(config.dpo_prompts and config.rm_steps) + bool(config.grpo_steps)
+                   + bool(config.ppo_steps and config.rm_steps) + bool(config.overopt_steps and config.rm_steps))
     print(f"[1/{stage_count}] tiny world: tokenizer, datasets, base model (cached after the first run)")
     paths = build.ensure_world(base_model=True, progress=config.progress)
     timed("world")
@@ -478,15 +591,24 @@ def run_demo(config: DemoConfig) -> dict:
         raise
     rm_model = Path(rm_config.out) / "model" if config.rm_steps else None
     side_job = None
-    if config.bon_n or rm_model is not None:
-        if config.bon_n:
+    if rm_model is not None:
+        if config.overopt_steps:
             stage += 1
-            print(f"[{stage}/{stage_count}] best-of-{config.bon_n} on {config.bon_prompts} held-out prompts")
+            print(f"[{stage}/{stage_count}] over-optimization: GRPO against the reward model alone at beta 0 "
+                  f"({config.overopt_steps} steps of 8 prompts x 8 samples), proxy and gold reward against the KL")
         (out / SIDE_REPORT).unlink(missing_ok=True)
-        side_job = _Background("reward model's evaluation, best-of-N and RM-selected rejection sampling", out,
+        side_job = _Background("RM-selected rejection sampling, reward model's evaluation and the "
+                               "over-optimization run", out,
                                _with_the_reward_model, dataclasses.replace(config, progress=False), paths.data,
-                               prompts, sft_model, rm_model, heldout_samples, train_samples, out, sft_gold)
+                               prompts, sft_model, rm_model, train_samples, out, sft_gold)
     try:
+        if config.ppo_steps and rm_model is not None:
+            stage += 1
+            print(f"[{stage}/{stage_count}] PPO (RLHF) from the SFT model against the reward model, KL-penalised "
+                  f"(beta 0.1; {config.ppo_steps} steps of 16 prompts x 4 samples)")
+            ppo = _ppo_stage(config, paths.data, prompts, sft_model, rm_model, out)
+            stages["ppo"], summary["ppo"] = ppo["stage"], ppo["report"]
+            timed("ppo")
         if config.dpo_prompts and rm_model is not None:
             from posttrain.maths.stats import win_rate
             from posttrain.models.logprobs import policy_kl
@@ -506,18 +628,25 @@ def run_demo(config: DemoConfig) -> dict:
                 kl_to_reference=policy_kl(dpo_model, sft_model, eval_prompts[:100], n=4,
                                           max_new_tokens=config.max_new_tokens, device=config.device))
             timed("dpo")
+        if config.bon_n:
+            stage += 1
+            print(f"[{stage}/{stage_count}] best-of-{config.bon_n} on {config.bon_prompts} held-out prompts")
+            summary["best_of_n"] = _best_of_n_stage(config, heldout_rows, rm_model)
+            timed("best-of-n")
         if side_job is not None:
             side_job.join()
             side = json.loads((out / SIDE_REPORT).read_text())
-            summary.update({key: side[key] for key in ("reward_model", "best_of_n") if key in side})
+            summary.update({key: side[key] for key in ("reward_model",) if key in side})
             if "rs_rm" in side:
                 record_round("rm", side["rs_rm"])
-            timed("reward model evaluation, best-of-n, rejection sampling (reward model)")  # what is left after DPO
+            if "over_optimization" in side:
+                summary["over_optimization"] = side["over_optimization"]
+            timed("rejection sampling (reward model), reward model evaluation, over-optimization")
     except BaseException:
         if side_job is not None:
             side_job.cancel()
         raise
-    summary["stages"] = {name: stages[name] for name in ("base", "sft", "rs", "rs_rm", "dpo", "grpo")
+    summary["stages"] = {name: stages[name] for name in ("base", "sft", "rs", "rs_rm", "dpo", "grpo", "ppo")
                          if name in stages}
     summary.update(world=str(paths.data.parent), base_model=str(paths.base_model),
                    seconds=round(time.time() - started, 1), stage_seconds=stage_seconds)
@@ -553,6 +682,20 @@ def run_demo(config: DemoConfig) -> dict:
         print(f"GRPO with the math verifier ({config.grpo_steps} steps): held-out accuracy greedy "
               f"{sft['accuracy']:.3f} -> {grpo['accuracy']:.3f}, sampled (T=1) {sft['sampled_accuracy']:.3f} -> "
               f"{grpo['sampled_accuracy']:.3f}")
+    if ppo := summary.get("ppo"):
+        sft, stage_ppo = summary["stages"]["sft"], summary["stages"]["ppo"]
+        print(f"PPO against {ppo['reward']} ({ppo['steps']} steps, beta {ppo['beta']}): the rollouts' RM reward "
+              f"{ppo['rollout_reward_first']:.3f} -> {ppo['rollout_reward_last']:.3f} (first and last 5 steps); "
+              f"held-out gold {sft['gold_reward']:.3f} -> {stage_ppo['gold_reward']:.3f}, request rate "
+              f"{sft['request_rate']:.3f} -> "
+              f"{stage_ppo['request_rate']:.3f}, accuracy {sft['accuracy']:.3f} -> {stage_ppo['accuracy']:.3f}; the "
+              f"RM's score of the greedy replies {ppo['rm_score_sft']:.3f} -> {ppo['rm_score_ppo']:.3f}; KL to the "
+              f"SFT model {ppo['kl']:.2f} nats")
+    if over := summary.get("over_optimization"):
+        print(f"over-optimization (GRPO at beta 0 against the RM alone, {over['steps']} steps): proxy reward "
+              f"{over['first_proxy']:.3f} -> {over['final_proxy']:.3f}; gold {over['curve'][0]['gold']:.3f} -> peak "
+              f"{over['peak_gold']:.3f} at KL {over['peak_kl']:.2f} -> {over['final_gold']:.3f} at KL "
+              f"{over['final_kl']:.2f} nats ({over['plot']})")
     times = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stage_seconds.items())
     print(f"\nsummary: {out / 'summary.json'}   ({summary['seconds']:.0f} s: {times})")
     return summary

@@ -44,7 +44,7 @@ from posttrain.data.prompts import load_prompt_rows
 from posttrain.data.render import render_prompt
 from posttrain.maths import advantages as adv
 from posttrain.maths.policy import (KLEstimator, cispo_surrogate, clipped_surrogate, clipped_value_loss,
-                                    gspo_surrogate, kl_penalty)
+                                    gspo_surrogate, kl_penalty, truncated_is_weights)
 from posttrain.maths.reduction import Reduction, reduce_per_token
 from posttrain.models import (load_causal_lm, load_tokenizer, prepare_for_training, resolve_device,
                               use_segment_attention)
@@ -129,6 +129,10 @@ class RLConfig(ChatTrainConfig):
     clip_high: float = option(-1.0, "upper clip range eps_high (> clip_low: DAPO's clip-higher); -1 = the "
                                     "algorithm's (= clip_low; gspo 4e-4; cispo 0.28)")
     dynamic_sampling: bool = option(False, "DAPO: drop groups whose rewards are all equal and refill the batch")
+    tis_cap: float = option(0.0, "truncated importance sampling for a sampler that is not the learner (vLLM, another "
+                                 "precision): each token's policy loss times min(pi_old / pi_sampler, tis_cap) "
+                                 "(Yao et al. 2025; 2 is usual); 0 = off (the built-in engine samples from the "
+                                 "learner itself)")
     max_refills: int = option(4, "dynamic sampling: extra rollout rounds per step before training on fewer groups "
                                  f"(at most {MAX_REFILLS})")
     overlong: str = option("none", "truncated completions (no end-of-turn): none | mask (no loss) | shape (DAPO's "
@@ -207,6 +211,8 @@ def resolve(config: RLConfig) -> RLConfig:
     if algo == Algo.gspo and config.step_reward:
         raise ValueError("gspo has one ratio and one advantage per sequence: dense --step_reward needs a token-level "
                          "algorithm")
+    if config.tis_cap < 0:
+        raise ValueError(f"--tis_cap must be >= 0 (0 = off), got {config.tis_cap}")
     if not 0 <= config.max_refills <= MAX_REFILLS:
         raise ValueError(f"--max_refills must be in [0, {MAX_REFILLS}], got {config.max_refills}")
     if config.beta < 0 or config.temperature <= 0:
@@ -440,7 +446,8 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
     # fp32 KV-cache log-probs differ from a bf16 forward by ~1e-2, beyond GSPO's 3e-4 clip), whenever the first
     # update is not the first use: several passes, or a KL to place in the reward first. One on-policy pass takes
     # pi_old = the current log-probs, detached (TRL's num_iterations = 1). The sampler's log-probs give the mismatch.
-    recompute_old = config.ppo_epochs > 1 or config.num_minibatches > 1 or reference is not None
+    recompute_old = (config.ppo_epochs > 1 or config.num_minibatches > 1 or reference is not None
+                     or config.tis_cap > 0)  # TIS weighs the trainer's pi_old against the sampler's
     run.start(config.max_steps, modules=modules, optimizers=optimizers, schedulers=schedulers, tokenizer=tokenizer)
     engine = HFEngine(model, tokenizer, batch_size=config.generation_batch_size)
     prompt_order = batch_indices(len(rows), config.batch_size, config.seed, shuffle=config.shuffle,
@@ -601,6 +608,12 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
                 per_token, metrics = clipped_surrogate(logps, old, advantages, clip_low=config.clip_low,
                                                        clip_high=config.clip_high)
                 clipfrac = float((metrics["clipfrac"] * mask).sum())
+            if config.tis_cap > 0:  # the sampler is not the learner: weigh each token by pi_old / pi_sampler, capped
+                sampled = padded([torch.tensor(s.sampler_logps) for s in ordered]).to(logps.device)
+                weights = truncated_is_weights(old, sampled, config.tis_cap)
+                per_token = per_token * weights
+                sums["tis_weight"] += float((weights * mask).sum())
+                sums["tis_capped"] += float(((weights >= config.tis_cap) * mask).sum())
             if config.kl_in == "loss" and reference is not None and kl_control.beta > 0:
                 ref = padded([s.ref_logps for s in ordered]).to(logps.device)
                 per_token = per_token + kl_control.beta * kl_penalty(logps, ref, config.kl_estimator)
@@ -676,7 +689,8 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
             generation_seconds = time.perf_counter() - started
             samples = [s for g in groups for s in g]
             sums = dict.fromkeys(("loss", "clipfrac", "approx_kl", "entropy", "tokens", "value_loss", "grad_norm",
-                                  "updates", "ratio_max", "lr", "mismatch", "mismatch_tokens"), 0.0)
+                                  "updates", "ratio_max", "lr", "mismatch", "mismatch_tokens", "tis_weight",
+                                  "tis_capped"), 0.0)
             if samples:
                 reference_and_values(samples, sums)
             kl_metrics = assign_advantages(groups)
@@ -713,6 +727,9 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
                 "train/grad_norm": sums["grad_norm"] / max(sums["updates"], 1),
                 "train/training_tokens_per_s": sums["tokens"] / max(training_seconds, 1e-9),
             }
+            if config.tis_cap > 0:
+                metrics["rollout/tis_weight_mean"] = sums["tis_weight"] / n_tokens
+                metrics["rollout/tis_capped_frac"] = sums["tis_capped"] / n_tokens
             if critic is not None:
                 values = torch.cat([s.values for s in samples if s.trained and s.returns is not None] or
                                    [torch.zeros(1)])
