@@ -101,10 +101,10 @@ def _in_child(target, args: tuple) -> None:
 class _Background:
     """``target(*args)`` in a second process while the main one goes on with one thread fewer: the reward model's
     training while the SFT model's samples are drawn and the verifier selects, then the RM-selected
-    rejection-sampling round, the RM's evaluation and the over-optimization run while PPO, DPO and best-of-N run. On 2 cores this
-    is the cheaper schedule: the tiny models barely use a second thread (one RM run on 1 thread, two side by side,
-    each runs as fast as one on 2 threads), so a job beside another costs the demo almost no wall-clock time of its
-    own. ``join()`` waits for it; ``cancel()`` stops it (SIGTERM: a training run
+    rejection-sampling round, the RM's evaluation and the over-optimization run while PPO, DPO and best-of-N run.
+    On 2 cores this is the cheaper schedule: the tiny models barely use a second thread (one RM run on 1 thread, two
+    side by side, each runs as fast as one on 2 threads), so a job beside another costs the demo almost no
+    wall-clock time of its own. ``join()`` waits for it; ``cancel()`` stops it (SIGTERM: a training run
     checkpoints at a step boundary, so a rerun resumes it)."""
 
     def __init__(self, name: str, run_dir: Path, target, *args):
@@ -444,8 +444,8 @@ DPO_EVAL_PAIRS = 500
 def _with_the_reward_model(config: DemoConfig, data: Path, prompts: Path, sft_model: Path, rm_model: Path,
                            train_samples: Path, out: Path, sft_gold: float) -> None:
     """What follows the reward model, run beside PPO, DPO and best-of-N in a :class:`_Background` process: the
-    RM-selected rejection-sampling round (on the SFT model's shared training samples ``train_samples``), the RM scored against the gold reward on the world's held-out pairs and rankings, and the
-    over-optimization run. Written to ``out/SIDE_REPORT`` as ``{"rs_rm", "reward_model", "over_optimization"}``
+    RM-selected rejection-sampling round (on the SFT model's shared training samples ``train_samples``), the RM
+    scored against the gold reward on the world's held-out pairs and rankings, and the over-optimization run. Written to ``out/SIDE_REPORT`` as ``{"rs_rm", "reward_model", "over_optimization"}``
     (those that ran)."""
     from posttrain.rewards import ScalarRewardModel
     from posttrain.world.evaluate import evaluate_reward_on_world
