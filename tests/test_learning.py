@@ -65,14 +65,16 @@ def test_sft_learns_format_and_stopping_but_follows_requests_only_half_the_time(
 def test_demo_writes_summary_and_runs(demo_summary):
     out, summary = demo_summary
     on_disk = json.loads((out / "summary.json").read_text())
-    assert set(on_disk["stages"]) == {"base", "sft", "rs", "rs_rm", "dpo", "grpo"}
+    assert set(on_disk["stages"]) == {"base", "sft", "rs", "rs_rm", "dpo", "grpo", "ppo"}
+    assert {"reward_model", "best_of_n", "rejection_sampling", "dpo", "ppo", "over_optimization"} <= set(on_disk)
     assert on_disk["reward_model"]["pair_accuracy"] == summary["reward_model"]["pair_accuracy"]
     for stage in on_disk["stages"].values():
         assert {"format_rate", "accuracy", "request_rate", "gold_reward", "mean_length", "stop_rate",
                 "request_rate_by_style"} <= set(stage)
     assert set(on_disk["stage_seconds"]) >= {
-        "sft", "sft samples", "rejection sampling (verifier)", "reward model (rest of its training)", "dpo",
-        "reward model evaluation, best-of-n, rejection sampling (reward model)", "grpo (verifier)"}
+        "sft", "sft samples", "rejection sampling (verifier)", "reward model (rest of its training)", "dpo", "ppo",
+        "best-of-n", "rejection sampling (reward model), reward model evaluation, over-optimization",
+        "grpo (verifier)"}
     assert (out / "sft" / "model" / "model.safetensors").exists()
     assert (out / "sft" / "plots" / "train.png").exists()
     samples = [json.loads(line) for line in (out / "samples_sft.jsonl").read_text().splitlines()]
@@ -176,15 +178,16 @@ def test_demo_grpo_with_the_verifier_beats_sft_and_rejection_sampling(demo_summa
 
 
 def test_demo_ppo_against_the_reward_model_raises_its_score_inside_a_kl_budget(demo_summary):
-    """PPO (RLHF) from the SFT model against the demo's BT RM, k1 in the per-token reward at beta 0.1 (30 steps of 16
+    """PPO (RLHF) from the SFT model against the demo's BT RM, k1 in the per-token reward at beta 0.1 (20 steps of 16
     prompts x 4 samples, critic from the RM): the rollouts' mean RM reward over the last 5 steps is >= 0.15 above the
     first 5 steps', the rollouts' KL to the SFT model stays under 4 nats (below the over-optimization run's final
     KL, which has no penalty), and the held-out gold reward does not fall by more than 0.1 (the penalty's job).
-    Measured: rollout reward 0.292 -> 0.713, KL 1.51, held-out gold 1.262 -> 1.312 (the RM's score of the greedy
-    replies 0.710 -> 0.749); docs/online-rl.md."""
+    Measured: rollout reward 0.292 -> 0.658, KL 1.41, held-out gold 1.262 -> 1.299 (the RM's score of the greedy
+    replies 0.710 -> 0.727); in `make test`'s run (one thread per worker: another RM) 0.457 -> 0.797, KL 1.14, gold
+    1.262 -> 1.312; docs/online-rl.md."""
     out, summary = demo_summary
     sft, ppo, report = summary["stages"]["sft"], summary["stages"]["ppo"], summary["ppo"]
-    assert report["reward"].startswith("rm:") and report["beta"] == 0.1 and report["steps"] == 30
+    assert report["reward"].startswith("rm:") and report["beta"] == 0.1 and report["steps"] == 20
     assert report["rollout_reward_last"] >= report["rollout_reward_first"] + 0.15, report
     assert 0.0 < report["kl"] < 4.0, report
     assert report["kl"] < summary["over_optimization"]["final_kl"], (report, summary["over_optimization"])
@@ -192,7 +195,7 @@ def test_demo_ppo_against_the_reward_model_raises_its_score_inside_a_kl_budget(d
     assert ppo["format_rate"] >= 0.95, ppo
     metrics = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "value/explained_variance" in m]
-    assert len(steps) == 30 and all(math.isfinite(m["value/loss"]) for m in steps)
+    assert len(steps) == 20 and all(math.isfinite(m["value/loss"]) for m in steps)
 
 
 @pytest.mark.xfail(strict=True, reason="issue 12's PPO claim is not met: the RM cannot check arithmetic (gold needs "
@@ -211,7 +214,8 @@ def test_demo_over_optimization_proxy_rises_while_gold_falls_from_its_peak(demo_
     of rollouts the proxy (the RM's score) ends >= 0.15 above where it started while the gold reward ends >= 0.15
     below its peak, at a larger KL; summary.json holds the curve, the peak and the final point, and the run's plot of
     both against the KL exists. Measured from the demo's SFT model and RM with two sampling seeds: proxy 0.51 ->
-    0.86 / 0.51 -> 0.94, gold 1.201 at KL 1.7 -> 0.801 at KL 14.7 / 1.176 at KL 0.7 -> 0.739 at KL 26."""
+    0.86 / 0.51 -> 0.94, gold 1.201 at KL 1.7 -> 0.801 at KL 14.7 / 1.176 at KL 0.7 -> 0.739 at KL 26; in `make
+    test`'s run (another RM) proxy 0.40 -> 1.06, gold 1.128 at KL 0.7 -> 0.718 at KL 19.7."""
     out, summary = demo_summary
     over = summary["over_optimization"]
     assert over["beta"] == 0.0 and over["reward"].startswith("rm:") and len(over["curve"]) == 6

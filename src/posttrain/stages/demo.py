@@ -445,8 +445,8 @@ def _with_the_reward_model(config: DemoConfig, data: Path, prompts: Path, sft_mo
                            train_samples: Path, out: Path, sft_gold: float) -> None:
     """What follows the reward model, run beside PPO, DPO and best-of-N in a :class:`_Background` process: the
     RM-selected rejection-sampling round (on the SFT model's shared training samples ``train_samples``), the RM
-    scored against the gold reward on the world's held-out pairs and rankings, and the over-optimization run. Written to ``out/SIDE_REPORT`` as ``{"rs_rm", "reward_model", "over_optimization"}``
-    (those that ran)."""
+    scored against the gold reward on the world's held-out pairs and rankings, and the over-optimization run.
+    Written to ``out/SIDE_REPORT`` as ``{"rs_rm", "reward_model", "over_optimization"}`` (those that ran)."""
     from posttrain.rewards import ScalarRewardModel
     from posttrain.world.evaluate import evaluate_reward_on_world
 
