@@ -320,6 +320,173 @@ def test_unsupported_format_and_missing_file(tmp_path, tok):
         read_rows(tmp_path / "data.csv")
 
 
+def test_load_generated_reports_malformed_json(tmp_path):
+    from posttrain.data.prompts import load_generated
+
+    good = {"prompt": "What is 1 + 1?", "completions": ["2", "3"]}
+    path = write_jsonl(tmp_path / "gen.jsonl", [json.dumps(good), '{"prompt": "x", "completions": ['])
+    with pytest.raises(DataError, match=r"gen\.jsonl, line 2: malformed JSON"):
+        load_generated(str(path))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# text encodings: undecodable bytes name the file and line; byte-order marks are understood
+
+
+def good_lines() -> list[bytes]:
+    return [json.dumps(r, ensure_ascii=False).encode("utf-8") for r in GOOD]
+
+
+def test_undecodable_jsonl_line_names_file_and_line(tmp_path, tok):
+    """An invalid UTF-8 byte in line 3 is that line's error (not a bare codec error); skip_invalid drops the line
+    and counts it like any malformed row."""
+    lines = good_lines()
+    prefix = b'{"messages": [{"role": "user", "content": "caf'
+    lines.insert(2, prefix + b"\xe9" + b'"}]}')  # é written in Latin-1
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(DataError) as info:
+        load_sft_examples(path, tok)
+    assert info.value.source == str(path) and info.value.where == "line 3" and info.value.field is None
+    assert str(info.value) == (f"{path}, line 3: not valid UTF-8 text (invalid continuation byte 0xe9 at byte "
+                               f"{len(prefix) + 1} of the line; save the file as UTF-8)")
+    examples, report = load_sft_examples(path, tok, skip_invalid=True)
+    assert len(examples) == len(GOOD) and report.read == len(GOOD) + 1
+    assert report.dropped == {"not valid UTF-8 text": 1}
+    assert report.examples[0].startswith(f"{path}, line 3: not valid UTF-8 text")
+
+
+def test_undecodable_json_file_names_file_line_and_offset(tmp_path, tok):
+    path = tmp_path / "data.json"
+    text = json.dumps(GOOD, indent=1).encode()
+    cut = text.index(b"The answer")
+    path.write_bytes(text[:cut] + b"\xff" + text[cut:])
+    with pytest.raises(DataError) as info:
+        load_sft_examples(path, tok, skip_invalid=True)  # the file cannot be decoded: no row can be trusted
+    line = text[:cut].count(b"\n") + 1
+    assert str(info.value) == (f"{path}, line {line}: not valid UTF-8 text (invalid start byte 0xff at byte offset "
+                               f"{cut} of the file; save the file as UTF-8)")
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-be", "utf-32"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_byte_order_marks_are_decoded(tmp_path, tok, encoding, suffix):
+    """Files Windows tools write (UTF-8 with a BOM; UTF-16 with a BOM, as PowerShell's `>` does) load exactly like
+    the UTF-8 file."""
+    if suffix == ".jsonl":
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in GOOD)
+    else:
+        text = json.dumps(GOOD, ensure_ascii=False, indent=1)
+    bom = {"utf-16-be": b"\xfe\xff"}.get(encoding, b"")  # Python's utf-16 and utf-32 codecs write their own BOM
+    path = tmp_path / f"data{suffix}"
+    path.write_bytes(bom + text.replace("What", "Wh\u00e4t").encode(encoding))
+    plain = tmp_path / f"plain{suffix}"
+    plain.write_text(text.replace("What", "Wh\u00e4t"), encoding="utf-8")
+    examples, report = load_sft_examples(path, tok)
+    expected, _ = load_sft_examples(plain, tok)
+    assert [e.input_ids for e in examples] == [e.input_ids for e in expected] and report.read == len(GOOD)
+
+
+def test_byte_order_mark_inside_a_concatenated_jsonl(tmp_path, tok):
+    path = tmp_path / "cat.jsonl"
+    lines = good_lines()
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines[:2]) + b"\n\xef\xbb\xbf" + b"\n".join(lines[2:]) + b"\n")
+    assert len(load_sft_examples(path, tok)[0]) == len(GOOD)
+
+
+def test_utf16_without_byte_order_mark_says_so(tmp_path, tok):
+    path = tmp_path / "u16.jsonl"
+    path.write_bytes("".join(json.dumps(r) + "\n" for r in GOOD).encode("utf-16-le"))
+    with pytest.raises(DataError, match=r"u16\.jsonl, line 1: malformed JSON .*UTF-16 without a byte-order mark"):
+        load_sft_examples(path, tok)
+
+
+def test_undecodable_utf16_line_is_a_bad_row(tmp_path, tok):
+    lines = [json.dumps(row).encode("utf-16-le") for row in GOOD]
+    lines.insert(1, "{".encode("utf-16-le") + b"\x00\xdc")  # a lone low surrogate code unit
+    path = tmp_path / "u16.jsonl"
+    path.write_bytes(b"\xff\xfe" + "\n".encode("utf-16-le").join(lines))
+    with pytest.raises(DataError, match=r"u16\.jsonl, line 2: not valid UTF-16 text \(illegal encoding 0x00 0xdc at "
+                                        r"byte 3 "):
+        load_sft_examples(path, tok)
+    examples, report = load_sft_examples(path, tok, skip_invalid=True)
+    assert len(examples) == len(GOOD) and report.dropped == {"not valid UTF-16 text": 1}
+
+
+def test_unpaired_surrogate_escape_is_a_bad_row(tmp_path, tok):
+    """JSON can spell a lone surrogate ("\\ud800"); no tokenizer can encode it, so the row is rejected at loading,
+    naming the field. A valid pair (an emoji) is kept."""
+    bad = {"messages": [{"role": "user", "content": "Hi \ud800"}, {"role": "assistant", "content": "Hello"}]}
+    emoji = {"messages": [{"role": "user", "content": "Hi \U0001f600"}, {"role": "assistant", "content": "Hello"}]}
+    path = write_jsonl(tmp_path / "sur.jsonl", [json.dumps(emoji), json.dumps(bad)])
+    with pytest.raises(DataError) as info:
+        load_sft_examples(path, tok)
+    assert str(info.value) == (f"{path}, line 2, field 'messages[0].content': invalid Unicode: an unpaired "
+                               "surrogate escape (like \\ud800)")
+    examples, report = load_sft_examples(path, tok, skip_invalid=True)
+    assert len(examples) == 1 and report.dropped == {"invalid Unicode": 1}
+
+
+def test_json_too_deep_or_huge_integer_is_a_bad_row(tmp_path, tok):
+    """json.loads raises RecursionError and ValueError (not JSONDecodeError) for these; both are bad rows."""
+    path = write_jsonl(tmp_path / "odd.jsonl", [json.dumps(GOOD[0]), "[" * 100_000, '{"n": ' + "1" * 5000 + "}"])
+    with pytest.raises(DataError, match=r"odd\.jsonl, line 2: malformed JSON \(maximum recursion depth"):
+        load_sft_examples(path, tok)
+    examples, report = load_sft_examples(path, tok, skip_invalid=True)
+    assert len(examples) == 1 and report.dropped == {"malformed JSON": 2}
+
+
+def test_non_object_item_of_a_json_list_is_a_bad_row(tmp_path, tok):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(GOOD[:2] + [[1, 2]] + GOOD[2:]))
+    with pytest.raises(DataError, match=r"data\.json, row 3: expected a JSON object, got list"):
+        load_sft_examples(path, tok)
+    examples, report = load_sft_examples(path, tok, skip_invalid=True)
+    assert len(examples) == len(GOOD) and report.dropped == {"expected a JSON object, got list": 1}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# files that cannot be read at all: the error names the path and what is wrong
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_parquet_names_the_file(tmp_path, tok, damage):
+    import datasets
+
+    path = tmp_path / "data.parquet"
+    datasets.Dataset.from_list(GOOD).to_parquet(str(path))
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"not parquet at all", "empty": b""}[damage])
+    with pytest.raises(DataError) as info:
+        load_sft_examples(path, tok, skip_invalid=True)
+    assert info.value.source == str(path)
+    assert str(info.value).startswith(f"{path}: not a readable Parquet file (")
+    expected = "Parquet file size is 0 bytes" if damage == "empty" else "magic bytes not found"
+    assert expected in str(info.value)
+
+
+def test_directory_that_is_not_a_saved_dataset(tmp_path, tok):
+    path = tmp_path / "some_dir"
+    path.mkdir()
+    (path / "train.jsonl").write_text(json.dumps(GOOD[0]) + "\n")
+    with pytest.raises(DataError) as info:
+        load_sft_examples(path, tok)
+    assert str(info.value).startswith(f"{path}: not a saved `datasets` directory (it has no state.json or "
+                                      "dataset_dict.json)")
+
+
+def test_corrupt_saved_dataset_names_the_directory(tmp_path, tok):
+    import datasets
+
+    path = tmp_path / "ds"
+    datasets.Dataset.from_list(GOOD).save_to_disk(str(path))
+    for arrow in path.glob("*.arrow"):
+        arrow.write_bytes(arrow.read_bytes()[:100])
+    with pytest.raises(DataError) as info:
+        load_sft_examples(path, tok)
+    assert str(info.value).startswith(f"{path}: cannot read the saved dataset (")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # end to end: the CLI reports the bad row in one line, exit code 2, no traceback
 

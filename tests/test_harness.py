@@ -311,6 +311,31 @@ def test_seeding_and_adamw_settings():
     assert optimizer.defaults["fused"] is True
 
 
+@pytest.mark.parametrize("fault", ["nan loss", "inf loss", "nan gradient", "inf gradient"])
+def test_optimizer_step_skips_a_nonfinite_update(fault):
+    """A non-finite loss or gradient: no parameter, optimizer state or schedule moves, the gradients are dropped,
+    and the returned norm is non-finite (what the harness counts); the next finite step is a normal one."""
+    import math as m
+
+    from posttrain.plumbing import training
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = training.build_scheduler(optimizer, warmup_steps=2, total_steps=5, schedule="linear")
+    before = model.weight.detach().clone()
+    scale = {"nan gradient": float("nan"), "inf gradient": float("inf")}.get(fault, 1.0)
+    (model(torch.tensor([[3.0, 4.0]])).sum() * scale).backward()
+    loss = {"nan loss": float("nan"), "inf loss": float("-inf")}.get(fault, 1.0)
+    grad_norm, lr = training.optimizer_step(model, optimizer, scheduler, max_grad_norm=1.0, loss=loss)
+    assert not m.isfinite(grad_norm) and lr == pytest.approx(0.05)
+    assert torch.equal(model.weight, before) and model.weight.grad is None and not optimizer.state
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.05)  # the schedule did not advance
+    model(torch.tensor([[3.0, 4.0]])).sum().backward()
+    grad_norm, lr = training.optimizer_step(model, optimizer, scheduler, max_grad_norm=1.0, loss=1.0)
+    assert grad_norm == pytest.approx(5.0) and lr == pytest.approx(0.05)
+    assert not torch.equal(model.weight, before) and scheduler.get_last_lr()[0] == pytest.approx(0.1)
+
+
 def test_optimizer_step_clips_and_follows_the_schedule():
     """With plain SGD the update shows the clipped gradient: w' = w - lr * g * (max_norm / |g|); the learning rates
     follow warm-up then cosine decay over total_steps (hand values: 0.5, 1, cos(pi/3)=... of peak 0.1)."""

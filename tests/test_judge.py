@@ -479,7 +479,8 @@ def server(tiny_model_dir, tmp_path_factory):
     with log.open("w") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "posttrain.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port),
-             "--model_name", "tiny", "--log_level", "warning"],
+             "--model_name", "tiny", "--log_level", "warning",
+             "--context_length", "1024"],  # the judge prompt (573 tokens) is longer than the tiny model's 512
             env=env, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     try:

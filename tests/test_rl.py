@@ -224,10 +224,10 @@ def test_micro_batches_give_the_same_gradient(sft_model, prompts, tmp_path, monk
     captured: list[dict[str, torch.Tensor]] = []
     real_step = rl.optimizer_step
 
-    def capture(model, optimizer, scheduler, max_grad_norm):
+    def capture(model, optimizer, scheduler, max_grad_norm, **kwargs):
         if not hasattr(model, "score"):  # the policy, not a critic
             captured.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        return real_step(model, optimizer, scheduler, max_grad_norm)
+        return real_step(model, optimizer, scheduler, max_grad_norm, **kwargs)
 
     monkeypatch.setattr(rl, "optimizer_step", capture)
     for aggregation in ("token_mean", "sequence_mean", "fixed_length"):
@@ -436,9 +436,9 @@ def test_truncated_importance_sampling_scales_by_the_samplers_mismatch(sft_model
     captured: list[dict[str, torch.Tensor]] = []
     real_step = rl.optimizer_step
 
-    def capture(model, optimizer, scheduler, max_grad_norm):
+    def capture(model, optimizer, scheduler, max_grad_norm, **kwargs):
         captured.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        return real_step(model, optimizer, scheduler, max_grad_norm)
+        return real_step(model, optimizer, scheduler, max_grad_norm, **kwargs)
 
     monkeypatch.setattr(rl, "optimizer_step", capture)
     metrics = {}

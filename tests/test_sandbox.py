@@ -1,11 +1,19 @@
 """The code sandbox (posttrain.rewards.sandbox) and code_reward: correct, wrong and partially correct programs, and
 the attacks of docs/verifiers.md (infinite loop, fork bomb, memory bomb, network, writes outside the scratch
-directory, the parent's secrets, an output flood, a child that outlives its parent), each in both isolation modes:
-the namespace sandbox (skipped where unavailable) and the socket-blocking fallback, forced so it is tested here too."""
+directory, the parent's secrets, an output flood, a child that outlives its parent; then, from "Hostile programs"
+on, escapes through links and chdir, the machine's files, background processes, sleeping past the deadline, ctypes,
+file descriptor exhaustion, signals to the parent, a killed supervisor), each in both isolation modes: the
+namespace sandbox (skipped where unavailable) and the socket-blocking fallback, forced so it is tested here too.
+
+Each hostile program goes through the code verifier, whose tests assert that the attack *worked*: a score of 0.0
+means it did not (or the program was killed), and each test also checks containment from outside (the host's
+files, the process table, the caller's descriptors, a canary process)."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,8 +24,11 @@ from pathlib import Path
 
 import pytest
 
+from posttrain.rewards import sandbox
 from posttrain.rewards.sandbox import namespaces_available, run_sandboxed
 from posttrain.verifiers import code_reward, code_rewards
+
+LANDLOCK_ABI = sandbox._landlock_abi(sandbox._libc())  # 0: the fallback has only its Python-level audit hook
 
 ADD = "def add(a, b):\n    return a + b\n"
 ADD_TESTS = "assert add(1, 2) == 3\nassert add(-1, 1) == 0\nassert add(2, 2) == 4\nassert add(0, 0) == 0\n"
@@ -28,6 +39,16 @@ def isolation(request):
     if request.param == "namespace" and not namespaces_available():
         pytest.skip("user/network/pid/mount namespaces are not available here (unshare failed)")
     return request.param
+
+
+@pytest.fixture(params=["namespace", "socket", "socket, hook only"])
+def file_isolation(request, monkeypatch):
+    """``isolation``, plus the fallback without Landlock (what a kernel without it gets): its audit hook alone."""
+    if request.param == "namespace" and not namespaces_available():
+        pytest.skip("user/network/pid/mount namespaces are not available here (unshare failed)")
+    if request.param == "socket, hook only":
+        monkeypatch.setattr(sandbox, "LANDLOCK", False)
+    return request.param.split(",")[0]
 
 
 def _alive(marker: str) -> list[int]:
@@ -47,7 +68,8 @@ def test_isolation_mode_is_reported(isolation):
     result = run_sandboxed("print('hi')", isolation=isolation, timeout_s=5)
     assert result.ok and result.stdout == "hi\n"
     assert result.network_isolation == {"namespace": "netns", "socket": "socket-blocked"}[isolation]
-    assert result.filesystem == {"namespace": "read-only", "socket": "python-guard"}[isolation]
+    fallback = "landlock" if LANDLOCK_ABI else "python-guard"
+    assert result.filesystem == {"namespace": "read-only", "socket": fallback}[isolation]
     assert not os.path.exists(result.scratch_dir)  # removed afterwards
 
 
@@ -246,7 +268,8 @@ def test_child_that_outlives_its_parent(isolation):
     else:
         assert "os.fork is not allowed" in result.stderr  # the fallback refuses to start processes
     assert _alive(marker) == []  # ...and is gone all the same
-    assert code_reward(program, "assert True", isolation=isolation) == (1.0 if isolation == "namespace" else 0.0)
+    assert result.leftover_processes == (1 if isolation == "namespace" else 0)
+    assert code_reward(program, "assert True", isolation=isolation) == 0.0  # leaving a process running scores 0
     assert _alive(marker) == []
 
 
@@ -270,3 +293,413 @@ def test_sandbox_failure_is_none(monkeypatch):
     result = sandbox.run_sandboxed("print(1)", isolation="socket", timeout_s=5)
     assert result.error is not None and result.returncode is None
     assert code_reward(ADD, ADD_TESTS, isolation="socket") is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hostile programs: each scored through code_reward (its tests assert the attack worked) and checked from outside
+
+
+@pytest.fixture
+def judge(monkeypatch):
+    """``code_reward`` that also returns the SandboxResult it judged (whose scratch_dir is in the command line of
+    every process running the program: the marker for leftovers)."""
+    results = []
+    real = sandbox.run_sandboxed
+
+    def spy(*args, **kwargs):
+        results.append(real(*args, **kwargs))
+        return results[-1]
+
+    monkeypatch.setattr(sandbox, "run_sandboxed", spy)
+
+    def judge(program: str, tests: str, **kwargs):
+        return code_reward(program, tests, isolation=kwargs.pop("isolation"), **kwargs), results[-1]
+
+    return judge
+
+
+def _seen(result) -> dict:
+    """The ``SEEN {json}`` line a probing program prints."""
+    lines = [line for line in result.stdout.splitlines() if line.startswith("SEEN ")]
+    assert lines, result.stdout + result.stderr
+    return json.loads(lines[-1][len("SEEN "):])
+
+
+PROBE = '''import json, os
+seen, wrote = {}, []
+
+def attempt(name, action):
+    try:
+        seen[name] = str(action())[:300]
+    except Exception as error:
+        seen[name] = "refused: " + repr(error)
+
+def read(path, dir_fd=None):
+    with open(os.open(path, os.O_RDONLY, dir_fd=dir_fd)) as handle:
+        return handle.read()
+
+def write(path, dir_fd=None):
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=dir_fd), "w") as handle:
+        handle.write("pwned")
+    wrote.append(path)
+    return "written"
+
+def write_link(link):  # only through a link the program made (else it would just create a file of its own)
+    if not os.path.lexists(link):
+        raise FileNotFoundError(link)
+    return write(link)
+
+scratch = os.getcwd()
+from_parent = lambda path: os.path.relpath(path, os.path.dirname(scratch))  # a path as seen from scratch/..
+'''
+
+
+@pytest.fixture
+def host_files(tmp_path):
+    """Files of the caller outside the scratch dir: a world-readable secret, a 0600 key, a file to overwrite and a
+    path to create (in the temp root, as the caller's own temporary files are)."""
+    token = f"posttrain-secret-{uuid.uuid4().hex}"
+    files = {"secret": tmp_path / "secret.txt", "key": tmp_path / "private.key", "target": tmp_path / "target.txt",
+             "new": tmp_path / "created-by-the-program.txt"}
+    files["secret"].write_text(token)
+    files["key"].write_text(token)
+    files["key"].chmod(0o600)
+    files["target"].write_text("original")
+    return token, {name: str(path) for name, path in files.items()}
+
+
+def test_escape_through_links_and_chdir(file_isolation, judge, host_files):
+    """Symlinks to /etc/passwd, /etc/shadow, the caller's secret, a file to overwrite, a path to create and the
+    parent directory (one made from a deeper cwd too); hardlinks to the secret and the file; a descriptor of / as
+    dir_fd; os.chdir('..'): nothing secret is read, nothing outside is written."""
+    isolation = file_isolation
+    token, files = host_files
+    program = (f"SECRET, KEY, TARGET, NEW = {files['secret']!r}, {files['key']!r}, {files['target']!r}, "
+               f"{files['new']!r}\n" + PROBE + '''
+for name, target in [("passwd", "/etc/passwd"), ("shadow", "/etc/shadow"), ("secret", SECRET), ("key", KEY),
+                     ("target", TARGET), ("new", NEW), ("parent", "..")]:
+    attempt("symlink " + name, lambda: os.symlink(target, "link-" + name))
+for name in ("passwd", "shadow", "secret", "key"):
+    attempt("read link " + name, lambda: read("link-" + name))
+attempt("read through parent", lambda: read(os.path.join("link-parent", from_parent(SECRET))))
+attempt("write link target", lambda: write_link("link-target"))
+attempt("write link new", lambda: write_link("link-new"))
+attempt("write through parent", lambda: write(os.path.join("link-parent", from_parent(NEW))))
+for name, source in [("secret", SECRET), ("key", KEY), ("target", TARGET)]:
+    attempt("hardlink " + name, lambda: os.link(source, "hard-" + name))
+attempt("read hardlink", lambda: read("hard-secret") + read("hard-key"))
+attempt("write hardlink", lambda: write_link("hard-target"))
+attempt("read through a descriptor of /", lambda: read(SECRET.lstrip("/"), dir_fd=os.open("/", os.O_RDONLY)))
+attempt("write through a descriptor of /", lambda: write(NEW.lstrip("/"), dir_fd=os.open("/", os.O_RDONLY)))
+os.makedirs("d1/d2")
+os.chdir("d1/d2")  # "../.." from here is inside; from the link's own directory (scratch) it is outside
+attempt("symlink up from a deeper cwd", lambda: os.symlink("../..", scratch + "/link-up"))
+attempt("write link up", lambda: write_link(os.path.join(scratch, "link-up", NEW.lstrip("/"))))  # link-up is /
+os.chdir(scratch)
+os.chdir("..")
+attempt("read after chdir", lambda: read(from_parent(SECRET)) + read(from_parent(KEY)))
+attempt("write after chdir", lambda: write(from_parent(NEW)))
+os.chdir(scratch)
+print("SEEN " + json.dumps(seen), flush=True)
+''')
+    score, result = judge(program, f"assert wrote or any({token!r} in v for v in seen.values())",
+                          isolation=isolation)
+    assert score == 0.0 and result.error is None and result.returncode == 0
+    seen = _seen(result)
+    assert not any(token in value for value in seen.values())
+    with open("/etc/passwd") as handle:  # refused, or what any user may read anyway
+        assert seen["read link passwd"].startswith("refused: ") or seen["read link passwd"] == handle.read()[:300]
+    assert seen["read link shadow"].startswith("refused: ")
+    if isolation == "socket":  # namespace mode may make it: the mounts are read-only
+        assert seen["symlink up from a deeper cwd"].startswith("refused: ")
+    assert all(value.startswith("refused: ") for name, value in seen.items() if name.startswith("write"))
+    assert Path(files["target"]).read_text() == "original" and not Path(files["new"]).exists()
+
+
+def test_escape_the_audit_hook_cannot_see(isolation, judge, host_files):
+    """A directory descriptor inside the scratch dir and a different current directory: the fallback's hook checks
+    ``../x`` against the cwd (inside), the kernel resolves it from the descriptor (outside). Only a kernel layer
+    (namespace mode's read-only mounts, the fallback's Landlock rules) stops it."""
+    if isolation == "socket" and not LANDLOCK_ABI:
+        pytest.skip("no Landlock in this kernel: the fallback's path checks are Python-level (docs/verifiers.md)")
+    token, files = host_files
+    program = f"SECRET, NEW = {files['secret']!r}, {files['new']!r}\n" + PROBE + '''
+os.makedirs("a/b")
+fd = os.open(".", os.O_RDONLY)  # the scratch dir
+os.chdir("a/b")
+attempt("read", lambda: read("../" + from_parent(SECRET), dir_fd=fd))
+attempt("write", lambda: write("../" + from_parent(NEW), dir_fd=fd))
+print("SEEN " + json.dumps(seen), flush=True)
+'''
+    score, result = judge(program, f"assert wrote or {token!r} in seen['read']", isolation=isolation)
+    assert score == 0.0
+    seen = _seen(result)
+    assert seen["read"].startswith("refused: ") and seen["write"].startswith("refused: ")
+    if isolation == "socket":
+        assert seen["write"].startswith("refused: PermissionError(13")  # the kernel's (Landlock), not the hook's
+    assert not Path(files["new"]).exists()
+
+
+def test_reading_the_machines_files(file_isolation, judge, host_files, monkeypatch):
+    """The caller's secret by absolute path (world-readable and 0600), an ssh-like key in the caller's HOME,
+    /etc/shadow, and the caller's environment (os.environ, /proc/1/environ, /proc/PPID/environ, the launch
+    environment of a process of the caller's holding the secret)."""
+    isolation = file_isolation
+    token, files = host_files
+    monkeypatch.setenv("POSTTRAIN_SECRET", token)
+    ssh = Path.home() / f".posttrain-test-ssh-{uuid.uuid4().hex}"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                              env={**os.environ, "POSTTRAIN_SECRET": token})
+    try:
+        ssh.mkdir(mode=0o700)
+        (ssh / "id_ed25519").write_text(token)
+        (ssh / "id_ed25519").chmod(0o600)
+        (ssh / "config").write_text(token)  # world-readable, in a directory only its owner may enter
+        paths = [files["secret"], files["key"], str(ssh / "id_ed25519"), str(ssh / "config"), "/etc/shadow",
+                 "/proc/1/environ", f"/proc/{holder.pid}/environ"]
+        program = f"PATHS = {paths!r}\n" + PROBE + '''
+for path in PATHS + ["/proc/%d/environ" % os.getppid()]:
+    attempt(path, lambda: read(path))
+attempt("environ", lambda: dict(os.environ))
+attempt("home", lambda: os.listdir(os.path.dirname(PATHS[2])))
+print("SEEN " + json.dumps(seen), flush=True)
+'''
+        time.sleep(0.1)  # the holder has started
+        score, result = judge(program, f"assert any({token!r} in v for v in seen.values())", isolation=isolation)
+        assert score == 0.0 and result.error is None
+        seen = _seen(result)
+        assert not any(token in value for value in seen.values())
+        assert all(seen[path].startswith("refused: ") for path in paths)
+        assert token not in result.stdout + result.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+        for name in ("id_ed25519", "config"):
+            (ssh / name).unlink(missing_ok=True)
+        if ssh.exists():
+            ssh.rmdir()
+
+
+WRITE_LATER = ("import os, sys, time\n\ndef write_later(paths):\n    time.sleep(0.6)\n    for path in paths:\n"
+               "        try:\n            os.makedirs(os.path.dirname(path), exist_ok=True)\n"
+               "            open(path, 'w').write('late')\n        except OSError:\n            pass\n")
+
+BACKGROUND = {  # LATER: a command that runs write_later(PATHS) with the marker in its command line
+    "fork, setsid, double fork": "pid = os.fork()\nif pid == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+                                 "        os.execv(sys.executable, LATER)\n    os._exit(0)\nos.waitpid(pid, 0)\n",
+    "nohup through os.system": "import shlex\nos.system('nohup ' + shlex.join(LATER) + ' >/dev/null 2>&1 &')\n",
+    "subprocess in a new session": "import subprocess\nsubprocess.Popen(LATER, start_new_session=True)\n",
+    "a child that ignores SIGTERM": "import signal\nif os.fork() == 0:\n    signal.signal(signal.SIGTERM, "
+                                    "signal.SIG_IGN)\n    os.execv(sys.executable, LATER)\n",
+    "daemon and non-daemon threads": "import threading\n"
+                                     "threading.Thread(target=write_later, args=(PATHS,), daemon=True).start()\n"
+                                     "threading.Thread(target=time.sleep, args=(60,)).start()\n",
+}
+
+
+@pytest.mark.parametrize("attack", list(BACKGROUND))
+def test_background_processes_do_not_outlive_the_check(isolation, judge, tmp_path, attack):
+    """After run_sandboxed returns no process of the program exists (the marker in their command lines), and the
+    files they would write later (in the caller's temp dir, or the scratch dir re-created) never appear."""
+    marker = f"posttrain-late-{uuid.uuid4().hex}"
+    late = tmp_path / "late.txt"
+    program = (WRITE_LATER + f"PATHS = [{str(late)!r}, os.getcwd() + '/late.txt']\n"
+               f"LATER = [sys.executable, '-c', {WRITE_LATER!r} + 'write_later(sys.argv[1:3])', *PATHS, {marker!r}]\n"
+               + BACKGROUND[attack] + ADD)
+    started = time.monotonic()
+    score, result = judge(program, ADD_TESTS, timeout_s=2.0, isolation=isolation)
+    assert time.monotonic() - started < 2.0 + 3.0
+    assert score == 0.0 and result.error is None
+    if isolation == "namespace" and "threads" not in attack:
+        assert result.leftover_processes >= 1  # it did start one...
+    assert _alive(marker) == [] and _alive(result.scratch_dir) == []  # ...and none is left
+    time.sleep(1.0)  # past the moment the background process would have written
+    assert not late.exists() and not os.path.exists(result.scratch_dir)
+    assert _alive(marker) == []
+
+
+SLEEPERS = {
+    "time.sleep": "import time\ntime.sleep(60)\n",
+    "busy loop ignoring SIGXCPU": "import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True:\n"
+                                  "    pass\n",
+    "blocking read on a pipe": "import os\nr, w = os.pipe()\nos.read(r, 1)\n",
+    "signal.pause": "import signal\nsignal.pause()\n",
+    "SIGALRM re-armed, SIGTERM/SIGINT/SIGHUP ignored": (
+        "import signal\nfor s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGXCPU):\n"
+        "    signal.signal(s, signal.SIG_IGN)\nsignal.signal(signal.SIGALRM, lambda *a: signal.alarm(1))\n"
+        "signal.alarm(1)\nwhile True:\n    signal.pause()\n"),
+    "SIGSTOP to itself": "import os, signal\nos.kill(os.getpid(), signal.SIGSTOP)\n",
+}
+
+
+@pytest.mark.parametrize("attack", list(SLEEPERS))
+def test_sleeping_past_the_timeout(isolation, judge, attack):
+    started = time.monotonic()
+    score, result = judge(ADD + SLEEPERS[attack], ADD_TESTS, timeout_s=1.0, isolation=isolation)
+    assert time.monotonic() - started < 1.0 + 2.0  # the deadline plus a grace, not the sleep
+    assert score == 0.0 and result.timed_out and result.killed and result.error is None
+    assert _alive(result.scratch_dir) == []
+
+
+CTYPES = {
+    "system()": ("command = '%s -c \"import time; time.sleep(30)\" %s &' % (sys.executable, MARKER)\n"
+                 "rc = libc.system(command.encode())", "assert rc == 0"),
+    "fork()": ("pid = libc.fork()\nif pid == 0:\n    os.setsid()\n    time.sleep(30)\n", "assert pid > 0"),
+    "kill() of the parent": ("rc = libc.kill(os.getppid(), signal.SIGKILL)", "assert rc == 0"),
+    "mmap() of 1 TiB": ("libc.mmap.restype = ctypes.c_void_p\n"
+                        "addr = libc.mmap(None, ctypes.c_size_t(1 << 40), 3, 0x22, -1, ctypes.c_long(0))\n"
+                        "print('SEEN', json.dumps({'mapped': addr != ctypes.c_void_p(-1).value}))",
+                        "assert addr != ctypes.c_void_p(-1).value"),
+    "write to address 16": ("ctypes.memset(16, 0, 64)", "assert True"),
+}
+
+
+@pytest.mark.parametrize("attack", list(CTYPES))
+def test_ctypes_into_libc(isolation, judge, attack):
+    marker = f"posttrain-ctypes-{uuid.uuid4().hex}"
+    code, tests = CTYPES[attack]
+    program = (f"import ctypes, json, os, signal, sys, time\nMARKER = {marker!r}\nlibc = ctypes.CDLL(None)\n"
+               + code + "\n" + ADD)
+    score, result = judge(program, tests + "\n" + ADD_TESTS, timeout_s=5.0, isolation=isolation)
+    assert score == 0.0 and result.error is None  # the supervisor reported (it was not killed)
+    if isolation == "socket":
+        assert "importing ctypes is not allowed" in result.stderr
+    elif attack == "mmap() of 1 TiB":
+        assert _seen(result) == {"mapped": False}  # RLIMIT_AS
+    elif attack == "write to address 16":
+        assert result.returncode == -signal.SIGSEGV and result.killed
+    elif attack in ("system()", "fork()"):
+        assert result.leftover_processes >= 1
+    assert _alive(marker) == [] and _alive(result.scratch_dir) == []
+    assert run_sandboxed("print(1 + 1)", isolation=isolation, timeout_s=5).stdout == "2\n"
+
+
+FD_HOGS = {
+    "open until EMFILE": "held.append(open('/dev/null'))",
+    "pipes": "held.append(os.pipe())",
+    "socketpairs": "held.append(socket.socketpair())",
+}
+
+
+@pytest.mark.parametrize("attack", list(FD_HOGS))
+def test_file_descriptor_exhaustion(isolation, judge, attack):
+    """The program runs out of descriptors (RLIMIT_NOFILE); the caller keeps its own: the same number open after as
+    before, hundreds more can be opened, and the next sandboxed program runs."""
+    before = len(os.listdir("/proc/self/fd"))
+    program = ("import json, os, socket\nheld = []\ntry:\n    while True:\n        " + FD_HOGS[attack] + "\n"
+               "except OSError as error:\n    print('SEEN', json.dumps({'held': len(held), 'error': repr(error)}))\n"
+               + ADD)
+    score, result = judge(program, "assert len(held) > 100_000\n" + ADD_TESTS, timeout_s=10.0,
+                          isolation=isolation)
+    assert score == 0.0 and result.error is None
+    seen = _seen(result)
+    assert "Too many open files" in seen["error"] and seen["held"] < 256  # code_reward's open_files
+    assert len(os.listdir("/proc/self/fd")) == before  # the sandbox closed what it opened
+    handles = [open(os.devnull) for _ in range(300)]
+    for handle in handles:
+        handle.close()
+    assert code_reward(ADD, ADD_TESTS, isolation=isolation) == 1.0
+
+
+CANARY = ("import signal, sys, time\nsignal.signal(signal.SIGURG, lambda *a: open(sys.argv[1], 'a').write('got\\n'))\n"
+          "open(sys.argv[1] + '.ready', 'w').close()\nwhile True:\n    time.sleep(0.05)\n")
+
+PARENT_ATTACKS = {
+    "kill(ppid, SIGKILL)": "os.kill(os.getppid(), signal.SIGKILL)",
+    "kill(ppid, SIGSTOP)": "os.kill(os.getppid(), signal.SIGSTOP)",
+    "pidfd_send_signal(ppid, SIGKILL)": "signal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGKILL)",
+    "killpg(0, SIGKILL)": "os.killpg(0, signal.SIGKILL)",
+    "kill(-1, SIGKILL)": "os.kill(-1, signal.SIGKILL)",
+}
+
+
+@pytest.mark.parametrize("attack", list(PARENT_ATTACKS))
+def test_signals_to_the_parent(isolation, judge, tmp_path, attack):
+    """First a harmless probe: SIGURG (ignored by default everywhere) to -1, to a canary process of the caller's,
+    to its group, to the parent and through a pidfd; the canary records any it gets. Only if none arrived, the real
+    attack: the caller and the supervisor survive (the result is reported) and the score is 0."""
+    log = tmp_path / "canary.log"
+    canary = subprocess.Popen([sys.executable, "-c", CANARY, str(log)], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not Path(f"{log}.ready").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        probe = (f"import os, signal\nCANARY = {canary.pid}\ndelivered = []\n"
+                 "for name, send in [('-1', lambda: os.kill(-1, signal.SIGURG)),\n"
+                 "                   ('canary', lambda: os.kill(CANARY, signal.SIGURG)),\n"
+                 "                   ('group', lambda: os.killpg(CANARY, signal.SIGURG)),\n"
+                 "                   ('parent', lambda: os.kill(os.getppid(), signal.SIGURG)),\n"
+                 "                   ('pidfd', lambda: signal.pidfd_send_signal(os.pidfd_open(CANARY), "
+                 "signal.SIGURG))]:\n"
+                 "    try:\n        send()\n        delivered.append(name)\n"
+                 "    except OSError as error:\n        print(name, 'refused', repr(error))\n")
+        score, result = judge(probe, "assert delivered", isolation=isolation)
+        time.sleep(0.2)
+        assert score == 0.0 and not log.exists() and canary.poll() is None  # nothing reached the canary
+        started = time.monotonic()
+        program = "import os, signal\n" + PARENT_ATTACKS[attack] + "\nsent = True\n" + ADD
+        score, result = judge(program, "assert sent\n" + ADD_TESTS, timeout_s=5.0, isolation=isolation)
+        assert score == 0.0 and result.error is None  # the supervisor lived to report
+        assert time.monotonic() - started < 5.0  # and was not stopped until its deadline
+        if attack == "killpg(0, SIGKILL)":
+            assert result.returncode == -signal.SIGKILL  # only the program's own group
+        assert canary.poll() is None and not log.exists()
+        assert _alive(result.scratch_dir) == []
+    finally:
+        canary.kill()
+        canary.wait()
+
+
+def test_a_killed_supervisor_takes_its_program_along(isolation, judge):
+    """The supervisor is SIGKILLed from outside while the program sleeps: the verifier says "could not judge"
+    (None) at once, and the program does not live on (the fallback: the caller kills the supervisor's session;
+    namespaces: the init dies with its parent, PR_SET_PDEATHSIG, and the pid namespace with it)."""
+    import threading
+
+    out = {}
+    worker = threading.Thread(target=lambda: out.update(zip(("score", "result"), judge(
+        "import time\ntime.sleep(30)\n" + ADD, ADD_TESTS, timeout_s=20.0, isolation=isolation))))
+    started = time.monotonic()
+    worker.start()
+    supervisor, program, deadline = None, [], time.monotonic() + 10
+    while not program and time.monotonic() < deadline:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                    argv = handle.read().split(b"\0")
+                with open(f"/proc/{pid}/stat") as handle:
+                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == os.getpid() and argv[-3:-2] == [os.path.abspath(sandbox.__file__).encode()]:  # exec'd
+                supervisor = int(pid)
+                scratch = json.loads(argv[-2])["scratch"]
+                program = _alive(f"{scratch}/prog.py")
+        time.sleep(0.02)
+    assert supervisor and program
+    os.kill(supervisor, signal.SIGKILL)
+    worker.join(timeout=30)
+    assert out["score"] is None and out["result"].error is not None
+    assert time.monotonic() - started < 10  # not the program's 20 s deadline
+    assert _alive(out["result"].scratch_dir) == []
+
+
+def test_oom_killer_takes_the_sandbox_first(isolation, judge):
+    """The program starts with oom_score_adj 1000 (under memory pressure the kernel kills it, not the trainer) and
+    cannot lower it."""
+    program = ("import json\nseen = {'before': open('/proc/self/oom_score_adj').read().strip()}\n"
+               "try:\n    open('/proc/self/oom_score_adj', 'w').write('-1000')\nexcept OSError as error:\n"
+               "    seen['lower'] = repr(error)\nseen['after'] = open('/proc/self/oom_score_adj').read().strip()\n"
+               "print('SEEN', json.dumps(seen))\n")
+    score, result = judge(program, "assert seen['after'] != '1000'", isolation=isolation)
+    assert score == 0.0
+    seen = _seen(result)
+    assert seen["before"] == seen["after"] == "1000" and "lower" in seen
+
+
+def test_a_set_up_failure_is_an_error_not_a_verdict(isolation):
+    """The forked child fails before exec (here: an RLIMIT_NOFILE above the kernel's maximum): the sandbox says it
+    failed (``error``, which code_reward scores None) instead of reporting a program that exited 126."""
+    result = run_sandboxed("print(1)", isolation=isolation, timeout_s=5, open_files=1 << 40)
+    assert result.error is not None and "could not start the program" in result.error
+    assert result.returncode is None and _alive(result.scratch_dir) == []

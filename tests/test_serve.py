@@ -1,18 +1,43 @@
 """``posttrain serve`` in process: what reaches the model (the whole conversation, rendered as in training) and what
-reaches generation (temperature, top_p, seed, max_tokens) from a chat-completions request.
+reaches generation (temperature, top_p, seed, max_tokens) from a chat-completions request; then the server's
+defences against abuse: malformed numbers and bodies, the reply budget against the context and the limit, the body
+size and time limits, the bounded queue, stopping a generation whose client has gone or whose time is up, and
+SIGINT / SIGTERM during a long generation (a real ``posttrain serve`` process).
 
-A stub generate function records what ``create_app`` passes it; the tiny random Llama checks the real path: the
-token ids the model is given, and that the seed makes sampling reproducible. (The refusals and the end-to-end server
-are tested in test_judge.py.)
+A stub generate function records what ``create_app`` passes it (or stands in for a slow model that honours the stop
+hook); the tiny random Llama checks the real path: the token ids the model is given, that the seed makes sampling
+reproducible, and that the stop hook ends a generation without changing its tokens. (More refusals and the
+end-to-end judge are tested in test_judge.py.) Tests never assert speed: the seconds below are liveness bounds.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from posttrain.data.render import render_prompt
 from posttrain.models.generation import Completion
+from posttrain.stages.serve import BadRequest, create_app, make_server, parse_request
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTION = [{"role": "user", "content": "What is 2 + 3?"}]
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -46,8 +71,8 @@ def _client(model, tokenizer, **kwargs):
 
 
 @pytest.fixture
-def stubbed(tiny, monkeypatch):
-    """A served app whose generate function is a stub: it records each call and replies "The answer is 8."."""
+def recorded(monkeypatch):
+    """generate() replaced by a stub that records each call and replies "The answer is 8."; the list of calls."""
     import posttrain.models.generation as generation
 
     calls = []
@@ -57,8 +82,14 @@ def stubbed(tiny, monkeypatch):
         return [Completion(text="The answer is 8.", token_ids=[11, 12, 13], finish_reason="length") for _ in prompts]
 
     monkeypatch.setattr(generation, "generate", fake_generate)
+    return calls
+
+
+@pytest.fixture
+def stubbed(tiny, recorded):
+    """A served app whose generate function is the recording stub."""
     with _client(*tiny, default_max_tokens=9) as client:
-        yield client, calls
+        yield client, recorded
 
 
 def test_generation_gets_the_whole_conversation_and_the_request_options(stubbed, tiny):
@@ -143,3 +174,338 @@ def test_seed_makes_sampling_reproducible(tiny):
     assert first == expected
     greedy = generate(model, tokenizer, [messages], max_new_tokens=12, temperature=0.0)[0].text
     assert first != greedy  # temperature 1 really reached the sampler (the random model's greedy reply differs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Abuse: what a hostile or careless client must not be able to do to the server.
+
+
+def _raw_post(client, raw: bytes):
+    return client.post("/v1/chat/completions", content=raw, headers={"Content-Type": "application/json"})
+
+
+@pytest.mark.parametrize("field", [
+    b'"max_tokens": 1e999', b'"max_tokens": -1e999', b'"max_tokens": NaN', b'"max_tokens": -5', b'"max_tokens": 0',
+    b'"max_tokens": true', b'"max_tokens": "12"', b'"max_tokens": 1.5', b'"max_tokens": [8]', b'"max_tokens": 1e9',
+    b'"max_tokens": 100000000000000000000000000000', b'"max_completion_tokens": 1e999', b'"seed": 1e999',
+    b'"seed": 18446744073709551616', b'"seed": "7"', b'"temperature": NaN', b'"temperature": true',
+    b'"temperature": 1' + b"0" * 400, b'"top_p": Infinity'])
+def test_malformed_numbers_get_a_clean_400_and_never_reach_the_model(stubbed, field):
+    """Each used to be a 500 (int(inf) raised OverflowError; a 65-bit seed overflowed torch's generator) or was
+    accepted (true as 1, "12" as 12, 1.5 as 1; 1e9 tokens were generated); now an OpenAI-format 400 naming it."""
+    client, calls = stubbed
+    key = field.split(b'"')[1].decode()
+    response = _raw_post(client, b'{"messages": [{"role": "user", "content": "Hi"}], %s}' % field)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == key and key in error["message"]
+    assert calls == []
+
+
+def test_a_failure_inside_the_server_is_a_500_in_openai_format(tiny, monkeypatch):
+    """An exception in generation (say, out of memory) reaches an OpenAI client as its usual server error, not as
+    starlette's plain-text "Internal Server Error"."""
+    import posttrain.models.generation as generation
+
+    def failing_generate(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(generation, "generate", failing_generate)
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(*tiny, "tiny"), raise_server_exceptions=False) as client:
+        response = client.post("/v1/chat/completions", json={"messages": QUESTION})
+    assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+    assert "RuntimeError" in response.json()["error"]["message"]
+
+
+_SCALARS = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4)
+            | st.sampled_from([2**63, 2**64, -(2**63) - 1, 10**400]))
+_JSON = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
+_KEYS = ["max_tokens", "max_completion_tokens", "seed", "temperature", "top_p", "n", "stream"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(messages=st.just(QUESTION) | _JSON, options=st.dictionaries(st.sampled_from(_KEYS), _JSON))
+def test_any_json_body_is_parsed_into_safe_values_or_refused(messages, options):
+    """parse_request raises nothing but BadRequest (a 400), whatever the JSON, and what it accepts is in range:
+    max_tokens an int in [1, max_tokens_limit], a seed that torch's generator takes, finite temperature and top_p."""
+    try:
+        _, parsed = parse_request({"messages": messages, **options}, max_tokens_limit=100)
+    except BadRequest:
+        return
+    assert 0 <= parsed["temperature"] <= 2 and 0 < parsed["top_p"] <= 1
+    assert parsed["max_tokens"] is None or (type(parsed["max_tokens"]) is int and 1 <= parsed["max_tokens"] <= 100)
+    if parsed["seed"] is not None:
+        torch.Generator().manual_seed(parsed["seed"])
+
+
+def test_max_tokens_must_fit_the_model_context_and_the_server_limit(tiny, recorded):
+    """The tiny Llama's context is 512 tokens (max_position_embeddings). Prompt + max_tokens = 512 is served with
+    exactly that budget; one token more is OpenAI's context-length 400 (refused, not clamped); without max_tokens the
+    default budget (1000 here) is cut to the room left; a prompt that fills the context is refused; max_tokens over
+    max_tokens_limit is a 400 naming the limit. ``context`` (``--context_length``) overrides the config's."""
+    model, tokenizer = tiny
+    assert model.config.max_position_embeddings == 512
+    room = 512 - len(render_prompt(tokenizer, QUESTION))
+    long_prompt = [{"role": "user", "content": "1 + 1 = 2. " * 60}]
+    assert 512 < len(render_prompt(tokenizer, long_prompt)) < 1024
+    with _client(model, tokenizer, max_tokens_limit=1000, default_max_tokens=1000) as client:
+        assert client.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": room}).status_code == 200
+        over = client.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": room + 1})
+        assert over.status_code == 400 and over.json()["error"]["param"] == "max_tokens"
+        assert "maximum context length is 512 tokens" in over.json()["error"]["message"]
+        assert client.post("/v1/chat/completions", json={"messages": QUESTION}).status_code == 200
+        full = client.post("/v1/chat/completions", json={"messages": long_prompt, "max_tokens": 1})
+        assert full.status_code == 400 and full.json()["error"]["param"] == "messages"
+    with _client(model, tokenizer, context=1024) as client:
+        assert client.post("/v1/chat/completions", json={"messages": long_prompt, "max_tokens": 1}).status_code == 200
+    with _client(model, tokenizer, max_tokens_limit=100) as client:
+        assert client.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 100}).status_code == 200
+        too_many = client.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 101})
+        assert too_many.status_code == 400 and "max_tokens_limit" in too_many.json()["error"]["message"]
+    assert [call["max_new_tokens"] for call in recorded] == [room, room, 1, 100]
+
+
+def test_bodies_too_large_malformed_or_nested_too_deep_are_refused(tiny, recorded):
+    """Over max_body_bytes: 413, whether Content-Length announces it or the body comes in chunks; not JSON, not
+    UTF-8, empty, or nested deeper than the JSON parser recurses (a RecursionError, once a 500): 400."""
+    with _client(*tiny, max_body_bytes=2000) as client:
+        padded = json.dumps({"messages": [{"role": "user", "content": "x" * 3000}]}).encode()
+        announced = _raw_post(client, padded)
+        assert announced.status_code == 413 and "max_body_bytes" in announced.json()["error"]["message"]
+        chunked = client.post("/v1/chat/completions", content=iter([padded[:1000], padded[1000:]]))
+        assert chunked.status_code == 413
+        for raw in [b'{"messages": [', b"\xff\xfe{}", b"", b"[" * 1500, b'"text"']:
+            response = _raw_post(client, raw)
+            assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error", raw
+    assert recorded == []
+
+
+@contextmanager
+def _live(app):
+    """``app`` served by ``make_server`` (what ``posttrain serve`` runs) on a free port in a thread; yields (server,
+    port); stopped at the end as SIGTERM stops it, and must have stopped within 10 s."""
+    server = make_server(app, "127.0.0.1", 0, "warning")
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    _wait_until(lambda: server.started or not thread.is_alive())
+    assert server.started, "the server did not start"
+    try:
+        yield server, server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.handle_exit(signal.SIGTERM, None)
+        thread.join(timeout=10)
+    assert not thread.is_alive(), "the server did not stop within 10 s"
+
+
+def _wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+def _open_request(port: int, body: bytes, declared: int | None = None) -> socket.socket:
+    """A socket that has sent a chat-completions request's headers (Content-Length ``declared``) and ``body``."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body) if declared is None else declared, body))
+    return sock
+
+
+@dataclass
+class SlowModel:
+    """Stands in for generate(): one "token" per ``token_s`` until max_new_tokens or until ``should_stop()`` says
+    stop (``stopped`` is then set); it gives up after 30 s, so that a missing stop fails a test instead of hanging."""
+
+    token_s: float = 0.05
+    started: threading.Event = field(default_factory=threading.Event)
+    stopped: threading.Event = field(default_factory=threading.Event)
+
+    def __call__(self, model, tokenizer, prompts, *, max_new_tokens, should_stop=None, **options):
+        self.started.set()
+        tokens, give_up = 0, time.monotonic() + 30
+        while tokens < max_new_tokens and time.monotonic() < give_up:
+            time.sleep(self.token_s)
+            tokens += 1
+            if should_stop is not None and should_stop():
+                self.stopped.set()
+                break
+        return [Completion(text="tok " * tokens, token_ids=[7] * tokens, finish_reason="length")]
+
+
+@pytest.fixture
+def slow_model(monkeypatch):
+    import posttrain.models.generation as generation
+
+    stub = SlowModel()
+    monkeypatch.setattr(generation, "generate", stub)
+    return stub
+
+
+def test_a_body_that_does_not_arrive_in_time_gets_408(tiny, recorded):
+    """A client that announces 100 bytes and sends 13 (a slow sender) gets 408 at request_timeout_s, instead of
+    holding its connection and handler open forever."""
+    with _live(create_app(*tiny, "tiny", request_timeout_s=1.0)) as (_, port):
+        with _open_request(port, b'{"messages": ', declared=100) as sock:
+            assert sock.recv(4096).split(b" ")[1] == b"408"
+    assert recorded == []
+
+
+def test_generation_stops_when_its_client_disconnects(tiny, slow_model):
+    """A client that asks for 400 tokens (20 s of the slow model) and hangs up frees the model within a poll and a
+    token, instead of holding it for the whole reply; the next request is then served."""
+    with _live(create_app(*tiny, "tiny", request_timeout_s=600)) as (_, port):
+        with _open_request(port, json.dumps({"messages": QUESTION, "max_tokens": 400}).encode()):
+            assert slow_model.started.wait(10)
+        assert slow_model.stopped.wait(5), "the generation went on after its client had gone"
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30,
+                              json={"messages": QUESTION, "max_tokens": 2})
+        assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 2
+
+
+def test_generation_stops_at_the_request_deadline_with_a_partial_reply(tiny, slow_model):
+    """request_timeout_s=0.5: a 400-token reply (20 s of the slow model) ends at the deadline with what it has and
+    finish_reason "length", as OpenAI clients expect of a reply cut short."""
+    with _client(*tiny, request_timeout_s=0.5) as client:
+        response = client.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 400})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["finish_reason"] == "length"
+    assert slow_model.stopped.is_set() and 0 < response.json()["usage"]["completion_tokens"] < 400
+
+
+def test_the_queue_is_bounded_and_shutdown_stops_the_running_generation(tiny, slow_model):
+    """max_queue=1: one request generates, one waits, a third gets 429 in OpenAI's format with Retry-After (and does
+    not queue). Shutdown (what SIGINT / SIGTERM call) stops the running generation, whose client gets the partial
+    reply, answers the waiting one 503, and the server stops (``_live`` checks) instead of finishing 2 x 20 s."""
+    app = create_app(*tiny, "tiny", max_queue=1, request_timeout_s=600)
+    long = {"messages": QUESTION, "max_tokens": 400}
+    with _live(app) as (server, port), ThreadPoolExecutor(2) as pool:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        running = pool.submit(httpx.post, url, json=long, timeout=60)
+        assert slow_model.started.wait(10)
+        waiting = pool.submit(httpx.post, url, json=long, timeout=60)
+        _wait_until(lambda: app.state.admitted == 2)
+        refused = httpx.post(url, json=long, timeout=10)
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded" and app.state.admitted == 2
+        server.handle_exit(signal.SIGINT, None)
+        first, second = running.result(timeout=10), waiting.result(timeout=10)
+    assert first.status_code == 200 and first.json()["choices"][0]["finish_reason"] == "length"
+    assert first.json()["usage"]["completion_tokens"] < 400 and slow_model.stopped.is_set()
+    assert second.status_code == 503 and "shutting down" in second.json()["error"]["message"]
+
+
+def test_the_stop_hook_cuts_a_generation_without_changing_its_tokens(tiny):
+    """should_stop, asked after each token, cuts a seeded sampled reply to a prefix of the uncut one: the same token
+    ids and the same log-probs (the hook draws nothing and changes no logits), finish_reason "length"; a hook that
+    never fires changes nothing."""
+    from posttrain.models.generation import HFEngine, SamplingParams
+
+    engine = HFEngine(*tiny)
+    params = SamplingParams(max_new_tokens=24, temperature=1.0, seed=5, logprobs=True)
+    full = engine.generate([QUESTION], params)[0][0]
+    assert engine.generate([QUESTION], params, should_stop=lambda: False)[0][0] == full
+    asked = []
+    cut = engine.generate([QUESTION], params, should_stop=lambda: asked.append(1) or len(asked) >= 6)[0][0]
+    assert len(full.token_ids) > 6 and len(asked) == 6
+    assert cut.token_ids == full.token_ids[:6] and cut.logprobs == full.logprobs[:6]
+    assert cut.finish_reason == "length" and cut.text == tiny[1].decode(full.token_ids[:6], skip_special_tokens=True)
+
+
+def test_serve_options_are_checked_before_the_model_loads(tmp_path):
+    from posttrain.plumbing.config import ConfigError
+    from posttrain.stages.serve import ServeConfig, run_serve
+
+    for option, value in [("max_queue", -1), ("request_timeout_s", 0.0), ("request_timeout_s", float("nan")),
+                          ("max_body_bytes", 0), ("max_tokens_limit", 0), ("max_tokens", 5000), ("context_length", -1)]:
+        with pytest.raises(ConfigError, match=option):  # the directory does not exist: the check came first
+            run_serve(ServeConfig(model=str(tmp_path / "missing"), **{option: value}))
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("serve_load", ROOT / "benchmarks" / "serve_load.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_hostile_clients_leave_the_server_serving(tiny):
+    """benchmarks/serve_load.py for 3 s against the real tiny model: polite clients are served next to huge
+    max_tokens, malformed numbers and JSON, 2 MiB bodies, clients that hang up, a slow sender and bursts; each
+    hostile kind gets its 4xx, nothing gets a 5xx, and /v1/models answers throughout (a liveness bound, not a
+    speed assertion)."""
+    with _live(create_app(*tiny, "tiny", max_queue=4, request_timeout_s=2.0)) as (_, port):
+        result = _load_benchmark().run_load(port, 3.0, polite=2, burst=8)
+    counts = result["counts"]
+    assert counts["polite"][200] > 0 and set(counts["polite"]) <= {200, 429, 503}
+    assert set(counts["numbers"]) == {400} and set(counts["garbage"]) == {400}
+    assert counts["giant"][413] > 0 and all(status == 413 or isinstance(status, str) for status in counts["giant"])
+    assert set(counts["slow"]) == {408}
+    assert set(counts["probe"]) == {200} and max(result["probe_latency"]) < 10
+    assert 500 not in {status for c in counts.values() for status in c}
+
+
+@pytest.fixture(scope="module")
+def endless_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny Llama with a 65 536-token context (RoPE has no trained length limit; the weights are random anyway)
+    and zero output rows for its stop tokens (logit 0 never wins the greedy argmax): a reply runs for minutes."""
+    from posttrain.data.render import end_of_turn_token_ids
+    from posttrain.models import load_causal_lm, load_tokenizer
+
+    model, tokenizer = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[end_of_turn_token_ids(tokenizer)] = 0.0
+    model.config.max_position_embeddings = 1 << 16
+    path = tmp_path_factory.mktemp("tiny-endless")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_the_server_during_a_long_generation(endless_model_dir, tmp_path, sig):
+    """A real ``posttrain serve`` generating a 60 000-token reply (minutes on a CPU) exits within 5 s of SIGINT or
+    SIGTERM (about 1 s here, most of it the interpreter's teardown of torch), and the client gets the partial reply.
+    Before, uvicorn's graceful shutdown waited for the whole reply, and a second Ctrl-C was needed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "serve.log"
+    import posttrain
+
+    env = dict(os.environ, PYTHONPATH=str(Path(posttrain.__file__).parents[1]), OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1")  # the server runs the posttrain this test imports
+    command = [sys.executable, "-m", "posttrain.cli", "serve", "--model", str(endless_model_dir), "--port", str(port),
+               "--max_tokens_limit", "60000", "--log_level", "warning"]
+    with log.open("w") as log_file:
+        process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/v1"
+
+    def answers() -> bool:
+        try:
+            return httpx.get(f"{url}/models", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return process.poll() is not None
+
+    pool = ThreadPoolExecutor(1)
+    try:
+        _wait_until(answers, timeout=120)
+        assert process.poll() is None, log.read_text()
+        reply = pool.submit(httpx.post, f"{url}/chat/completions", timeout=120,
+                            json={"messages": QUESTION, "max_tokens": 60000, "temperature": 0})
+        time.sleep(1.5)  # the generation is under way
+        assert not reply.done(), reply.result().text
+        process.send_signal(sig)
+        process.wait(timeout=5)
+        response = reply.result(timeout=5)
+        assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"] == "length"
+        assert 0 < response.json()["usage"]["completion_tokens"] < 60000
+        assert process.returncode == (130 if sig == signal.SIGINT else -signal.SIGTERM), log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        pool.shutdown()  # its request ends with the process

@@ -174,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from posttrain.data import DataError, RenderError, TemplateNotPrefixStableError
+    from posttrain.plumbing.checkpoint import CheckpointError
     from posttrain.plumbing.config import ConfigError
+    from posttrain.plumbing.harness import NonFiniteError
 
     hf_logging.disable_progress_bar()  # our own progress bars say what is going on
 
@@ -184,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             ValueError) as err:
         print(f"posttrain {argv[0]}: error: {err}", file=sys.stderr)
         return 2
+    except (CheckpointError, NonFiniteError) as err:  # the run stopped; what is on disk is intact (the message says)
+        print(f"posttrain {argv[0]}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

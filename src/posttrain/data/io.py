@@ -5,17 +5,25 @@ Every error names the file, the line (JSONL) or row (JSON, Parquet, datasets; 1-
     data/sft.jsonl, line 7, field 'messages[2].role': unknown role 'robot' (expected assistant, system, tool, user)
 
 ``skip_invalid=True`` drops bad rows instead and the returned report says how many and why.
+
+Text files (.jsonl, .json) are UTF-8; a byte-order mark is understood (UTF-8, and UTF-16 or UTF-32, which Windows tools
+write) and removed. Text that cannot be decoded is an error naming the file and line (a JSONL line is a bad row, which
+``skip_invalid`` drops); so is an unpaired surrogate escape (``"\\ud800"``), which no tokenizer can encode. A file
+that cannot be read at all (a corrupt or truncated Parquet file, a directory that is not a saved dataset) is a
+``DataError`` naming the path.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import re
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -64,53 +72,168 @@ class LoadReport:
         return f"{self.source}: kept {self.kept} of {self.read} rows; dropped {sum(self.dropped.values())} ({reasons})"
 
 
+# Byte-order marks, longest first (UTF-32-LE's starts with UTF-16-LE's).
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF8, "utf-8"),
+         (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a surrogate can reach a str decoded from valid UTF-8
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _sniff_encoding(path: Path) -> tuple[str, int]:
+    """``(encoding, length of its byte-order mark)``: UTF-8 unless the file starts with a byte-order mark."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    for bom, encoding in _BOMS:
+        if head.startswith(bom):
+            return encoding, len(bom)
+    return "utf-8", 0
+
+
+def _undecodable(err: UnicodeDecodeError, encoding: str, where: str) -> str:
+    """``not valid UTF-8 text (invalid start byte 0xff at byte 12 of the line; save the file as UTF-8)``"""
+    bad = " ".join(f"0x{b:02x}" for b in err.object[err.start:err.end])
+    name = encoding.upper().removesuffix("-LE").removesuffix("-BE")
+    return f"not valid {name} text ({err.reason} {bad} at {where}; save the file as UTF-8)"
+
+
+def _raw_lines(path: Path, encoding: str, bom: int) -> Iterator[bytes]:
+    """The file's lines as bytes: UTF-8 streamed, UTF-16/32 split at newline code units."""
+    if encoding == "utf-8":
+        with path.open("rb") as f:
+            yield from f  # a UTF-8 byte-order mark stays on line 1 and is removed after decoding
+        return
+    data = path.read_bytes()[bom:]
+    newline = "\n".encode(encoding)
+    start = search = 0
+    while (pos := data.find(newline, search)) >= 0:
+        if pos % len(newline):  # not on a code-unit boundary
+            search = pos + 1
+            continue
+        yield data[start:pos]
+        start = search = pos + len(newline)
+    if start < len(data):
+        yield data[start:]
+
+
+def _surrogate_field(value: Any, name: str = "") -> str | None:
+    """The first field (``messages[1].content``) whose string holds an unpaired surrogate, or None."""
+    if isinstance(value, str):
+        return name if _SURROGATE.search(value) else None
+    if isinstance(value, dict):
+        items = ((f"{name}.{k}" if name else str(k), v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((f"{name}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    return next((found for key, v in items if (found := _surrogate_field(v, key)) is not None), None)
+
+
+def _parse_object(text: str, source: str, where: str) -> tuple[dict, DataError | None]:
+    """One JSON object (a JSONL line, an item of a JSON list), or the ``DataError`` that says why it is not one."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        message = f"malformed JSON ({err.msg} at column {err.colno})"
+        if "\x00" in text:
+            message += "; the line holds NUL characters: is the file UTF-16 without a byte-order mark?"
+        return {}, DataError(source, where, None, message)
+    except (ValueError, RecursionError) as err:  # an integer of over 4300 digits; nesting too deep
+        return {}, DataError(source, where, None, f"malformed JSON ({str(err).split(':')[0]})")
+    return _check_object(data, source, where, check_surrogates=bool(_SURROGATE_ESCAPE.search(text)))
+
+
+def _check_object(data: Any, source: str, where: str, *, check_surrogates: bool) -> tuple[dict, DataError | None]:
+    if not isinstance(data, dict):
+        return {}, DataError(source, where, None, f"expected a JSON object, got {type(data).__name__}")
+    if check_surrogates and (name := _surrogate_field(data)) is not None:
+        return {}, DataError(source, where, name, "invalid Unicode: an unpaired surrogate escape (like \\ud800)")
+    return data, None
+
+
 def _read_jsonl(path: Path) -> Iterable[Row]:
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"line {number}"
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as err:
-                message = f"malformed JSON ({err.msg} at column {err.colno})"
-                yield Row({}, str(path), where, DataError(str(path), where, None, message))
-                continue
-            if not isinstance(data, dict):
-                message = f"expected a JSON object, got {type(data).__name__}"
-                yield Row({}, str(path), where, DataError(str(path), where, None, message))
-                continue
-            yield Row(data, str(path), where)
+    source = str(path)
+    encoding, bom = _sniff_encoding(path)
+    for number, raw in enumerate(_raw_lines(path, encoding, bom), start=1):
+        where = f"line {number}"
+        try:
+            line = raw.decode(encoding).lstrip("\ufeff")  # a byte-order mark (also one left by concatenating files)
+        except UnicodeDecodeError as err:
+            message = _undecodable(err, encoding, f"byte {err.start + 1} of the line")
+            yield Row({}, source, where, DataError(source, where, None, message))
+            continue
+        if not line.strip():
+            continue
+        data, error = _parse_object(line, source, where)
+        yield Row(data, source, where, error)
 
 
 def _read_json(path: Path) -> Iterable[Row]:
+    source = str(path)
+    encoding, bom = _sniff_encoding(path)
+    raw = path.read_bytes()[bom:]
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].decode(encoding, errors="replace").count("\n") + 1
+        raise DataError(source, f"line {line}", None,
+                        _undecodable(err, encoding, f"byte offset {bom + err.start} of the file")) from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(str(path), f"line {err.lineno}", None, f"malformed JSON ({err.msg} at column {err.colno})")
+        raise DataError(source, f"line {err.lineno}", None,
+                        f"malformed JSON ({err.msg} at column {err.colno})") from None
+    except (ValueError, RecursionError) as err:  # an integer of over 4300 digits; nesting too deep
+        raise DataError(source, "", None, f"malformed JSON ({str(err).split(':')[0]})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise DataError(str(path), "", None, "expected a JSON list of objects (or {'data': [...]})")
+        raise DataError(source, "", None, "expected a JSON list of objects (or {'data': [...]})")
+    check_surrogates = bool(_SURROGATE_ESCAPE.search(text))
     for number, item in enumerate(data, start=1):
-        if not isinstance(item, dict):
-            raise DataError(str(path), f"row {number}", None, f"expected a JSON object, got {type(item).__name__}")
-        yield Row(item, str(path), f"row {number}")
+        where = f"row {number}"
+        item, error = _check_object(item, source, where, check_surrogates=check_surrogates)
+        yield Row(item, source, where, error)
+
+
+def _read_parquet(path: Path) -> Iterable[Row]:
+    import pyarrow
+    import pyarrow.parquet
+
+    number = 0
+    try:
+        for batch in pyarrow.parquet.ParquetFile(path).iter_batches():
+            for item in batch.to_pylist():
+                number += 1
+                yield Row(item, str(path), f"row {number}")
+    except (OSError, ValueError, pyarrow.ArrowException) as err:
+        after = f" after row {number}" if number else ""
+        raise DataError(str(path), "", None, f"not a readable Parquet file{after} ({' '.join(str(err).split())})"
+                        ) from err
 
 
 def _read_dataset(path: Path, split: str) -> Iterable[Row]:
     import datasets
+    import pyarrow
 
-    if path.is_dir():
+    unreadable = (OSError, ValueError, KeyError, pyarrow.ArrowException, datasets.exceptions.DatasetsError)
+    try:
         ds = datasets.load_from_disk(str(path))
-    else:  # parquet
-        ds = datasets.Dataset.from_parquet(str(path))
+    except FileNotFoundError as err:
+        raise DataError(str(path), "", None, "not a saved `datasets` directory (it has no state.json or "
+                                             "dataset_dict.json): use a directory written by save_to_disk, or a "
+                                             ".jsonl, .json or .parquet file") from err
+    except unreadable as err:
+        raise DataError(str(path), "", None, f"cannot read the saved dataset ({type(err).__name__}: {err})") from err
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(str(path), "", None, f"no split {split!r} (has {sorted(ds)})")
         ds = ds[split]
-    for number, item in enumerate(ds, start=1):
-        yield Row(dict(item), str(path), f"row {number}")
+    try:
+        items = [dict(item) for item in ds]
+    except unreadable as err:
+        raise DataError(str(path), "", None, f"cannot read the saved dataset ({type(err).__name__}: {err})") from err
+    for number, item in enumerate(items, start=1):
+        yield Row(item, str(path), f"row {number}")
 
 
 def read_rows(path: str | Path, *, columns: dict[str, str] | None = None, split: str = "train") -> list[Row]:
@@ -122,14 +245,17 @@ def read_rows(path: str | Path, *, columns: dict[str, str] | None = None, split:
     if not path.exists():
         raise FileNotFoundError(f"data file not found: {path}")
     suffix = path.suffix.lower()
-    if path.is_dir() or suffix == ".parquet":
+    if path.is_dir():
         rows = list(_read_dataset(path, split))
+    elif suffix == ".parquet":
+        rows = list(_read_parquet(path))
     elif suffix == ".json":
         rows = list(_read_json(path))
     elif suffix in (".jsonl", ".ndjson"):
         rows = list(_read_jsonl(path))
     else:
-        raise ValueError(f"{path}: unsupported data format {suffix!r} (use .jsonl, .json, .parquet or a datasets dir)")
+        raise DataError(str(path), "", None,
+                        f"unsupported data format {suffix!r} (use .jsonl, .json, .parquet or a datasets dir)")
     if columns:
         for row in rows:
             for old, new in columns.items():

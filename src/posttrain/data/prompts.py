@@ -40,6 +40,8 @@ def load_generated(path: str, *, need_rewards: bool = False) -> list[dict]:
     rows = read_rows(path)
     checked = []
     for row in rows:
+        if row.parse_error is not None:
+            raise row.parse_error
         completions = require(row, "completions")
         if not isinstance(completions, list) or not completions or not all(isinstance(c, str) for c in completions):
             raise row.error("completions", "expected a non-empty list of completion strings")

@@ -14,10 +14,17 @@ How the mask is found (no string slicing of the conversation itself):
   a template with no special end-of-turn token trains the whole suffix it writes after the content.
   ``full`` is tokenized once, exactly as ``apply_chat_template(tokenize=True)`` does (no extra special tokens), and
   a token is masked in when its character span overlaps a trained span.
+
+Message content is always text (docs/rendering.md, "Special-token strings in content"): a special-token string
+inside a content (``<|im_end|>`` typed by a user) is tokenized as ordinary text, as HF's ``split_special_tokens=True``
+would, while the special tokens the template writes stay special. Contents without special-token strings take the
+single-tokenization path above unchanged; the others are located in the text by rendering placeholders in their
+place, and the text is tokenized in stretches cut at the template's own special tokens.
 """
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Any, Sequence
 
@@ -75,13 +82,125 @@ def _special_token_strings(tokenizer) -> list[str]:
     return sorted((s for s in specials if s), key=len, reverse=True)
 
 
-def _reply_end(segment: str, content: str, specials: list[str]) -> int:
-    """Characters of ``segment`` (a rendered reply plus what follows it) to train: content + end-of-turn."""
-    content_end = 0
-    for candidate in (content, content.strip()):
-        if candidate and (pos := segment.find(candidate)) >= 0:
-            content_end = pos + len(candidate)
+# Placeholder for a content holding a special-token string while its place in the rendered text is found.
+_MARK = "\ue000posttrain-content-{}\ue001"
+_MARK_RE = re.compile("\ue000posttrain-content-(\\d+)\ue001")
+
+Span = tuple[int, int, int]  # (message index, start, end): where a message's content sits in the rendered text
+
+
+def _literal_contents(tokenizer, messages, text: str, specials: list[str], *, add_generation_prompt: bool,
+                      chat_template) -> list[Span]:
+    """Where each content that holds a special-token string sits in ``text`` (none: ``[]``, the common case).
+
+    The template renders the conversation once more with a placeholder in place of each such content; ``text`` must
+    then read as that rendering with each placeholder replaced by its content (verbatim or stripped of surrounding
+    whitespace, as ``| trim`` does). A template that changes such a content otherwise raises ``RenderError``: its
+    special-token strings could not be kept as text.
+    """
+    suspect = {i for i, m in enumerate(messages)
+               if isinstance(m.get("content"), str) and any(s in m["content"] for s in specials)}
+    if not suspect:
+        return []
+    marked = [dict(m, content=_MARK.format(i)) if i in suspect else m for i, m in enumerate(messages)]
+    parts = _MARK_RE.split(_render_text(tokenizer, marked, add_generation_prompt=add_generation_prompt,
+                                        chat_template=chat_template))  # [text, index, text, index, ..., text]
+    spans: list[Span] = []
+    position = 0
+    for k in range(0, len(parts) - 1, 2):
+        literal, index, following = parts[k], int(parts[k + 1]), parts[k + 2]
+        located = None
+        if index in suspect and text.startswith(literal, position):
+            position += len(literal)
+            content = messages[index]["content"]
+            for candidate in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
+                if text.startswith(candidate, position) and text.startswith(following, position + len(candidate)):
+                    located = (index, position, position + len(candidate))
+                    break
+        if located is None:
             break
+        spans.append(located)
+        position = located[2]
+    else:
+        if text[position:] == parts[-1]:
+            return spans
+    first = min(suspect)
+    token = next(s for s in specials if s in messages[first]["content"])
+    raise RenderError(
+        f"{template_name(tokenizer, chat_template)} changes message contents in a way posttrain cannot follow, so the "
+        f"special-token string {token!r} in message {first} cannot be kept as text; remove it from the data"
+    )
+
+
+def _encode(tokenizer, text: str, literal: list[Span], specials: list[str]) -> tuple[list[int], list[tuple]]:
+    """``(input_ids, offsets)`` of ``text``: one tokenization as ``apply_chat_template`` does, except that special
+    tokens inside the ``literal`` spans (message contents) are tokenized as ordinary text.
+
+    Then the text is cut at the template's own special tokens and each stretch between them is tokenized with
+    ``split_special_tokens=True``. The tokenizer must give the same ids when cut there (checked: a SentencePiece-style
+    prefix space, or a special token that strips the whitespace beside it, would not), and must not make a special
+    token from plain text (checked); otherwise ``RenderError``.
+    """
+    try:
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except TypeError as err:  # the Rust tokenizer rejects str with lone surrogates with a TypeError
+        if any("\ud800" <= c <= "\udfff" for c in text):
+            raise RenderError("the conversation holds an unpaired surrogate (e.g. a lone \\ud800 escape): not "
+                              "valid Unicode text") from err
+        raise
+    input_ids = list(encoding["input_ids"])
+    offsets = [tuple(o) for o in encoding["offset_mapping"]]
+    if not literal:
+        return input_ids, offsets
+    special_ids = set(tokenizer.convert_tokens_to_ids(specials))
+
+    def in_content(start: int, end: int) -> bool:
+        return any(start < e and end > s for _, s, e in literal)
+
+    cuts = [(t, start, end) for t, (start, end) in zip(input_ids, offsets)
+            if t in special_ids and not in_content(start, end)]
+    if len(cuts) == sum(t in special_ids for t in input_ids):  # no special token came from a content
+        return input_ids, offsets
+    ids, new_offsets, recognised = [], [], []
+    position = 0
+    for token, start, end in cuts + [(None, len(text), len(text))]:
+        if start > position:
+            piece = text[position:start]
+            as_text = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True,
+                                split_special_tokens=True)
+            ids += as_text["input_ids"]
+            new_offsets += [(a + position, b + position) for a, b in as_text["offset_mapping"]]
+            recognised += tokenizer(piece, add_special_tokens=False, split_special_tokens=False)["input_ids"]
+        if token is not None:
+            ids.append(token)
+            new_offsets.append((start, end))
+            recognised.append(token)
+        position = end
+    name = getattr(tokenizer, "name_or_path", "") or "tokenizer"
+    if recognised != input_ids:
+        raise RenderError(
+            f"tokenizer {name!r} tokenizes the text differently when it is cut at its special tokens, so the "
+            "special-token strings in message contents cannot be tokenized as text; remove them from the data"
+        )
+    forged = [tokenizer.convert_ids_to_tokens(t) for t, (s, e) in zip(ids, new_offsets)
+              if t in special_ids and in_content(s, e)]
+    if forged:
+        raise RenderError(f"tokenizer {name!r} makes the special token {forged[0]!r} from plain text, so it cannot "
+                          "be kept as text inside a message content; remove it from the data")
+    return ids, new_offsets
+
+
+def _reply_end(segment: str, content: str, specials: list[str], content_end: int | None = None) -> int:
+    """Characters of ``segment`` (a rendered reply plus what follows it) to train: content + end-of-turn.
+
+    ``content_end``: where the content ends in ``segment`` when it is known (a content holding special-token strings,
+    located exactly); otherwise the content is searched for."""
+    if content_end is None:
+        content_end = 0
+        for candidate in (content, content.strip()):
+            if candidate and (pos := segment.find(candidate)) >= 0:
+                content_end = pos + len(candidate)
+                break
     rest = segment[content_end:]
     hits = [(pos, len(s)) for s in specials if (pos := rest.find(s)) >= 0]
     if not hits:  # no special end-of-turn token: the whole suffix the template writes closes the turn
@@ -90,9 +209,8 @@ def _reply_end(segment: str, content: str, specials: list[str]) -> int:
     return content_end + pos + length
 
 
-def _trained_char_spans(tokenizer, messages, strategy, chat_template) -> tuple[str, list[tuple[int, int]]]:
-    full = _render_text(tokenizer, messages, add_generation_prompt=False, chat_template=chat_template)
-    specials = _special_token_strings(tokenizer)
+def _trained_char_spans(tokenizer, messages, strategy, chat_template, full: str, specials: list[str],
+                        literal: list[Span]) -> list[tuple[int, int]]:
     assistant_turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     if strategy == MultiTurnStrategy.final_turn_only:
         assistant_turns = assistant_turns[-1:]
@@ -107,19 +225,23 @@ def _trained_char_spans(tokenizer, messages, strategy, chat_template) -> tuple[s
                 f"assistant turn {i} does not give a prefix of the full rendering, so the loss mask would be wrong. "
                 "Use a prefix-stable template (e.g. --chat_template chatml) or --strategy final_turn_only."
             )
-        end = _reply_end(through[len(prefix):], str(messages[i].get("content", "")), specials)
+        located = [end for j, start, end in literal if j == i and len(prefix) <= start <= len(through)]
+        content_end = located[0] - len(prefix) if located else None
+        end = _reply_end(through[len(prefix):], str(messages[i].get("content", "")), specials, content_end)
         spans.append((len(prefix), len(prefix) + end))
-    return full, spans
+    return spans
 
 
 def _render(tokenizer, messages, strategy: MultiTurnStrategy, chat_template):
     """(input_ids, loss_mask, token character offsets, trained character spans) from one tokenization."""
     if not messages:
         raise ValueError("empty conversation")
-    full, spans = _trained_char_spans(tokenizer, messages, strategy, chat_template)
-    encoding = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(encoding["input_ids"])
-    offsets = [tuple(o) for o in encoding["offset_mapping"]]
+    full = _render_text(tokenizer, messages, add_generation_prompt=False, chat_template=chat_template)
+    specials = _special_token_strings(tokenizer)
+    literal = _literal_contents(tokenizer, messages, full, specials, add_generation_prompt=False,
+                                chat_template=chat_template)
+    spans = _trained_char_spans(tokenizer, messages, strategy, chat_template, full, specials, literal)
+    input_ids, offsets = _encode(tokenizer, full, literal, specials)
     loss_mask = [0] * len(input_ids)
     span_index = 0
     for t, (start, end) in enumerate(offsets):
@@ -166,7 +288,10 @@ def render_prompt(tokenizer, messages: Sequence[Message], *, chat_template: str 
     Equals the prompt part of ``render_conversation`` for the same conversation plus a reply (tested).
     """
     text = _render_text(tokenizer, messages, add_generation_prompt=True, chat_template=chat_template)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    specials = _special_token_strings(tokenizer)
+    literal = _literal_contents(tokenizer, messages, text, specials, add_generation_prompt=True,
+                                chat_template=chat_template)
+    return _encode(tokenizer, text, literal, specials)[0]
 
 
 def end_of_turn_token_ids(tokenizer, *, chat_template: str | None = None) -> list[int]:

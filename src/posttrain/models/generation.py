@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -107,7 +108,13 @@ class _Sampler:
         no_ids = torch.empty((scores.shape[0], 0), dtype=torch.long, device=scores.device)  # the warpers ignore it
         for warp in self.warpers:
             scores = warp(no_ids, scores)
-        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=self.generator)[:, 0]
+        probs = torch.softmax(scores, dim=-1)
+        if not bool(torch.isfinite(probs).all()):  # else torch.multinomial's bare "probability tensor contains nan"
+            from posttrain.plumbing.harness import NonFiniteError
+
+            raise NonFiniteError("the model's next-token logits are not finite (NaN or Inf): its weights have "
+                                 "diverged or are damaged, so it cannot be sampled from")
+        return torch.multinomial(probs, num_samples=1, generator=self.generator)[:, 0]
 
 
 def _forward_parameters(model) -> set[str]:
@@ -227,11 +234,14 @@ class HFEngine:
         return cls(load_causal_lm(path, device=resolve_device(device)).eval(), tokenizer, **kwargs)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[dict]], params: SamplingParams) -> list[list[Completion]]:
+    def generate(self, prompts: list[list[dict]], params: SamplingParams, *,
+                 should_stop: Callable[[], bool] | None = None) -> list[list[Completion]]:
         """``params.n`` completions for each prompt (a list of chat messages), in the caller's order.
 
         Draws come from one local ``torch.Generator`` seeded with ``params.seed`` (a fresh random seed when None):
         the global RNG is neither reseeded nor advanced, so a training loop that samples keeps its own stream.
+        ``should_stop`` (e.g. "the client has gone") is asked after each decoding step: when it returns True the
+        rows end where they are, with finish_reason "length" (what was sampled so far is unchanged).
         """
         tokenizer, model = self.tokenizer, self.model
         device = next(model.parameters()).device
@@ -252,7 +262,8 @@ class HFEngine:
             model.eval()
             for start in range(0, len(order), prompts_per_batch):
                 chunk = order[start : start + prompts_per_batch]
-                rows = self._decode([encoded[i] for i in chunk], per_prompt, params, sampler, stop_ids, pad_id, device)
+                rows = self._decode([encoded[i] for i in chunk], per_prompt, params, sampler, stop_ids, pad_id, device,
+                                    should_stop)
                 for row, (ids, logprobs) in enumerate(rows):
                     stopped = bool(ids) and ids[-1] in stop_ids
                     completion = Completion(
@@ -266,7 +277,8 @@ class HFEngine:
         return results
 
     def _decode(self, prompt_ids: list[list[int]], per_prompt: int, params: SamplingParams, sampler: _Sampler,
-                stop_ids: list[int], pad_id: int, device) -> list[tuple[list[int], list[float] | None]]:
+                stop_ids: list[int], pad_id: int, device,
+                should_stop: Callable[[], bool] | None = None) -> list[tuple[list[int], list[float] | None]]:
         """``per_prompt`` continuations of each prompt -> (token ids, the stop token included; raw log-probs or
         None) per row, prompt-major (row r continues prompt r // per_prompt)."""
         model = self.model
@@ -320,7 +332,7 @@ class HFEngine:
                 chosen = scores.log_softmax(-1).gather(1, drawn[:, None])[:, 0]
                 logprobs[live[active], step] = chosen[active]
             done = done | torch.isin(drawn, stops)
-            if step == params.max_new_tokens - 1 or bool(done.all()):
+            if step == params.max_new_tokens - 1 or bool(done.all()) or (should_stop is not None and should_stop()):
                 break
             if editable and int(done.sum()) * 8 >= len(done):  # stopped rows leave the batch and its cache (in
                 # bulk: a copy of the whole cache per step would cost more than decoding a few stopped rows)
@@ -395,7 +407,10 @@ def load_engine(path: str | Path, *, backend: str = "auto", device: str = "auto"
 
 
 def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, batch_size: int = 32, seed: int | None = None) -> list[Completion]:
-    """One completion per prompt (greedy by default) with the built-in engine."""
+             top_p: float = 1.0, batch_size: int = 32, seed: int | None = None,
+             should_stop: Callable[[], bool] | None = None) -> list[Completion]:
+    """One completion per prompt (greedy by default) with the built-in engine; ``should_stop`` as in
+    :meth:`HFEngine.generate` (a cooperative stop, asked after each decoding step)."""
     params = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    return [samples[0] for samples in HFEngine(model, tokenizer, batch_size=batch_size).generate(prompts, params)]
+    engine = HFEngine(model, tokenizer, batch_size=batch_size)
+    return [samples[0] for samples in engine.generate(prompts, params, should_stop=should_stop)]

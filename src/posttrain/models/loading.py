@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -9,15 +10,48 @@ import torch
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` = cuda when available, else cpu; any other name must be usable here (a clear ConfigError if not)."""
+    from posttrain.plumbing.config import ConfigError, check_device
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if problem := check_device(device):
+        raise ConfigError(f"device {problem}")
     return torch.device(device)
 
 
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+class ModelDirError(ValueError):
+    """A model or tokenizer directory that cannot be loaded; the message names the path and what is missing."""
+
+
 def _check_model_dir(path: str | Path, what: str) -> Path:
+    """``path`` must be a local directory with what ``what`` ("model" or "tokenizer") needs: a config.json that
+    parses and weight files, or tokenizer files. Checked up front so the error names the directory, not a line
+    deep inside transformers."""
     path = Path(path)
-    if not path.is_dir():
+    if not path.exists():
         raise FileNotFoundError(f"{what} directory not found: {path} (posttrain only loads local directories)")
+    if not path.is_dir():
+        raise ModelDirError(f"{path}: not a directory ({what}s are loaded from a local Hugging Face directory)")
+    if what == "model":
+        config = path / "config.json"
+        if not config.is_file():
+            raise ModelDirError(f"{path}: no config.json, so not a Hugging Face model directory")
+        try:
+            parsed = json.loads(config.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ModelDirError(f"{config}: not valid JSON ({err})") from None
+        if not isinstance(parsed, dict):
+            raise ModelDirError(f"{config}: expected a JSON object")
+        if not any(next(path.glob(pattern), None) for pattern in WEIGHT_FILES):
+            raise ModelDirError(f"{path}: no weights ({', '.join(WEIGHT_FILES)})")
+    elif not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelDirError(f"{path}: no tokenizer ({' or '.join(TOKENIZER_FILES)}); pass a directory saved with "
+                            "tokenizer.save_pretrained, or --tokenizer where the stage has it")
     return path
 
 
@@ -28,7 +62,10 @@ def load_tokenizer(path: str | Path, chat_template: str | None = None):
     from posttrain.data.templates import set_chat_template
 
     path = _check_model_dir(path, "tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelDirError(f"{path}: cannot load the tokenizer: {err}") from None
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{path}: posttrain needs a fast tokenizer (tokenizer.json) for exact loss masks")
     if chat_template:
@@ -46,9 +83,12 @@ def load_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, devi
     from transformers import AutoModelForCausalLM
 
     path = _check_model_dir(path, "model")
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, local_files_only=True, attn_implementation="sdpa"
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, local_files_only=True, attn_implementation="sdpa"
+        )
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ModelDirError(f"{path}: cannot load the model: {err}") from None
     return model.to(device)
 
 

@@ -1,20 +1,27 @@
-"""Atomic checkpoints (named modules, optimizers, schedulers, RNG streams, step) and exact resume.
+"""Atomic, verified checkpoints (named modules, optimizers, schedulers, RNG streams, step) and exact resume.
 
 Layout inside a run directory::
 
     checkpoints/step-000040/   the policy (save_pretrained), other modules in sub-directories, trainer_state.pt,
-                               state.json
-    checkpoints/latest          the name of the newest complete checkpoint
+                               state.json, and manifest.json (written last: every other file's size and sha256)
+    checkpoints/latest          the name of the newest checkpoint (a convenience: the directory is the truth)
 
-Each checkpoint is written to a temporary directory and renamed into place, then ``latest`` is replaced atomically,
-so a run killed at any moment leaves either the previous or the new checkpoint, never a torn one.
+A checkpoint is written to a temporary directory (``.step-000040.XXXX``), its manifest last, then renamed into
+place, so a run killed at any moment leaves whole checkpoints and at most a temporary directory, which the next run
+removes. Resume takes the newest checkpoint whose manifest verifies (:func:`find_checkpoint`): a damaged one
+(truncated weights, a torn ``state.json``, a missing manifest) is reported, renamed ``step-N.damaged`` (kept for
+inspection, never loaded or counted) and the next older intact one is used. The ``latest`` pointer is never trusted
+over the directory: missing or dangling, the newest intact checkpoint is found all the same. Retention keeps the
+``keep_last`` newest checkpoints and never deletes the newest intact one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,6 +32,12 @@ import torch
 from posttrain.data.io import atomic_write_text
 
 STATE_FILE = "trainer_state.pt"
+MANIFEST = "manifest.json"
+_CHECKPOINT_NAME = re.compile(r"step-(\d+)")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names it and what is wrong."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -69,6 +82,103 @@ def _save_module(module, directory: Path) -> None:
         save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, directory / "model.safetensors")
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """``manifest.json``: every file under ``directory`` (but itself) with its size and sha256, each file and the
+    manifest flushed to disk first, so a manifest on disk vouches for files that are on disk."""
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+        with path.open("rb") as f:
+            os.fsync(f.fileno())
+        files[path.relative_to(directory).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    with (directory / MANIFEST).open("w") as f:
+        json.dump({"files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify_checkpoint(checkpoint: Path, *, checksums: bool = True) -> list[str]:
+    """What is wrong with ``checkpoint`` (empty when every file of its manifest is there with its size and, when
+    ``checksums``, its sha256)."""
+    checkpoint = Path(checkpoint)
+    try:
+        manifest = json.loads((checkpoint / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        return [f"no {MANIFEST} (an interrupted save, or written by a posttrain without manifests)"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return [f"unreadable {MANIFEST}: {err}"]
+    problems = []
+    for name, expected in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != expected["size"]:
+            problems.append(f"{name} has {path.stat().st_size} bytes, the manifest says {expected['size']}")
+        elif checksums and _sha256(path) != expected["sha256"]:
+            problems.append(f"{name} does not match its checksum")
+    for required in ("state.json", STATE_FILE):
+        if required not in files:
+            problems.append(f"the manifest lists no {required}")
+    return problems
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """The run's ``checkpoints/step-N`` directories, oldest first (damaged and temporary ones excluded)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if p.is_dir() and _CHECKPOINT_NAME.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(_CHECKPOINT_NAME.fullmatch(p.name).group(1)))
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Remove the temporary directories of saves that were interrupted (``checkpoints/.step-*``, ``.model.*``);
+    one writer per run directory is assumed (the harness's)."""
+    run_dir = Path(run_dir)
+    stale = [p for p in [*run_dir.glob("checkpoints/.step-*"), *run_dir.glob(".model.*")] if p.is_dir()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def find_checkpoint(run_dir: Path, *, quarantine: bool = True) -> tuple[Path | None, list[str]]:
+    """(the newest intact checkpoint or None, a report line per checkpoint passed over and per pointer problem).
+
+    Each damaged checkpoint newer than the one returned is renamed ``step-N.damaged`` when ``quarantine`` (so it is
+    never loaded, counted by retention or overwritten), and ``checkpoints/latest`` is rewritten to the one found."""
+    root = Path(run_dir) / "checkpoints"
+    report = []
+    pointer = root / "latest"
+    named = pointer.read_text(errors="replace").strip() if pointer.is_file() else None
+    found = None
+    for candidate in reversed(checkpoint_dirs(run_dir)):
+        problems = verify_checkpoint(candidate)
+        if not problems:
+            found = candidate
+            break
+        report.append(f"checkpoint {candidate} is damaged ({'; '.join(problems)}); using an older one")
+        if quarantine:
+            target = candidate.with_name(candidate.name + ".damaged")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(candidate, target)
+            report[-1] += f"; kept as {target.name}"
+    if found is not None and named != found.name:
+        if not report:
+            what = "is missing" if named is None else f"names {named!r}, not an intact checkpoint"
+            report.append(f"checkpoints/latest {what}; using {found.name}, the newest intact checkpoint")
+        if quarantine:
+            atomic_write_text(pointer, found.name)
+    return found, report
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -81,7 +191,7 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     keep_last: int = 2,
 ) -> Path:
-    """Write ``checkpoints/step-{step}`` atomically and point ``checkpoints/latest`` at it.
+    """Write ``checkpoints/step-{step}`` atomically, with its manifest, and point ``checkpoints/latest`` at it.
 
     The first of ``modules`` (the policy) is saved with ``save_pretrained`` at the checkpoint's root, any other
     (a value head, ...) in a sub-directory of its name; ``trainer_state.pt`` holds every optimizer and scheduler by
@@ -91,37 +201,56 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
-    for i, (module_name, module) in enumerate(modules.items()):
-        _save_module(module, tmp if i == 0 else tmp / module_name)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    torch.save({
-        "optimizer": {k: o.state_dict() for k, o in optimizers.items()},
-        "scheduler": {k: s.state_dict() for k, s in schedulers.items()},
-        "generators": {k: g.get_state() for k, g in (generators or {}).items()},
-        "rng": rng_state(),
-    }, tmp / STATE_FILE)
-    (tmp / "state.json").write_text(json.dumps({"step": step, "modules": list(modules), **(extra or {})}, indent=1))
+    try:
+        for i, (module_name, module) in enumerate(modules.items()):
+            _save_module(module, tmp if i == 0 else tmp / module_name)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        torch.save({
+            "optimizer": {k: o.state_dict() for k, o in optimizers.items()},
+            "scheduler": {k: s.state_dict() for k, s in schedulers.items()},
+            "generators": {k: g.get_state() for k, g in (generators or {}).items()},
+            "rng": rng_state(),
+        }, tmp / STATE_FILE)
+        (tmp / "state.json").write_text(json.dumps({"step": step, "modules": list(modules), **(extra or {})}, indent=1))
+        write_manifest(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     final = root / name
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     atomic_write_text(root / "latest", name)
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(run_dir, keep_last)
     return final
 
 
+def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the ``keep_last`` newest checkpoints, unless that would leave no intact one: then the newest
+    intact older checkpoint stays too, and when there is none either, nothing is deleted."""
+    existing = checkpoint_dirs(run_dir)
+    keep = max(1, keep_last)
+    kept, older = existing[-keep:], existing[:-keep]
+    # Sizes only: the newest was verified as it was written; checksumming every save would cost minutes on a 7B.
+    if older and all(verify_checkpoint(c, checksums=False) for c in kept):
+        intact = [c for c in older if not verify_checkpoint(c, checksums=False)]
+        older = [c for c in older if intact and c != intact[-1]]
+    for old in older:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = Path(run_dir) / "checkpoints" / "latest"
-    if not pointer.exists():
-        return None
-    path = pointer.parent / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    """The newest intact checkpoint of the run (read-only: nothing is renamed)."""
+    return find_checkpoint(run_dir, quarantine=False)[0]
 
 
 def read_checkpoint_state(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((Path(checkpoint) / "state.json").read_text())
+    path = Path(checkpoint) / "state.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from None
 
 
 def _load_module(module, directory: Path, checkpoint: Path) -> None:
@@ -135,20 +264,23 @@ def _load_module(module, directory: Path, checkpoint: Path) -> None:
     config = getattr(module, "config", None)
     tied = {k for k in missing if "lm_head" in k and getattr(config, "tie_word_embeddings", False)}
     if set(missing) - tied or unexpected:
-        raise RuntimeError(f"{checkpoint}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+        raise CheckpointError(f"{checkpoint}: weights do not match the model (missing {missing}, "
+                              f"unexpected {unexpected})")
 
 
 def load_checkpoint(checkpoint: Path, *, modules: dict[str, Any], optimizers: dict[str, Any],
                     schedulers: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
-    """Restore, in place, the named modules, optimizers, schedulers and generators saved by :func:`save_checkpoint`,
-    and the global RNG states; returns state.json (step, ...)."""
+    """Verify ``checkpoint`` against its manifest, then restore, in place, the named modules, optimizers, schedulers
+    and generators saved by :func:`save_checkpoint`, and the global RNG states; returns state.json (step, ...)."""
     checkpoint = Path(checkpoint)
+    if problems := verify_checkpoint(checkpoint):
+        raise CheckpointError(f"{checkpoint}: {'; '.join(problems)}")
     for i, (name, module) in enumerate(modules.items()):
         _load_module(module, checkpoint if i == 0 else checkpoint / name, checkpoint)
     state = torch.load(checkpoint / STATE_FILE, weights_only=False)
     for what, objects in (("optimizer", optimizers), ("scheduler", schedulers)):
         if set(state[what]) != set(objects):
-            raise RuntimeError(f"{checkpoint}: holds {what}s {sorted(state[what])}, the run has {sorted(objects)}")
+            raise CheckpointError(f"{checkpoint}: holds {what}s {sorted(state[what])}, the run has {sorted(objects)}")
         for name, obj in objects.items():
             obj.load_state_dict(state[what][name])
     for name, generator in (generators or {}).items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -25,9 +26,18 @@ class ConfigError(ValueError):
     pass
 
 
-def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field with its help text (and, for enumerated strings, the allowed ``choices``)."""
-    kwargs = {"choices": choices} if choices else {}
+def option(default: Any, help: str, *, choices: tuple[str, ...] | None = None, minimum: float | None = 0,
+           maximum: float | None = None, above: float | None = None, below: float | None = None,
+           unset: float | None = None, finite: bool = True) -> Any:
+    """A dataclass field with its help text, and what values it allows: for enumerated strings the ``choices``; for
+    numbers the range (``minimum``/``maximum`` inclusive, ``above``/``below`` exclusive; non-negative unless
+    ``minimum`` says otherwise, ``minimum=None`` for no bound), finite unless ``finite=False``, and an ``unset``
+    sentinel (e.g. -1 = "the algorithm's default") accepted besides. Checked by :func:`validate_config`."""
+    kwargs: dict[str, Any] = {"choices": choices} if choices else {}
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        minimum = None if above is not None and minimum == 0 else minimum  # "above 0" says it all
+        kwargs["range"] = {"minimum": minimum, "maximum": maximum, "above": above, "below": below, "unset": unset,
+                           "finite": finite}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
@@ -129,7 +139,64 @@ def build_config(cls: type, yaml_path: str | Path | None = None, overrides: dict
             choices = fields[key].metadata.get("choices")
             if choices and values[key] not in choices:
                 raise ConfigError(f"{where}: '{key}' must be one of {', '.join(choices)}, got {values[key]!r}")
-    return cls(**values)
+    config = cls(**values)
+    validate_config(config)
+    return config
+
+
+def _range_problem(value: float, bounds: dict[str, Any]) -> str | None:
+    """Why ``value`` is outside ``bounds`` (an option's ``range`` metadata), or None."""
+    if bounds.get("unset") is not None and value == bounds["unset"]:
+        return None
+    if isinstance(value, float) and math.isnan(value):
+        return "must be a number, got nan"
+    if isinstance(value, float) and math.isinf(value) and bounds.get("finite", True):
+        return f"must be finite, got {value}"
+    checks = [("minimum", lambda b: value >= b, "at least"), ("maximum", lambda b: value <= b, "at most"),
+              ("above", lambda b: value > b, "greater than"), ("below", lambda b: value < b, "less than")]
+    for key, holds, words in checks:
+        if bounds.get(key) is not None and not holds(bounds[key]):
+            unset = f" (or {bounds['unset']}: unset)" if bounds.get("unset") is not None else ""
+            return f"must be {words} {bounds[key]}{unset}, got {value}"
+    return None
+
+
+def check_device(value: str) -> str | None:
+    """Why ``value`` is not a usable torch device on this machine, or None."""
+    import re
+
+    import torch
+
+    if value in ("auto", "cpu"):
+        return None
+    match = re.fullmatch(r"(cuda|mps|xpu)(?::(\d+))?", value)
+    if not match:
+        return f"is not a device: use auto, cpu, cuda or cuda:N, got {value!r}"
+    kind, index = match.group(1), int(match.group(2) or 0)
+    backend = getattr(torch, kind, None) if kind != "mps" else getattr(torch.backends, "mps", None)
+    if backend is None or not backend.is_available():
+        return f"asks for {kind}, which this machine's torch ({torch.__version__}) cannot use; use --device=cpu"
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if index >= count:
+        return f"asks for {value}, but this machine has {count} {kind} device(s)"
+    return None
+
+
+def validate_config(config) -> None:
+    """Every option of ``config`` within its declared range and choices, and its device usable here; raises
+    :class:`ConfigError` naming the option."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        metadata = field_metadata(type(config), f.name)
+        bounds = metadata.get("range")
+        if bounds and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if problem := _range_problem(value, bounds):
+                raise ConfigError(f"'{f.name}' {problem}")
+        choices = metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"'{f.name}' must be one of {', '.join(choices)}, got {value!r}")
+        if metadata.get("device") and (problem := check_device(str(value))):
+            raise ConfigError(f"'{f.name}' {problem}")
 
 
 def config_to_dict(config) -> dict[str, Any]:
@@ -185,7 +252,9 @@ def parse_overrides(args: list[str], cls: type) -> dict[str, str]:
 
 
 def device_option() -> Any:
-    return option("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
+    field = option("auto", "auto (cuda when available, else cpu) | cpu | cuda | cuda:N")
+    field.metadata = types.MappingProxyType({**field.metadata, "device": True})
+    return field
 
 
 def chat_template_option() -> Any:
@@ -229,10 +298,10 @@ class TrainConfig:
     skip_invalid: bool = skip_invalid_option()
     batch_size: int = option(16, "training units per micro-batch: conversations (rows when packing) for sft, "
                                  "sequences for pretrain, pairs / rankings / completions for rm, pairs (kto: "
-                                 "examples) for dpo")
+                                 "examples) for dpo", minimum=1)
     grad_accum: int = option(1, "micro-batches per optimizer step (the step's loss is normalised over the whole step, "
-                                "so the gradient equals that of one batch of batch_size * grad_accum)")
-    epochs: float = option(1.0, "passes over the data (ignored when max_steps > 0)")
+                                "so the gradient equals that of one batch of batch_size * grad_accum)", minimum=1)
+    epochs: float = option(1.0, "passes over the data (ignored when max_steps > 0)", above=0)
     max_steps: int = option(0, "optimizer steps; 0 = from epochs")
     lr: float = option(3e-4, "peak learning rate (AdamW)")
     weight_decay: float = option(0.0, "AdamW weight decay (not applied to biases and norm weights)")
@@ -244,11 +313,18 @@ class TrainConfig:
     precision: str = option("auto", "auto (bf16 autocast on a GPU, fp32 on CPU) | bf16 | fp32", choices=PRECISIONS)
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     device: str = device_option()
-    log_every: int = option(5, "log train metrics every N steps (and at the last step)")
+    log_every: int = option(5, "log train metrics every N steps (and at the last step)", minimum=1)
     eval_every: int = option(0, "evaluate on eval_data every N steps; 0 = only at the end")
     save_every: int = option(100, "checkpoint every N steps; 0 = only at the end (and when interrupted)")
-    keep_last: int = option(2, "checkpoints to keep")
-    resume: bool = option(False, "continue from the latest checkpoint in out (a finished run says so and does nothing)")
+    keep_last: int = option(2, "checkpoints to keep (the newest intact one is never deleted)", minimum=1)
+    resume: bool = option(False, "continue from the newest intact checkpoint in out (a finished run says so and does "
+                                 "nothing); changed settings are refused except log_every, eval_every, save_every, "
+                                 "keep_last, progress, device, max_bad_steps and deterministic")
+    max_bad_steps: int = option(5, "optimizer steps in a row with a non-finite loss or gradient (each skipped) before "
+                                   "the run stops with an error, its last good checkpoint kept", minimum=1)
+    deterministic: bool = option(False, "deterministic kernels only (torch.use_deterministic_algorithms, cuDNN "
+                                        "deterministic, no TF32) and no wall-clock values in metrics.jsonl: two "
+                                        "identical runs write identical metrics")
     progress: bool = progress_option()
 
 
@@ -258,7 +334,7 @@ class ChatTrainConfig(TrainConfig):
 
     chat_template: str = chat_template_option()
     max_length: int = option(512, "longest sequence (prompt + completion) in tokens; longer rows are dropped "
-                                  "(counted in the load report)")
+                                  "(counted in the load report)", minimum=2)
 
 
 @dataclass
@@ -268,15 +344,15 @@ class SamplingConfig:
     model: str = option("", "policy model directory (local; required)")
     prompts: str = option("", "prompt rows: `prompt` (text or messages) or `messages` (a final assistant turn is "
                               "dropped); other columns are carried along and reach the reward")
-    n: int = option(4, "completions sampled per prompt")
-    max_new_tokens: int = option(128, "generation budget per completion, in tokens")
+    n: int = option(4, "completions sampled per prompt", minimum=1)
+    max_new_tokens: int = option(128, "generation budget per completion, in tokens", minimum=1)
     temperature: float = option(1.0, "sampling temperature; 0 = greedy")
-    top_p: float = option(1.0, "nucleus sampling; 1 = off")
+    top_p: float = option(1.0, "nucleus sampling; 1 = off", above=0, maximum=1)
     top_k: int = option(0, "top-k sampling; 0 = off")
-    min_p: float = option(0.0, "min-p sampling; 0 = off")
+    min_p: float = option(0.0, "min-p sampling; 0 = off", maximum=1)
     seed: int = option(0, "sampling seed (same seed and inputs -> same completions)")
     limit: int = option(0, "use only the first N prompts; 0 = all")
-    batch_size: int = option(64, "sequences (prompts x n) per generate call (built-in engine)")
+    batch_size: int = option(64, "sequences (prompts x n) per generate call (built-in engine)", minimum=1)
     backend: str = option("auto", "auto (vLLM when installed and on a GPU) | hf (built-in) | vllm", choices=BACKENDS)
     chat_template: str = chat_template_option()
     columns: dict = columns_option()

@@ -14,13 +14,16 @@ class MetricsLog:
     """Appends ``{"step": k, "train/loss": ...}`` lines to ``metrics.jsonl`` and mirrors them to TensorBoard.
 
     On resume from step k, lines logged after step k by the interrupted run are dropped first, so the file reads as
-    one uninterrupted run.
+    one uninterrupted run. With ``clock=False`` (``--deterministic``) nothing read off the wall clock is written (the
+    ``time`` of a line, throughputs ``*_per_s``), so two identical runs write identical files.
     """
 
-    def __init__(self, run_dir: Path, *, resume_step: int = 0, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, *, resume_step: int = 0, tensorboard: bool = True, clock: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.clock = clock
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self._writer = None
         if tensorboard:
@@ -32,8 +35,10 @@ class MetricsLog:
                 self._writer = None
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        record = {"step": step, "time": round(time.time(), 3)}
+        record: dict[str, Any] = {"step": step, "time": round(time.time(), 3)} if self.clock else {"step": step}
         for key, value in metrics.items():
+            if not self.clock and key.endswith("_per_s"):
+                continue
             value = float(value.item() if hasattr(value, "item") else value)
             record[key] = value
             if self._writer is not None and math.isfinite(value):

@@ -117,12 +117,20 @@ def optimizer_and_scheduler(model, config, total_steps: int):
                                       schedule=config.lr_schedule)
 
 
-def optimizer_step(model, optimizer, scheduler, max_grad_norm: float) -> tuple[float, float]:
-    """Clip, step, schedule, zero the gradients; returns (gradient norm before clipping, the step's learning rate)."""
+def optimizer_step(model, optimizer, scheduler, max_grad_norm: float, *, loss: float | None = None
+                   ) -> tuple[float, float]:
+    """Clip, step, schedule, zero the gradients; returns (gradient norm before clipping, the step's learning rate).
+
+    A non-finite ``loss`` or gradient norm skips the update: the optimizer and the schedule are left untouched and the
+    gradients dropped, and the returned norm is non-finite (nan for a bad loss), which the harness counts as a
+    skipped step (``Run.end_step``) and stops the run on after ``max_bad_steps`` in a row."""
     grad_norm = grad_norm_and_clip(model, max_grad_norm)
     lr = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
+    if not math.isfinite(grad_norm) or (loss is not None and not math.isfinite(float(loss))):
+        grad_norm = grad_norm if not math.isfinite(grad_norm) else math.nan
+    else:
+        optimizer.step()
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, lr
 

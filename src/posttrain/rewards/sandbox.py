@@ -16,12 +16,19 @@ Layers (docs/verifiers.md has what each attack meets):
   root gets the program mapped to the host's ``nobody`` (65534): RLIMIT_NPROC never binds uid 0.
 - *socket* fallback (``network_isolation == "socket-blocked"``), where namespaces do not work: a Python audit hook
   installed before the program refuses sockets, process creation, native code (ctypes), writes outside the scratch
-  directory, other processes' /proc entries and signals to other processes. It is a Python-level guard, not a
-  kernel boundary: native code that gets past it is limited only by the rlimits and the process sweep.
+  directory, reads of what namespace mode hides (the caller's HOME, the temp root, /run, /root, /home, files other
+  users cannot read), other processes' /proc entries and signals to other processes. The hook is a Python-level
+  guard, not a kernel boundary (``signal.pidfd_send_signal`` raises no audit event; its path checks race with the
+  program's threads), so where the kernel has Landlock (``filesystem == "landlock"``, Linux 5.13+) a Landlock
+  ruleset enforces the same file rules in the kernel, and from ABI 4 / 6 on also refuses TCP and signals to any
+  process outside the program. Without Landlock, native code that gets past the hook is limited only by the
+  rlimits and the process sweep.
 - both: resource limits in the program's process (RLIMIT_CPU, AS, FSIZE, NPROC, NOFILE, CORE=0), a scrubbed
   environment (nothing of the caller's), stdin from /dev/null, a fresh scratch directory as cwd, HOME and TMPDIR
-  (removed afterwards), ``python -s -S -B -P``, output captured head + tail up to a cap, and every wait with a
-  deadline.
+  (removed afterwards), ``python -s -S -B -P``, output captured head + tail up to a cap, every wait with a
+  deadline, and an OOM score of 1000 (under memory pressure the kernel kills the sandbox, not the trainer). The
+  program's other processes still running when it ends are counted (``leftover_processes``) and killed; if the
+  supervisor itself dies, the caller kills its session.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ SUPERVISOR_GRACE_S = 10.0  # the caller's deadline = the program's + this (start
 EXIT_GRACE_S = 0.2  # after the program exits, how long its output pipes may stay open (held by a descendant)
 SWEEP_S = 2.0  # the longest the supervisor spends killing leftover processes
 ENV_PATH = "/usr/local/bin:/usr/bin:/bin"
+LANDLOCK = True  # the fallback adds Landlock where the kernel has it (the tests turn it off to test the hook alone)
 
 
 class Isolation(StrEnum):
@@ -60,10 +68,13 @@ class SandboxResult:
     timed_out: bool  # the wall-clock deadline passed and the program was killed
     killed: bool  # ended by a signal (deadline, RLIMIT_CPU, the disk cap, or a crash)
     network_isolation: str  # "netns" (namespace mode) or "socket-blocked" (the fallback)
-    filesystem: str  # "read-only" (namespace mode, every remount held), "partial" (some did not), "python-guard"
+    # "read-only" (namespace mode, every remount held), "partial" (some did not); the fallback: "landlock" (kernel
+    # rules under the audit hook) or "python-guard" (the audit hook alone)
+    filesystem: str
     duration_s: float = 0.0
     stdout_bytes: int = 0  # written in total, before the cap
     stderr_bytes: int = 0
+    leftover_processes: int = 0  # the program's other processes still running when it ended (then killed)
     error: str | None = None  # the sandbox itself failed (could not start, no report): nothing was judged
     scratch_dir: str = ""  # already removed; its name is in the program's command line (for leak checks)
     notes: tuple[str, ...] = field(default_factory=tuple)  # remounts that failed, the disk cap, ...
@@ -128,11 +139,14 @@ def _run(source: str, mode: Isolation, *, timeout_s: float, memory_mb: int, max_
     keep = {os.path.realpath(p) for p in (sys.executable, sys.prefix, sys.base_prefix, sys.exec_prefix)}
     if site_packages:
         keep |= {os.path.realpath(p) for p in sys.path if p}
+    home, tempdir = os.path.realpath(os.path.expanduser("~")), os.path.realpath(tempfile.gettempdir())
+    # what the fallback hides from the program's reads: what namespace mode covers, and the other users' homes
+    hidden = sorted({home, tempdir, "/run", "/root", "/home"} - {"/"})
     config = {"scratch": scratch, "namespace": namespace, "timeout_s": float(timeout_s), "memory_mb": memory_mb,
               "max_output_bytes": max_output_bytes, "max_processes": max_processes, "disk_mb": disk_mb,
               "open_files": open_files, "site_packages": site_packages, "python": sys.executable,
-              "env": _user_env(scratch), "keep": sorted(keep), "uid": os.getuid(),
-              "home": os.path.realpath(os.path.expanduser("~")), "tempdir": os.path.realpath(tempfile.gettempdir())}
+              "env": _user_env(scratch), "keep": sorted(keep), "uid": os.getuid(), "home": home, "tempdir": tempdir,
+              "hidden": hidden, "landlock": LANDLOCK}
     command = [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), json.dumps(config)]
 
     def failed(message: str) -> SandboxResult:
@@ -153,6 +167,8 @@ def _run(source: str, mode: Isolation, *, timeout_s: float, memory_mb: int, max_
             except subprocess.TimeoutExpired:
                 return failed("the supervisor did not finish and its output pipes stayed open")
             return failed(f"the supervisor missed its deadline; stderr: {err.decode(errors='replace')[-500:]}")
+        if proc.returncode != 0:  # the supervisor died before its sweep (killed): its program must not live on
+            _kill_session(proc.pid)
         try:
             report = json.loads(out.decode(errors="replace").strip().splitlines()[-1])
         except (ValueError, IndexError):
@@ -164,8 +180,8 @@ def _run(source: str, mode: Isolation, *, timeout_s: float, memory_mb: int, max_
             returncode=report["returncode"], stdout=report["stdout"], stderr=report["stderr"],
             timed_out=report["timed_out"], killed=report["killed"], network_isolation=network,
             filesystem=report["filesystem"], duration_s=time.monotonic() - started,
-            stdout_bytes=report["stdout_bytes"], stderr_bytes=report["stderr_bytes"], scratch_dir=scratch,
-            notes=tuple(report["notes"]))
+            stdout_bytes=report["stdout_bytes"], stderr_bytes=report["stderr_bytes"],
+            leftover_processes=report["leftover_processes"], scratch_dir=scratch, notes=tuple(report["notes"]))
     except OSError as error:
         return failed(f"could not start the sandbox: {error}")
     finally:
@@ -200,18 +216,26 @@ def _proc_stat(pid: str) -> list[str] | None:
 
 
 def _kill_session(sid: int) -> None:
-    """SIGKILL to a session: its process groups, then any process whose session is ``sid`` (/proc scan)."""
+    """SIGKILL to a session: its process groups, then any process whose session is ``sid`` (/proc scan), again
+    until none is left running (a kill is asynchronous) or ``SWEEP_S`` passes."""
     try:
         os.killpg(sid, signal.SIGKILL)
     except OSError:
         pass
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        stat = _proc_stat(pid)
-        if stat and stat[3] == str(sid):
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except OSError:
-                pass
+    deadline = time.monotonic() + SWEEP_S
+    while True:
+        left = False
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            stat = _proc_stat(pid)
+            if stat and stat[3] == str(sid) and stat[0] not in "ZX":
+                left = True
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except OSError:
+                    pass
+        if not left or time.monotonic() > deadline:
+            return
+        time.sleep(0.005)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -227,6 +251,12 @@ CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x10000000, 0x
 NOBODY = 65534  # the host uid/gid a root caller's program runs as (in-namespace uid 1)
 PR_CAP_AMBIENT_CLEAR_ALL, LINUX_CAPABILITY_VERSION_3 = 4, 0x20080522
 DEVICES = ("null", "zero", "full", "random", "urandom")
+# linux/landlock.h: the syscalls (one number on every architecture), filesystem rights (ABI 1: bits 0-12; ABI 2
+# adds REFER, 3 TRUNCATE, 5 IOCTL_DEV), TCP rights (ABI 4) and scopes (ABI 6: abstract Unix sockets, signals)
+LANDLOCK_CREATE_RULESET, LANDLOCK_ADD_RULE, LANDLOCK_RESTRICT_SELF, LANDLOCK_RULE_PATH_BENEATH = 444, 445, 446, 1
+FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR, FS_TRUNCATE, FS_IOCTL_DEV = 1, 2, 4, 8, 1 << 14, 1 << 15
+FS_FILE_RIGHTS = FS_EXECUTE | FS_WRITE_FILE | FS_READ_FILE | FS_TRUNCATE | FS_IOCTL_DEV  # those a file rule takes
+NET_BIND_TCP, NET_CONNECT_TCP, SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1, 2, 1, 2
 
 
 def _libc():
@@ -363,6 +393,81 @@ def _drop_capabilities(libc, uid: int | None) -> None:
         raise OSError(ctypes.get_errno(), "capset")
 
 
+def _landlock_abi(libc) -> int:
+    """The kernel's Landlock ABI version, 0 where there is none (older kernel, LSM off, a seccomp profile)."""
+    return max(0, libc.syscall(LANDLOCK_CREATE_RULESET, None, 0, 1))  # 1: LANDLOCK_CREATE_RULESET_VERSION
+
+
+def _landlock_fs_rights(abi: int) -> int:
+    return (1 << {1: 13, 2: 14, 3: 15, 4: 15}.get(abi, 16)) - 1
+
+
+def _landlock_rules(config: dict, abi: int) -> list[tuple[str, int]]:
+    """(path, rights) of the fallback's Landlock ruleset: everything in the scratch directory; read and execute in
+    the interpreter's directories and everywhere else except the hidden directories, /proc and /dev; read and write
+    of the few devices. Landlock cannot take a subtree out of a granted one, so a directory holding a hidden one is
+    walked and its other entries granted one by one (/ and, for HOME=/home/me, /home)."""
+    read = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
+    hidden = config["hidden"] + ["/proc", "/dev"]
+    rules = [(config["scratch"], _landlock_fs_rights(abi))] + [(k, read) for k in config["keep"]]
+    rules += [(f"/dev/{name}", FS_READ_FILE | FS_WRITE_FILE) for name in DEVICES]
+
+    def walk(directory: str) -> None:
+        try:
+            entries = sorted(os.listdir(directory))
+        except OSError:
+            return
+        for entry in entries:
+            path = os.path.realpath(os.path.join(directory, entry))  # a link to a hidden directory is hidden
+            if any(_under(path, h) for h in hidden):
+                continue
+            if any(_under(h, path) for h in hidden):
+                if path != directory and _under(path, directory):  # not a link back up (no loop)
+                    walk(path)
+            else:
+                rules.append((path, read))
+
+    walk("/")
+    return rules
+
+
+def _landlock_restrict(libc, abi: int, rules: list[tuple[str, int]]) -> None:
+    """Put this process (the forked program, no_new_privs already set) under a Landlock ruleset that handles every
+    filesystem right the kernel knows and grants ``rules``; from ABI 4 no TCP bind or connect, from ABI 6 no signal
+    to and no abstract Unix socket of a process outside. Kernel-enforced: what the audit hook's path checks cannot
+    promise against a racing thread, ``dir_fd`` or ``pidfd_send_signal``."""
+    import ctypes
+    import stat
+    import struct
+
+    fs = _landlock_fs_rights(abi)
+    net = NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0
+    scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0
+    attr = struct.pack("QQQ", fs, net, scoped)[:8 if abi < 4 else 16 if abi < 6 else 24]  # the ABI's struct size
+
+    def check(result: int, what: str) -> int:
+        if result < 0:
+            raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
+        return result
+
+    ruleset = check(libc.syscall(LANDLOCK_CREATE_RULESET, attr, len(attr), 0), "landlock_create_ruleset")
+    for path, rights in rules:
+        try:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:  # gone since the rules were listed
+            continue
+        try:
+            if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                rights &= FS_FILE_RIGHTS
+            rule = struct.pack("=Qi", rights & fs, fd)  # struct landlock_path_beneath_attr (packed)
+            check(libc.syscall(LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_PATH_BENEATH, rule, 0),
+                  f"landlock_add_rule {path}")
+        finally:
+            os.close(fd)
+    check(libc.syscall(LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")
+    os.close(ruleset)
+
+
 def _uid_tasks(uid: int) -> int:
     """Processes and threads of ``uid`` now: RLIMIT_NPROC counts all of them, not just the sandbox's."""
     total = 0
@@ -378,10 +483,10 @@ def _uid_tasks(uid: int) -> int:
 
 
 _GUARD = r'''
-def _posttrain_guard(scratch, allowed_devices):
+def _posttrain_guard(scratch, allowed_devices, hidden, keep):
     import os, sys, _posixsubprocess
     own = str(os.getpid())
-    realpath, fsdecode = os.path.realpath, os.fsdecode
+    realpath, fsdecode, isdir, stat = os.path.realpath, os.fsdecode, os.path.isdir, os.stat
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
     def deny(what):
@@ -390,12 +495,31 @@ def _posttrain_guard(scratch, allowed_devices):
     def resolve(path):
         return None if isinstance(path, int) else realpath(fsdecode(path))
 
+    def under(path, root):
+        return path == root or path.startswith(root.rstrip("/") + "/")
+
     def inside(path):
-        return path == scratch or path.startswith(scratch + "/") or path in allowed_devices
+        return under(path, scratch) or path in allowed_devices
 
     def other_process(path):
         parts = path.split("/")
         return len(parts) > 2 and parts[1] == "proc" and parts[2].isdigit() and parts[2] != own
+
+    def readable(path):
+        """What namespace mode would let a root caller's program (the nobody user there) read: not the covered
+        directories, and only files every user may read (the program here is uid 0 without capabilities, which
+        still reads root's own 0600 files such as /etc/shadow)."""
+        if inside(path) or any(under(path, k) for k in keep) or path.startswith(f"/proc/{own}/"):
+            return True
+        if other_process(path) or any(under(path, h) for h in hidden):
+            return False
+        try:
+            parts = path.split("/")
+            if any(not stat("/".join(parts[:i]) or "/").st_mode & 0o001 for i in range(1, len(parts))):
+                return False  # a directory on the way others cannot enter
+            return bool(stat(path).st_mode & 0o004)
+        except OSError:
+            return True  # missing: the open fails by itself
 
     def check_write(event, *paths):
         for path in paths:
@@ -413,7 +537,7 @@ def _posttrain_guard(scratch, allowed_devices):
                "socket.gethostbyaddr", "socket.getnameinfo", "socket.sethostname", "os.setxattr",
                "os.removexattr", "os.chflags", "os.lchflags"}
     mutations = {"os.mkdir": 1, "os.remove": 1, "os.rmdir": 1, "os.chmod": 1, "os.chown": 1, "os.utime": 1,
-                 "os.truncate": 1, "os.rename": 2, "os.link": 2, "os.symlink": 2, "shutil.rmtree": 1}
+                 "os.truncate": 1, "os.rename": 2, "os.link": 2, "shutil.rmtree": 1}
 
     def hook(event, args):
         if event == "open":
@@ -427,10 +551,17 @@ def _posttrain_guard(scratch, allowed_devices):
                 c in (mode or "") for c in "wax+")
             if writes and not inside(resolved):
                 deny("writing outside the scratch directory")
+            if not readable(resolved):
+                deny("reading outside the scratch directory what namespace mode hides")
+            if not inside(resolved) and isdir(resolved):  # its descriptor as dir_fd would dodge these checks
+                deny("opening a directory outside the scratch directory")
         elif event in ("os.listdir", "os.scandir"):
             resolved = resolve(args[0] if args and args[0] is not None else ".")
-            if resolved is not None and other_process(resolved):
-                deny("reading another process's /proc entries")
+            if resolved is not None and not readable(resolved):
+                deny("listing a directory namespace mode hides")
+        elif event == "os.symlink":  # a relative target is read from the link's directory, not the current one
+            target, link = fsdecode(args[0]), os.path.abspath(fsdecode(args[1]))
+            check_write(event, os.path.join(os.path.dirname(link), target), link)
         elif event in mutations:
             check_write(event, *args[:mutations[event]])
         elif event in blocked:
@@ -453,14 +584,17 @@ def _program_command(config: dict) -> list[str]:
     if config["namespace"]:
         return [config["python"], *flags, program]
     devices = tuple(f"/dev/{name}" for name in DEVICES)
-    boot = (_GUARD + f"_posttrain_guard({config['scratch']!r}, {devices!r})\ndel _posttrain_guard\n"
+    guard = f"_posttrain_guard({config['scratch']!r}, {devices!r}, {config['hidden']!r}, {config['keep']!r})"
+    boot = (_GUARD + guard + "\ndel _posttrain_guard\n"
             "import runpy, sys\nsys.argv = sys.argv[1:]\nsys.path[0] = " + repr(config["scratch"]) + "\n"
             "runpy.run_path(sys.argv[0], run_name='__main__')\n")
     return [config["python"], *flags, "-c", boot, program]
 
 
-def _exec_program(libc, config: dict, stdout_fd: int, stderr_fd: int, nproc: int) -> None:
-    """In the forked child: its own process group, stdio, no capabilities, rlimits, then exec the program."""
+def _exec_program(libc, config: dict, stdout_fd: int, stderr_fd: int, status_fd: int, nproc: int,
+                  landlock: list[tuple[str, int]] | None, abi: int) -> None:
+    """In the forked child: its own process group, stdio, no capabilities, rlimits, the fallback's Landlock rules
+    (``landlock``), then exec the program. ``status_fd`` (close-on-exec) stays open for a set-up error."""
     import resource
 
     os.setpgid(0, 0)
@@ -468,7 +602,8 @@ def _exec_program(libc, config: dict, stdout_fd: int, stderr_fd: int, nproc: int
     os.dup2(devnull, 0)
     os.dup2(stdout_fd, 1)
     os.dup2(stderr_fd, 2)
-    os.closerange(3, 65536)
+    os.closerange(3, status_fd)
+    os.closerange(status_fd + 1, 65536)
     # in the fallback too: a caller running as root gives the program uid 0, not its powers
     _drop_capabilities(libc, 1 if config["namespace"] and config["uid"] == 0 else None)
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
@@ -479,6 +614,8 @@ def _exec_program(libc, config: dict, stdout_fd: int, stderr_fd: int, nproc: int
                          (resource.RLIMIT_NOFILE, (config["open_files"], config["open_files"])),
                          (resource.RLIMIT_CORE, (0, 0))):
         resource.setrlimit(limit, value)  # soft = hard: the program cannot raise them again
+    if landlock is not None:  # its own /proc entries stay readable, no other process's
+        _landlock_restrict(libc, abi, landlock + [(f"/proc/{os.getpid()}", FS_READ_FILE | FS_READ_DIR)])
     os.chdir(config["scratch"])
     command = _program_command(config)
     os.execve(command[0], command, config["env"])
@@ -543,9 +680,23 @@ def _reap(pid: int, status: int | None) -> tuple[int | None, bool]:
             status = code
 
 
-def _sweep(pid: int, namespace: bool, status: int | None) -> int | None:
+def _others(pid: int, namespace: bool) -> int:
+    """The program's other processes still running (zombies not counted): in the pid namespace every process but us
+    and the program; in the fallback the members of its process group and what was re-parented to us."""
+    me, count = str(os.getpid()), 0
+    for other in filter(str.isdigit, os.listdir("/proc")):
+        stat = _proc_stat(other)
+        if stat and stat[0] != "Z" and other not in (me, str(pid)) and (namespace or me == stat[1]
+                                                                        or stat[2] == str(pid)):
+            count += 1
+    return count
+
+
+def _sweep(pid: int, namespace: bool, status: int | None) -> tuple[int | None, int]:
     """Kill everything the program started: its process group, then (pid namespace) every process of the namespace,
-    or (fallback) every process re-parented to us, until none is left or ``SWEEP_S`` passes."""
+    or (fallback) every process re-parented to us, until none is left or ``SWEEP_S`` passes. Returns the program's
+    wait status and how many other processes of it were still running."""
+    leftover = _others(pid, namespace)
     try:
         os.killpg(pid, signal.SIGKILL)
     except OSError:
@@ -573,7 +724,7 @@ def _sweep(pid: int, namespace: bool, status: int | None) -> int | None:
         if not left and not remaining:
             break
         time.sleep(0.005)
-    return status
+    return status, leftover
 
 
 def _watch(pid: int, streams: dict[int, _Capture], deadline: float, config: dict) -> tuple[int | None, bool, list]:
@@ -667,34 +818,53 @@ def _supervise(config: dict) -> dict:
     else:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of the program come to us, not to init
         nproc = _uid_tasks(config["uid"]) + config["max_processes"]  # RLIMIT_NPROC counts the whole uid
+    abi = _landlock_abi(libc) if not namespace and config["landlock"] else 0
+    landlock = _landlock_rules(config, abi) if abi else None
+    if not namespace and not abi:
+        failures.append("no Landlock (kernel or LANDLOCK): the fallback's file, signal and TCP rules are Python-level")
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
+    status_r, status_w = os.pipe()  # close-on-exec: EOF once the program runs, else the child's set-up error
     pid = os.fork()
     if pid == 0:
         try:
-            _exec_program(libc, config, out_w, err_w, nproc)
+            _exec_program(libc, config, out_w, err_w, status_w, nproc, landlock, abi)
         except BaseException as error:
-            os.write(2, f"sandbox: could not start the program: {error!r}\n".encode())
+            os.write(status_w, f"could not start the program: {error!r}".encode())
         finally:
             os._exit(126)
     try:
         os.setpgid(pid, pid)  # also done in the child; whichever runs first
     except OSError:
         pass
-    os.close(out_w)
-    os.close(err_w)
+    for fd in (out_w, err_w, status_w):
+        os.close(fd)
+    import select
+
+    ready, _, _ = select.select([status_r], [], [], max(0.0, deadline - time.monotonic()))
+    setup_error = os.read(status_r, 4096).decode(errors="replace") if ready else ""
+    os.close(status_r)
     streams = {out_r: _Capture(config["max_output_bytes"]), err_r: _Capture(config["max_output_bytes"])}
+    if setup_error:  # the sandbox failed, not the program: nothing is judged
+        _sweep(pid, namespace, None)
+        _drain(streams, 0.5)
+        return {"error": setup_error}
     status, timed_out, notes = _watch(pid, streams, deadline, config)
-    status = _sweep(pid, namespace, status)
+    status, leftover = _sweep(pid, namespace, status)
     if status is None:
         status = _reap_blocking(pid)
     _drain(streams, 0.5)
     code = os.waitstatus_to_exitcode(status) if status is not None else None
-    filesystem = ("partial" if failures else "read-only") if namespace else "python-guard"
+    if namespace:
+        filesystem = "partial" if failures else "read-only"
+    else:
+        filesystem = "landlock" if abi else "python-guard"
+        if 0 < abi < 6:
+            notes.append(f"Landlock ABI {abi}: signals are refused by the audit hook only")
     return {"returncode": code, "timed_out": timed_out, "killed": code is not None and code < 0,
             "stdout": streams[out_r].text(), "stderr": streams[err_r].text(),
             "stdout_bytes": streams[out_r].total, "stderr_bytes": streams[err_r].total,
-            "filesystem": filesystem, "notes": failures + notes}
+            "leftover_processes": leftover, "filesystem": filesystem, "notes": failures + notes}
 
 
 def _reap_blocking(pid: int) -> int | None:
@@ -771,6 +941,9 @@ def _supervise_in_namespaces(config: dict) -> dict:
         try:
             os.close(report_r)
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            # the kernel drops signals from inside the namespace to its init unless the init handles them: Python's
+            # SIGINT handler would let a program running as our uid (an unprivileged caller's) stop us
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             _mount(libc, "proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)  # this namespace's processes
             report = _supervise(config)
         except BaseException as error:
@@ -800,6 +973,11 @@ def _supervise_in_namespaces(config: dict) -> dict:
 
 
 if __name__ == "__main__":
+    try:  # the OOM killer's first choice (inherited by the program; only CAP_SYS_RESOURCE could lower it again)
+        with open("/proc/self/oom_score_adj", "w") as _handle:
+            _handle.write("1000")
+    except OSError:
+        pass
     try:
         _config = json.loads(sys.argv[1])
         _report = (_supervise_in_namespaces if _config["namespace"] else _supervise)(_config)

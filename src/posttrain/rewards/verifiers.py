@@ -571,8 +571,9 @@ def code_reward(program: str, tests: str, *, timeout_s: float = 10.0, partial_cr
 
     1.0 when the program runs and every top-level statement of the tests runs without an exception, else 0.0; with
     ``partial_credit`` the fraction of top-level ``assert`` statements that pass (0.0 if the program itself fails;
-    tests with no top-level assert score all or nothing). A program that times out, crashes or is killed scores 0.0.
-    None: cannot be judged (``tests`` does not parse or has no statement, or the sandbox itself failed).
+    tests with no top-level assert score all or nothing). A program that times out, crashes or is killed scores 0.0,
+    and so does one that leaves a process running when it ends (the sandbox kills it; a reward must not pay for
+    it). None: cannot be judged (``tests`` does not parse or has no statement, or the sandbox itself failed).
     ``isolation``: "auto", "namespace" or "socket" (``posttrain.rewards.sandbox``).
     """
     from posttrain.rewards.sandbox import run_sandboxed
@@ -588,7 +589,7 @@ def code_reward(program: str, tests: str, *, timeout_s: float = 10.0, partial_cr
     if result.error is not None:
         return None
     report = _test_report(result.stdout, nonce)
-    if result.timed_out or report is None or not report["program"]:
+    if result.timed_out or result.leftover_processes or report is None or not report["program"]:
         return 0.0
     statements = ast.parse(tests).body  # the report must account for every test statement (none skipped)
     if (report.get("statements"), report.get("asserts")) != (len(statements),

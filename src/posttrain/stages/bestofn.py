@@ -136,7 +136,8 @@ class SelectConfig:
                                               "prompt-completion pairs overall)", choices=("top_per_prompt", "top_k"))
     k: int = option(0, "top_k: how many pairs to keep (required)")
     min_reward: float = option(float("-inf"), "drop picks whose reward is below this (e.g. 1 with a verifier: keep "
-                                             "only correct completions, as in rejection-sampling fine-tuning)")
+                                             "only correct completions, as in rejection-sampling fine-tuning)",
+                               minimum=None, finite=False)
     pairs: str = option("", "write prompt/chosen/rejected pairs instead of SFT rows: best_worst (best vs worst "
                             "completion of each prompt, prompts without a strict preference skipped) | all (every "
                             "pair of distinct completions with different rewards, up to --pairs_per_prompt)",

@@ -18,9 +18,9 @@ class ChatConfig:
     prompt: str = option("", "one-shot: reply to this message and exit; empty = interactive")
     system: str = option("", "optional system message")
     chat_template: str = chat_template_option()
-    max_new_tokens: int = option(128, "reply length budget in tokens")
+    max_new_tokens: int = option(128, "reply length budget in tokens", minimum=1)
     temperature: float = option(0.0, "0 = greedy")
-    top_p: float = option(1.0, "nucleus sampling threshold (with temperature > 0)")
+    top_p: float = option(1.0, "nucleus sampling threshold (with temperature > 0)", above=0, maximum=1)
     seed: int = option(0, "sampling seed")
     device: str = device_option()
 

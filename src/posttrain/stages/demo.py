@@ -47,7 +47,7 @@ METRICS = ("format_rate", "accuracy", "request_rate", "gold_reward", "mean_lengt
 class DemoConfig:
     out: str = option("runs/demo", "directory for every stage's run directory and summary.json")
     sft_steps: int = option(300, "SFT optimizer steps (300 x 32 = 2.4 epochs of the world's 4000 conversations)")
-    sft_batch_size: int = option(32, "SFT conversations per step")
+    sft_batch_size: int = option(32, "SFT conversations per step", minimum=1)
     sft_lr: float = option(1e-3, "SFT peak learning rate")
     rm_steps: int = option(1000, "Bradley-Terry reward-model optimizer steps (16 pairs each, constant lr; 1000 = one "
                                  "epoch of the world's 16000 preference pairs); 0 = skip the RM stage")
@@ -65,9 +65,9 @@ class DemoConfig:
                                 "rollout steps of 16 training prompts x 4 samples; 0 = skip (needs the RM stage)")
     overopt_steps: int = option(30, "over-optimization: GRPO steps (8 prompts x 8 samples) against the same reward "
                                     "model at beta 0, the KL to the SFT model tracked; 0 = skip (needs the RM stage)")
-    sampled_eval_n: int = option(4, "samples (T = 1) per held-out prompt for a stage's sampled_accuracy")
-    eval_prompts: int = option(200, "held-out prompts to evaluate each stage on")
-    max_new_tokens: int = option(64, "generation budget per reply")
+    sampled_eval_n: int = option(4, "samples (T = 1) per held-out prompt for a stage's sampled_accuracy", minimum=1)
+    eval_prompts: int = option(200, "held-out prompts to evaluate each stage on", minimum=1)
+    max_new_tokens: int = option(64, "generation budget per reply", minimum=1)
     device: str = device_option()
     progress: bool = progress_option()
 

@@ -47,10 +47,11 @@ class DPOConfig(ChatTrainConfig):
     loss: str = option("dpo", "dpo | cdpo | robust | ipo | dpo_nll | simpo | orpo | kto",
                        choices=tuple(t.value for t in losses.DPOLoss))
     ref_model: str = option("", "frozen reference model; empty = the starting policy")
-    beta: float = option(0.1, "KL strength beta (simpo: reward scale)")
-    label_smoothing: float = option(0.0, "cdpo / robust: assumed fraction of flipped labels")
-    gamma: float = option(0.5, "simpo: target reward margin")
-    alpha: float = option(-1.0, "dpo_nll: NLL weight (default 1); orpo: odds-ratio weight (default 0.1); -1 = default")
+    beta: float = option(0.1, "KL strength beta (simpo: reward scale)", above=0)
+    label_smoothing: float = option(0.0, "cdpo / robust: assumed fraction of flipped labels", below=0.5)
+    gamma: float = option(0.5, "simpo: target reward margin", minimum=None)
+    alpha: float = option(-1.0, "dpo_nll: NLL weight (default 1); orpo: odds-ratio weight (default 0.1); -1 = default",
+                          unset=-1)
     desirable_weight: float = option(1.0, "kto: weight lambda_D of desirable examples")
     undesirable_weight: float = option(1.0, "kto: weight lambda_U of undesirable examples (KTO paper: keep "
                                             "lambda_D n_D / (lambda_U n_U) in [1, 4/3])")
@@ -369,7 +370,7 @@ def train_dpo(config: DPOConfig, *, on_step_end: Callable[[int, dict], None] | N
                 with torch.no_grad(), autocast(device, config.precision):
                     _, kl_policy, _, _ = sequence_logps(model, [pairs[i] for i in indices], device)
                 z0 = losses.kto_reference_point(kl_policy, reference(indices, ref_train, pairs)[1].to(device))
-            means = WeightedMeans()
+            means, step_loss = WeightedMeans(), 0.0
             for chunk in chunks:
                 share = len(chunk) / len(indices)  # each micro-batch's share of the step's pairs
                 with autocast(device, config.precision):
@@ -377,12 +378,14 @@ def train_dpo(config: DPOConfig, *, on_step_end: Callable[[int, dict], None] | N
                                               config, device, reference_point=z0)
                 (loss * share).backward()
                 means.add(metrics, share)
-            grad_norm, lr = optimizer_step(model, optimizer, scheduler, config.max_grad_norm)
+                step_loss += float(loss.detach()) * share
+            grad_norm, lr = optimizer_step(model, optimizer, scheduler, config.max_grad_norm, loss=step_loss)
 
             if eval_pairs and run.eval_due(step):
                 run.log_metrics(step, {f"eval/{k}": v for k, v in evaluate().items()})
             logged = means.means()
-            run.end_step(step, {"train/loss": logged.pop("loss"), "train/lr": lr, "train/grad_norm": grad_norm,
+            logged.pop("loss", None)  # a non-finite loss is left out of the means: step_loss keeps it
+            run.end_step(step, {"train/loss": step_loss, "train/lr": lr, "train/grad_norm": grad_norm,
                                 **logged},
                          tokens=sum(len(e) for i in indices for e in pairs[i].examples()), pairs=len(indices))
 

@@ -26,7 +26,8 @@ class PretrainConfig(TrainConfig):
     init: str = option("world-llama", "architecture for a fresh model (when model is empty): world-llama | "
                                       "world-qwen2 (tiny configs)", choices=("world-llama", "world-qwen2"))
     tokenizer: str = option("", "tokenizer directory for a fresh model; empty = the tiny world's tokenizer")
-    block_size: int = option(128, "tokens per training sequence (documents are concatenated and cut into blocks)")
+    block_size: int = option(128, "tokens per training sequence (documents are concatenated and cut into blocks)",
+                             minimum=2)
     model: str = option("", "continue pretraining this local model directory; empty = a fresh model from --init")
     out: str = "runs/pretrain"
     batch_size: int = 32
@@ -129,7 +130,7 @@ def train_pretrain(config: PretrainConfig, *, on_step_end: Callable[[int, dict],
                     loss, metrics = _next_token_loss(model, blocks[chunk].to(device), num_tokens)
                 loss.backward()
                 loss_sum += float(metrics["loss"])
-            grad_norm, lr = optimizer_step(model, optimizer, scheduler, config.max_grad_norm)
+            grad_norm, lr = optimizer_step(model, optimizer, scheduler, config.max_grad_norm, loss=loss_sum)
 
             if eval_blocks is not None and run.eval_due(step):
                 run.log_metrics(step, {"eval/loss": evaluate()})

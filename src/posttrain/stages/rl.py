@@ -106,28 +106,32 @@ class RLConfig(ChatTrainConfig):
                        choices=tuple(a.value for a in Algo))
     reward: str = option("verifier:math", "the reward (see `posttrain score --help`): gold | verifier:math | rm:DIR | "
                                           "prm:DIR | judge:DIR | weighted sums like 0.5*rm:DIR+0.5*verifier:math")
-    group_size: int = option(8, "completions sampled per prompt (G)")
-    max_new_tokens: int = option(64, "generation budget per completion, in tokens")
-    temperature: float = option(1.0, "sampling temperature; the policy trained is softmax(logits / T)")
-    top_p: float = option(1.0, "nucleus sampling at rollout (not part of the trained distribution, as in TRL/verl)")
-    ppo_epochs: int = option(-1, "passes over each rollout batch; -1 = the algorithm's (ppo 4, the others 1)")
-    num_minibatches: int = option(1, "optimizer steps per pass over a rollout batch (split by prompt groups)")
+    group_size: int = option(8, "completions sampled per prompt (G)", minimum=1)
+    max_new_tokens: int = option(64, "generation budget per completion, in tokens", minimum=1)
+    temperature: float = option(1.0, "sampling temperature; the policy trained is softmax(logits / T)", above=0)
+    top_p: float = option(1.0, "nucleus sampling at rollout (not part of the trained distribution, as in TRL/verl)",
+                          above=0, maximum=1)
+    ppo_epochs: int = option(-1, "passes over each rollout batch; -1 = the algorithm's (ppo 4, the others 1)",
+                             minimum=1, unset=-1)
+    num_minibatches: int = option(1, "optimizer steps per pass over a rollout batch (split by prompt groups)",
+                                  minimum=1)
     beta: float = option(-1.0, "KL coefficient; -1 = the algorithm's (0.05 reinforce/rloo/ppo, 0.04 grpo, 0 for "
-                               "dr_grpo/gspo/cispo); 0 loads no reference model")
+                               "dr_grpo/gspo/cispo); 0 loads no reference model", unset=-1)
     kl_estimator: str = option("auto", "auto (k1 in the reward, k3 in the loss) | k1 | k2 | k3",
                                choices=("auto", "k1", "k2", "k3"))
     kl_in: str = option("auto", "auto (the algorithm's) | reward (per token for ppo, per sequence otherwise) | loss",
                         choices=("auto", "reward", "loss"))
     target_kl: float = option(0.0, "adaptive KL controller's target KL per sequence (nats); 0 = fixed beta")
-    kl_horizon: int = option(10000, "adaptive KL controller's horizon (in sequences)")
+    kl_horizon: int = option(10000, "adaptive KL controller's horizon (in sequences)", minimum=1)
     loss_aggregation: str = option("auto", "auto (the algorithm's) | token_mean | sequence_mean | fixed_length",
                                    choices=("auto", "token_mean", "sequence_mean", "fixed_length"))
     scale_rewards: str = option("auto", "group algorithms' advantage scale: auto | group (std of the group) | batch "
                                         "(std of the batch) | none (Dr. GRPO)",
                                 choices=("auto", "group", "batch", "none"))
-    clip_low: float = option(-1.0, "lower clip range eps_low; -1 = the algorithm's (0.2; gspo 3e-4; cispo none)")
+    clip_low: float = option(-1.0, "lower clip range eps_low; -1 = the algorithm's (0.2; gspo 3e-4; cispo none)",
+                             unset=-1)
     clip_high: float = option(-1.0, "upper clip range eps_high (> clip_low: DAPO's clip-higher); -1 = the "
-                                    "algorithm's (= clip_low; gspo 4e-4; cispo 0.28)")
+                                    "algorithm's (= clip_low; gspo 4e-4; cispo 0.28)", unset=-1)
     dynamic_sampling: bool = option(False, "DAPO: drop groups whose rewards are all equal and refill the batch")
     tis_cap: float = option(0.0, "truncated importance sampling for a sampler that is not the learner (vLLM, another "
                                  "precision): each token's policy loss times min(pi_old / pi_sampler, tis_cap) "
@@ -140,11 +144,11 @@ class RLConfig(ChatTrainConfig):
                            choices=("none", "mask", "shape"))
     overlong_buffer: int = option(16, "shape: tokens before the budget where the length penalty starts")
     overlong_penalty: float = option(1.0, "shape: the largest length penalty")
-    gamma: float = option(1.0, "ppo: discount")
-    lam: float = option(0.95, "ppo: GAE lambda")
+    gamma: float = option(1.0, "ppo: discount", maximum=1)
+    lam: float = option(0.95, "ppo: GAE lambda", maximum=1)
     value_model: str = option("", "ppo: the critic's initial weights: empty = the policy's with a new head; a "
                                   "directory = its backbone, and its 1-output head when it has one (a reward model)")
-    value_lr: float = option(-1.0, "ppo: critic learning rate; -1 = lr")
+    value_lr: float = option(-1.0, "ppo: critic learning rate; -1 = lr", unset=-1)
     value_clip: float = option(0.2, "ppo: value clipping range; 0 = off")
     whiten_advantages: bool = option(True, "ppo: normalise advantages over the batch's tokens")
     step_reward: str = option("", "dense process rewards from a process RM (prm:DIR): each step (line) of a "
@@ -157,17 +161,18 @@ class RLConfig(ChatTrainConfig):
     ref_model: str = option("", "frozen reference for the KL; empty = the starting policy")
     track_kl: bool = option(False, "at beta 0, load the reference anyway to report policy/kl (over-optimization "
                                    "curves: reward against KL)")
-    eval_prompts: int = option(200, "held-out prompts evaluated (greedy) every eval_every steps and at the end")
-    generation_batch_size: int = option(512, "sequences per generation batch (built-in engine)")
+    eval_prompts: int = option(200, help="held-out prompts evaluated (greedy) every eval_every steps and at the end")
+    generation_batch_size: int = option(512, "sequences per generation batch (built-in engine)", minimum=1)
     data: str = option("", "prompt rows (`prompt` or `messages`, plus the reward's columns, e.g. `answer`); empty = "
                            "the tiny world's rl_train.jsonl")
     eval_data: str = option("", "held-out prompt rows; empty = the tiny world's rl_heldout.jsonl when data is empty")
     model: str = option("", "local policy model directory to start from (an SFT model; required)")
-    batch_size: int = option(8, "prompts per rollout batch (each gives group_size completions)")
-    grad_accum: int = option(1, "micro-batches per optimizer step (the denominators are the whole step's)")
-    max_steps: int = option(100, "rollout steps (each: generate, score, ppo_epochs x num_minibatches updates)")
+    batch_size: int = option(8, "prompts per rollout batch (each gives group_size completions)", minimum=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step (the denominators are the whole step's)", minimum=1)
+    max_steps: int = option(100, "rollout steps (each: generate, score, ppo_epochs x num_minibatches updates)",
+                            minimum=1)
     epochs: float = option(1.0, "not used by rl: a run is max_steps rollout steps (prompts cycle through the data "
-                                "in seeded epochs)")
+                                "in seeded epochs)", above=0)
     lr: float = 1e-5
     warmup_steps: int = 0
     lr_schedule: str = "constant"
@@ -582,6 +587,7 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
         tokens = sum(len(s.token_ids) for s in trained)
         normalizer = {Reduction.token_mean: tokens, Reduction.sequence_mean: len(trained),
                       Reduction.fixed_length: len(trained) * config.max_new_tokens}[aggregation]
+        update_loss = value_total = 0.0  # this update's, summed over its micro-batches (a non-finite one skips it)
         for chunk in micro_batches(list(range(len(trained))), config.grad_accum):
             batch, ordered = shared_prompt_batch([trained[i] for i in chunk])
             with autocast(device, config.precision):
@@ -623,6 +629,7 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
                 sums["entropy"] += sum(float(token_entropy(part, config.temperature).sum())
                                        for part in logits.detach().split(ENTROPY_CHUNK))
                 sums["loss"] += float(loss)
+                update_loss += float(loss)
                 sums["clipfrac"] += clipfrac
                 sums["approx_kl"] += float((kl_penalty(old, logps, KLEstimator.k3) * mask).sum())
                 sums["ratio_max"] = max(sums["ratio_max"], float(((logps - old).exp() * mask).max()))
@@ -637,12 +644,13 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
                     Reduction.token_mean, normalizer=tokens)
                 value_loss.backward()
                 sums["value_loss"] += float(value_loss.detach())
-        grad_norm, lr = optimizer_step(model, optimizer, scheduler, config.max_grad_norm)
+                value_total += float(value_loss.detach())
+        grad_norm, lr = optimizer_step(model, optimizer, scheduler, config.max_grad_norm, loss=update_loss)
         sums["grad_norm"] += grad_norm
         sums["lr"] = lr
         sums["updates"] += 1
         if critic is not None:
-            optimizer_step(critic, critic_optimizer, critic_scheduler, config.max_grad_norm)
+            optimizer_step(critic, critic_optimizer, critic_scheduler, config.max_grad_norm, loss=value_total)
 
     def evaluate() -> dict[str, float]:
         """Greedy replies to the held-out prompts: mean reward (and the tiny world's gold metrics)."""

@@ -314,19 +314,21 @@ def train_rm(config: RMConfig, *, on_step_end: Callable[[int, dict], None] | Non
             # Each micro-batch's loss is a mean over its units (pairs, rankings, tokens or steps); weighting it by its
             # share of the step's units makes the accumulated gradient that of the whole step's mean.
             units = [group_units(chunk, loss_type) for chunk in chunks]
-            means = WeightedMeans()
+            means, step_loss = WeightedMeans(), 0.0
             for chunk, n in zip(chunks, units):
                 with autocast(device, config.precision):
                     loss, metrics, _ = group_loss(model, chunk, loss_type, pad_id, device)
                 (loss * (n / sum(units))).backward()
                 means.add(metrics, n / sum(units))
-            grad_norm, lr = optimizer_step(model, optimizer, scheduler, config.max_grad_norm)
+                step_loss += float(loss.detach()) * n / sum(units)
+            grad_norm, lr = optimizer_step(model, optimizer, scheduler, config.max_grad_norm, loss=step_loss)
 
             if eval_groups and run.eval_due(step):
                 run.log_metrics(step, {f"eval/{k}": v for k, v in evaluate().items()})
             logged = means.means()
             tokens = sum(len(e) for chunk in chunks for g in chunk for e in g.examples)
-            run.end_step(step, {"train/loss": logged.pop("loss"), "train/lr": lr, "train/grad_norm": grad_norm,
+            logged.pop("loss", None)  # a non-finite loss is left out of the means: step_loss keeps it
+            run.end_step(step, {"train/loss": step_loss, "train/lr": lr, "train/grad_norm": grad_norm,
                                 **{f"rm/{k}": v for k, v in logged.items()}},
                          tokens=tokens, sequences=sum(len(g.examples) for chunk in chunks for g in chunk))
 

@@ -34,17 +34,18 @@ class RSConfig(SamplingConfig):
     generations: str = option("", "round 1 scores these completions of --model instead of sampling (a `posttrain "
                                   "generate` file, e.g. shared by two selectors; --limit applies); empty = sample")
     out: str = option("runs/rs", "run directory: round_1/, round_2/, ... and rounds.jsonl")
-    rounds: int = option(1, "rejection-sampling rounds (round r samples with seed + r)")
+    rounds: int = option(1, "rejection-sampling rounds (round r samples with seed + r)", minimum=1)
     strategy: str = option("top_per_prompt", "top_per_prompt | top_k", choices=("top_per_prompt", "top_k"))
     k: int = option(0, "top_k: completions kept per round")
     min_reward: float = option(float("-inf"), "drop picks below this reward (e.g. 1 with verifier:math: only correct "
-                                             "completions, as in RFT / STaR)")
-    sft_epochs: float = option(2.0, "SFT passes over each round's selection")
+                                             "completions, as in RFT / STaR)", minimum=None, finite=False)
+    sft_epochs: float = option(2.0, "SFT passes over each round's selection", above=0)
     sft_lr: float = option(1e-4, "SFT peak learning rate")
-    sft_batch_size: int = option(16, "SFT examples per step")
+    sft_batch_size: int = option(16, "SFT examples per step", minimum=1)
     eval_prompts: str = option("", "held-out prompts: after each round, the mean --eval_reward of the policy's samples")
     eval_reward: str = option("", "reward for --eval_prompts; empty = --reward")
-    eval_n: int = option(4, "samples per held-out prompt")
+    eval_n: int = option(4, "samples per held-out prompt", minimum=1)
+    deterministic: bool = option(False, "each round's SFT in deterministic mode (see `posttrain sft --help`)")
     eval_limit: int = option(200, "held-out prompts used; 0 = all")
     progress: bool = progress_option()
     n: int = 8
@@ -136,7 +137,7 @@ def run_rs(config: RSConfig) -> Path:
             model=str(policy), data=str(round_dir / "selected.jsonl"), out=str(sft_dir), max_steps=steps,
             batch_size=config.sft_batch_size, lr=config.sft_lr, warmup_steps=min(10, steps // 10),
             chat_template=config.chat_template, strategy="final_turn_only", save_every=50, device=config.device,
-            progress=config.progress, resume=True, log_every=5))
+            progress=config.progress, resume=True, log_every=5, deterministic=config.deterministic))
         record = {"round": r, "model": str(sft_model), "prompts": len(rows), "selected": len(selected),
                   "sample_reward": statistics.mean(samples) if samples else float("nan"),
                   "selected_reward": statistics.mean(s["reward"] for s in selected) if selected else float("nan"),

@@ -125,7 +125,7 @@ def train_sft(config: SFTConfig, *, on_step_end: Callable[[int, dict], None] | N
                 loss, metrics = sft_loss(logits, targets, num_tokens=num_tokens)
                 loss.backward()
                 loss_sum += float(metrics["loss"])
-            grad_norm, lr = optimizer_step(model, optimizer, scheduler, config.max_grad_norm)
+            grad_norm, lr = optimizer_step(model, optimizer, scheduler, config.max_grad_norm, loss=loss_sum)
 
             if eval_examples and run.eval_due(step):
                 run.log_metrics(step, {"eval/loss": evaluate()})
