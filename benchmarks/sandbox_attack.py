@@ -3,9 +3,11 @@
 Runs a fixed mix through the verifier's own batch API (``code_rewards``, ``--workers`` sandboxes at once) in each
 isolation mode that works here (namespace, socket fallback): the benign programs alone, then the same benign
 programs interleaved with as many hostile ones (sleeping past the deadline, background processes, descriptor
-exhaustion, signals to the parent, ctypes, link and /proc escapes, fork/memory bombs, an output flood). Prints
-programs/s of both runs, the fraction of benign programs still scored right under attack (must be 100%), the
-fraction of hostile ones scored 0 or None (must be 100%), p50/p95/max latency of one sandbox run, and what is left
+exhaustion, signals to and limits of the parent, ctypes, a subinterpreter, link and /proc escapes, fork/memory
+bombs, an output flood). Prints programs/s of both runs, the fraction of benign programs still scored right under
+attack (must be 100%), the fraction of hostile ones scored 0.0 (must be 100%: None, "cannot judge", is dropped by
+RL, so a hostile program that broke the sandbox into None would dodge its 0), p50/p95/max latency of one sandbox
+run, and what is left
 afterwards: processes of any program, scratch directories, the caller's descriptors, the host files the attacks
 aimed at (must all be 0 / unchanged). A second table shows how each hostile program ended.
 
@@ -82,6 +84,11 @@ HOSTILE = {
     "kill(-1, SIGKILL)": "import os, signal\nos.kill(-1, signal.SIGKILL)\npwned = True\n",
     "pidfd_send_signal(ppid)": "import os, signal\nsignal.pidfd_send_signal(os.pidfd_open(os.getppid()), "
                                "signal.SIGKILL)\npwned = True\n",
+    "prlimit(ppid, NOFILE 0)": "import os, resource\nresource.prlimit(os.getppid(), resource.RLIMIT_NOFILE, (0, 0))\n"
+                               "pwned = True\n",
+    "setpriority(ppid, 19)": "import os\nos.setpriority(os.PRIO_PROCESS, os.getppid(), 19)\npwned = True\n",
+    "a subinterpreter": "import _xxsubinterpreters as si\nsi.run_string(si.create(), \"open('/etc/shadow').read()\")\n"
+                        "pwned = True\n",
     "ctypes system()": "import ctypes, sys\ncommand = '%s -c \"import time; time.sleep(30)\" %s &' % "
                        "(sys.executable, MARKER)\npwned = ctypes.CDLL(None).system(command.encode()) == 0\n",
     "ctypes fork()": "import ctypes, os, time\nif ctypes.CDLL(None).fork() == 0:\n    os.setsid()\n"
@@ -118,7 +125,7 @@ for attempt in (lambda: 'TOKEN' in open('s').read(), lambda: bool(open('h').read
 
 def programs(n_benign: int, n_hostile: int, marker: str, secret: Path, target: Path, token: str):
     """(program, tests, expected, kind) of the mix: benign (correct and wrong answers of TASKS, expected 1.0 / 0.0)
-    and hostile (HOSTILE in turn, each with a correct answer, expected 0.0 or None); interleaved in a fixed order."""
+    and hostile (HOSTILE in turn, each with a correct answer, expected 0.0); interleaved in a fixed order."""
     benign, hostile = [], []
     for i in range(n_benign):
         correct, wrong, tests = list(TASKS.values())[i % len(TASKS)]
@@ -131,7 +138,7 @@ def programs(n_benign: int, n_hostile: int, marker: str, secret: Path, target: P
         header = (f"# bench-id: h{i}\nMARKER, SECRET, TARGET = {marker!r}, {str(secret)!r}, {str(target)!r}\n"
                   "pwned = False\n")
         body = HOSTILE[kind].replace("'TOKEN'", repr(token))
-        hostile.append((header + body + correct, tests + "assert pwned\n", None, kind))
+        hostile.append((header + body + correct, tests + "assert pwned\n", 0.0, kind))
     mixed = benign + hostile
     random.Random(0).shuffle(mixed)
     return benign, mixed
@@ -224,7 +231,7 @@ def main() -> None:
                 out = run(mix, mode, args.workers, args.timeout)
                 scratch_dirs += [r.scratch_dir for r in out["results"]]
                 good = [s == e for (_, _, e, k), s in zip(mix, out["scores"]) if k == "benign"]
-                bad = [s in (0.0, None) for (_, _, _, k), s in zip(mix, out["scores"]) if k != "benign"]
+                bad = [s == 0.0 for (_, _, _, k), s in zip(mix, out["scores"]) if k != "benign"]
                 latency = sorted(r.duration_s for r in out["results"])
                 benign_latency = sorted(r.duration_s for (_, _, _, k), r in zip(mix, out["results"]) if k == "benign")
                 rows.append({
@@ -249,7 +256,7 @@ def main() -> None:
 
     print(f"{args.benign} benign + {args.hostile} hostile programs, {args.workers} workers, deadline "
           f"{args.timeout:g} s, {os.cpu_count()} CPUs, Landlock ABI {sandbox._landlock_abi(sandbox._libc())}\n")
-    print("| mode | mix | programs | wall s | programs/s | benign scored right | hostile scored 0/None | "
+    print("| mode | mix | programs | wall s | programs/s | benign scored right | hostile scored 0.0 | "
           "benign p50 s | benign p95 s | max s | processes left |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

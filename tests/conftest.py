@@ -65,6 +65,35 @@ def demo_run(world_with_base, tmp_path_factory):
     return out, run_demo(DemoConfig(out=str(out), progress=False, device="cpu"))
 
 
+# The templates the rendering tests run under: the tiny world's own, and the built-in ones set on its tokenizer.
+TEMPLATES = ["world", "chatml", "zephyr", "tulu"]
+
+
+@pytest.fixture(scope="session")
+def tokenizers(world_tokenizer):
+    """``{template name: the world tokenizer under that template}`` for each of ``TEMPLATES``."""
+    import copy
+
+    from posttrain.data import set_chat_template
+
+    result = {"world": world_tokenizer}
+    for name in TEMPLATES[1:]:
+        result[name] = set_chat_template(copy.deepcopy(world_tokenizer), name)
+    return result
+
+
+def defused(messages):
+    """The conversation with the special-token strings of its contents replaced by '#': the template's own special
+    tokens are then the only ones (``from conftest import defused``)."""
+    out = []
+    for message in messages:
+        content = message["content"]
+        for token in ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|pad|>"):
+            content = content.replace(token, "#")
+        out.append({**message, "content": content})
+    return out
+
+
 @pytest.fixture
 def train_rm_briefly(tmp_path_factory):
     """``train_rm_briefly(start_model_dir, loss, steps, **options)`` -> the trained reward model's directory: a quiet

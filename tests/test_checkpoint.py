@@ -12,7 +12,7 @@ import torch
 
 from posttrain.plumbing.checkpoint import (CheckpointError, checkpoint_dirs, find_checkpoint, latest_checkpoint,
                                            load_checkpoint, prune_checkpoints, remove_stale_temporaries,
-                                           save_checkpoint, verify_checkpoint)
+                                           save_checkpoint, set_aside, verify_checkpoint)
 
 
 def _state(seed: int):
@@ -100,14 +100,28 @@ def test_newest_intact_is_found_and_damaged_ones_set_aside(tmp_path):
     for step in (2, 4, 6):
         _save(tmp_path, step)
     _truncate(tmp_path / "checkpoints" / "step-000006" / "trainer_state.pt")
-    assert latest_checkpoint(tmp_path).name == "step-000004"  # read-only: nothing moved
-    assert _names(tmp_path) == ["step-000002", "step-000004", "step-000006"]
-    found, report = find_checkpoint(tmp_path)
-    assert found.name == "step-000004"
+    assert latest_checkpoint(tmp_path).name == "step-000004"
+    found, report, damaged = find_checkpoint(tmp_path)
+    assert _names(tmp_path) == ["step-000002", "step-000004", "step-000006"]  # finding moves nothing
+    assert found.name == "step-000004" and [p.name for p in damaged] == ["step-000006"]
     assert len(report) == 1 and "step-000006" in report[0] and "trainer_state.pt" in report[0]
+    set_aside(tmp_path, damaged, found)
     assert _names(tmp_path) == ["step-000002", "step-000004"]
     assert (tmp_path / "checkpoints" / "step-000006.damaged").is_dir()
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step-000004"
+
+
+def test_a_checkpoint_without_manifest_is_passed_over_and_left_in_place(tmp_path):
+    """An older posttrain's checkpoint (no manifest) cannot be verified: skipped, reported with the way to reuse
+    its weights, and never renamed (the version that wrote it can still resume it)."""
+    for step in (2, 4):
+        _save(tmp_path, step)
+    (tmp_path / "checkpoints" / "step-000004" / "manifest.json").unlink()
+    found, report, damaged = find_checkpoint(tmp_path)
+    assert found.name == "step-000002" and damaged == []
+    assert "no manifest.json" in report[0] and "--model=" in report[0]
+    set_aside(tmp_path, damaged, found)
+    assert _names(tmp_path) == ["step-000002", "step-000004"]
 
 
 @pytest.mark.parametrize("pointer", [None, "step-000099", "step-000002", "\udcff"])
@@ -121,18 +135,19 @@ def test_the_pointer_is_never_trusted_over_the_directory(pointer, tmp_path):
         latest.write_bytes(b"\xff\xfe")
     else:
         latest.write_text(pointer)
-    found, report = find_checkpoint(tmp_path)
-    assert found.name == "step-000004"
+    found, report, damaged = find_checkpoint(tmp_path)
+    assert found.name == "step-000004" and damaged == []
     assert len(report) == 1 and "checkpoints/latest" in report[0]
+    set_aside(tmp_path, damaged, found)
     assert latest.read_text() == "step-000004"
 
 
 def test_no_checkpoint_and_only_damaged_ones(tmp_path):
-    assert find_checkpoint(tmp_path) == (None, [])
+    assert find_checkpoint(tmp_path) == (None, [], [])
     _save(tmp_path, 3)
     _truncate(tmp_path / "checkpoints" / "step-000003" / "state.json", keep=3)
-    found, report = find_checkpoint(tmp_path)
-    assert found is None and len(report) == 1 and "state.json" in report[0]
+    found, report, damaged = find_checkpoint(tmp_path)
+    assert found is None and len(report) == 1 and "state.json" in report[0] and len(damaged) == 1
 
 
 def test_retention_keeps_the_newest_and_never_the_last_intact_one_away(tmp_path):

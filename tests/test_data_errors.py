@@ -80,7 +80,8 @@ def write_jsonl(path: Path, lines: list[str]) -> Path:
 
 
 def file_with_bad_row(tmp_path: Path, bad_line: str, position: int = 2) -> tuple[Path, int]:
-    """GOOD rows with ``bad_line`` inserted after ``position`` good rows; returns (path, 1-based line of the bad row)."""
+    """GOOD rows with ``bad_line`` inserted after ``position`` good rows; returns (path, 1-based line of the bad
+    row)."""
     lines = [json.dumps(r) for r in GOOD]
     lines.insert(position, bad_line)
     return write_jsonl(tmp_path / "bad.jsonl", lines), position + 1
@@ -349,7 +350,7 @@ def test_undecodable_jsonl_line_names_file_and_line(tmp_path, tok):
         load_sft_examples(path, tok)
     assert info.value.source == str(path) and info.value.where == "line 3" and info.value.field is None
     assert str(info.value) == (f"{path}, line 3: not valid UTF-8 text (invalid continuation byte 0xe9 at byte "
-                               f"{len(prefix) + 1} of the line; save the file as UTF-8)")
+                               f"{len(prefix) + 1} of the line, counting from 1; save the file as UTF-8)")
     examples, report = load_sft_examples(path, tok, skip_invalid=True)
     assert len(examples) == len(GOOD) and report.read == len(GOOD) + 1
     assert report.dropped == {"not valid UTF-8 text": 1}
@@ -357,6 +358,7 @@ def test_undecodable_jsonl_line_names_file_and_line(tmp_path, tok):
 
 
 def test_undecodable_json_file_names_file_line_and_offset(tmp_path, tok):
+    """The byte's position counts from 1, as in a JSONL line's message (it was a 0-based offset here)."""
     path = tmp_path / "data.json"
     text = json.dumps(GOOD, indent=1).encode()
     cut = text.index(b"The answer")
@@ -364,8 +366,8 @@ def test_undecodable_json_file_names_file_line_and_offset(tmp_path, tok):
     with pytest.raises(DataError) as info:
         load_sft_examples(path, tok, skip_invalid=True)  # the file cannot be decoded: no row can be trusted
     line = text[:cut].count(b"\n") + 1
-    assert str(info.value) == (f"{path}, line {line}: not valid UTF-8 text (invalid start byte 0xff at byte offset "
-                               f"{cut} of the file; save the file as UTF-8)")
+    assert str(info.value) == (f"{path}, line {line}: not valid UTF-8 text (invalid start byte 0xff at byte "
+                               f"{cut + 1} of the file, counting from 1; save the file as UTF-8)")
 
 
 @pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-16-be", "utf-32"])
@@ -392,6 +394,23 @@ def test_byte_order_mark_inside_a_concatenated_jsonl(tmp_path, tok):
     lines = good_lines()
     path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines[:2]) + b"\n\xef\xbb\xbf" + b"\n".join(lines[2:]) + b"\n")
     assert len(load_sft_examples(path, tok)[0]) == len(GOOD)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16", "utf-16-be", "utf-32"])
+def test_cr_lf_and_crlf_all_end_a_jsonl_line(tmp_path, tok, encoding):
+    """Old Mac (CR only), Windows (CR LF) and Unix (LF) line ends, mixed in one file, split lines as text mode's
+    universal newlines did (a CR-only file used to be one long malformed line); line numbers count each ending once,
+    so the bad row in the 4th line is named "line 4"."""
+    lines = [json.dumps(r, ensure_ascii=False) for r in GOOD]
+    lines.insert(3, json.dumps({"messages": []}))
+    text = lines[0] + "\r" + lines[1] + "\r\n" + lines[2] + "\n" + lines[3] + "\r" + lines[4] + "\r\n"
+    path = tmp_path / "ends.jsonl"
+    bom = {"utf-16-be": b"\xfe\xff"}.get(encoding, b"")  # Python's utf-16 and utf-32 codecs write their own BOM
+    path.write_bytes(bom + text.replace("What", "Wh\u00e4t").encode(encoding))
+    with pytest.raises(DataError, match=r"ends\.jsonl, line 4, field 'messages': empty conversation"):
+        load_sft_examples(path, tok)
+    examples, report = load_sft_examples(path, tok, skip_invalid=True)
+    assert len(examples) == len(GOOD) and report.read == len(GOOD) + 1
 
 
 def test_utf16_without_byte_order_mark_says_so(tmp_path, tok):
@@ -473,6 +492,20 @@ def test_directory_that_is_not_a_saved_dataset(tmp_path, tok):
         load_sft_examples(path, tok)
     assert str(info.value).startswith(f"{path}: not a saved `datasets` directory (it has no state.json or "
                                       "dataset_dict.json)")
+
+
+def test_saved_dataset_with_a_missing_file_is_not_called_unsaved(tmp_path, tok):
+    """A saved dataset whose .arrow file is gone is a damaged saved dataset, not "not a saved `datasets` directory"
+    (both were a FileNotFoundError from datasets, and used to get the second message)."""
+    import datasets
+
+    path = tmp_path / "ds"
+    datasets.Dataset.from_list(GOOD).save_to_disk(str(path))
+    for arrow in path.glob("*.arrow"):
+        arrow.unlink()
+    with pytest.raises(DataError) as info:
+        load_sft_examples(path, tok)
+    assert str(info.value).startswith(f"{path}: cannot read the saved dataset (FileNotFoundError: ")
 
 
 def test_corrupt_saved_dataset_names_the_directory(tmp_path, tok):

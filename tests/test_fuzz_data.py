@@ -19,15 +19,14 @@ What must hold for any input:
 from __future__ import annotations
 
 import codecs
-import copy
 import json
 
 import pytest
+from conftest import TEMPLATES, defused
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from posttrain.data import DataError, load_sft_examples, load_texts, read_rows, render_conversation, render_prompt
-from posttrain.data import set_chat_template
 from posttrain.data.io import ROLES, preference_pair, validate_rows
 from posttrain.data.prompts import load_generated, load_prompt_rows
 
@@ -261,28 +260,7 @@ def test_mixed_rows_in_one_file(tok, tmp_path, conversation, extra):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Rendering any valid conversation
-
-TEMPLATES = ["world", "chatml", "zephyr", "tulu"]
-
-
-@pytest.fixture(scope="module")
-def tokenizers(world_tokenizer):
-    result = {"world": world_tokenizer}
-    for name in ["chatml", "zephyr", "tulu"]:
-        result[name] = set_chat_template(copy.deepcopy(world_tokenizer), name)
-    return result
-
-
-def defused(messages):
-    """The conversation with the special-token strings of its contents replaced by '#'."""
-    out = []
-    for message in messages:
-        content = message["content"]
-        for token in ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|pad|>"):
-            content = content.replace(token, "#")
-        out.append({**message, "content": content})
-    return out
+# Rendering any valid conversation (TEMPLATES, the ``tokenizers`` fixture and ``defused`` are in conftest.py)
 
 
 @pytest.mark.parametrize("name", TEMPLATES)

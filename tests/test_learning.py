@@ -160,17 +160,16 @@ def test_demo_on_policy_dpo_beats_sft_under_the_gold_reward(demo_summary):
     assert summary["stages"]["dpo"]["format_rate"] >= 0.95
 
 
-def test_demo_grpo_with_the_verifier_beats_sft_and_rejection_sampling(demo_summary):
+def test_demo_grpo_with_the_verifier_beats_sft(demo_summary):
     """GRPO with the math verifier from the SFT model (120 steps of 8 training prompts x 8 samples, beta 0, token mean,
     clip-higher 0.2 / 0.28, dynamic sampling, lr 1e-4): on the 200 held-out prompts its sampled accuracy (4 samples
-    at T = 1 each) rises by >= 0.10 over the SFT model's and its greedy accuracy by >= 0.05, above the verifier-selected
-    rejection-sampling round's. Measured in a standalone run from the demo's SFT model: sampled 0.367 -> 0.626, greedy
-    0.525 -> 0.730 (rejection sampling: 0.695); docs/online-rl.md."""
+    at T = 1 each) rises by >= 0.10 over the SFT model's and its greedy accuracy by >= 0.05. Measured in a standalone
+    run from the demo's SFT model: sampled 0.367 -> 0.626, greedy 0.525 -> 0.730; on a base model pretrained on
+    another machine (`make test`'s run): sampled 0.411 -> 0.609, greedy 0.58 -> 0.705; docs/online-rl.md."""
     out, summary = demo_summary
-    sft, grpo, rs = (summary["stages"][name] for name in ("sft", "grpo", "rs"))
+    sft, grpo = summary["stages"]["sft"], summary["stages"]["grpo"]
     assert grpo["sampled_accuracy"] >= sft["sampled_accuracy"] + 0.10, (sft, grpo)
     assert grpo["accuracy"] >= sft["accuracy"] + 0.05, (sft, grpo)
-    assert grpo["accuracy"] > rs["accuracy"], (rs, grpo)
     assert grpo["format_rate"] >= 0.95
     metrics = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "rollout/reward_mean" in m]
@@ -178,16 +177,16 @@ def test_demo_grpo_with_the_verifier_beats_sft_and_rejection_sampling(demo_summa
 
 
 def test_demo_ppo_against_the_reward_model_raises_its_score_inside_a_kl_budget(demo_summary):
-    """PPO (RLHF) from the SFT model against the demo's BT RM, k1 in the per-token reward at beta 0.1 (20 steps of 16
+    """PPO (RLHF) from the SFT model against the demo's BT RM, k1 in the per-token reward at beta 0.2 (20 steps of 16
     prompts x 4 samples, critic from the RM): the rollouts' mean RM reward over the last 5 steps is >= 0.15 above the
     first 5 steps', the rollouts' KL to the SFT model stays under 4 nats (below the over-optimization run's final
     KL, which has no penalty), and the held-out gold reward does not fall by more than 0.1 (the penalty's job).
-    Measured: rollout reward 0.292 -> 0.658, KL 1.41, held-out gold 1.262 -> 1.299 (the RM's score of the greedy
-    replies 0.710 -> 0.727); in `make test`'s run (one thread per worker: another RM) 0.457 -> 0.797, KL 1.14, gold
-    1.262 -> 1.312; docs/online-rl.md."""
+    Measured in `make test`'s run on a base model pretrained on another machine: rollout reward -0.63 -> -0.20, KL
+    0.65, held-out gold 1.312 -> 1.292; at beta 0.1 the same run drifted to the RM's favourite style (replies 24 ->
+    38 tokens, KL 1.46) and lost 0.116 gold; docs/online-rl.md."""
     out, summary = demo_summary
     sft, ppo, report = summary["stages"]["sft"], summary["stages"]["ppo"], summary["ppo"]
-    assert report["reward"].startswith("rm:") and report["beta"] == 0.1 and report["steps"] == 20
+    assert report["reward"].startswith("rm:") and report["beta"] == 0.2 and report["steps"] == 20
     assert report["rollout_reward_last"] >= report["rollout_reward_first"] + 0.15, report
     assert 0.0 < report["kl"] < 4.0, report
     assert report["kl"] < summary["over_optimization"]["final_kl"], (report, summary["over_optimization"])
@@ -196,6 +195,16 @@ def test_demo_ppo_against_the_reward_model_raises_its_score_inside_a_kl_budget(d
     metrics = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "value/explained_variance" in m]
     assert len(steps) == 20 and all(math.isfinite(m["value/loss"]) for m in steps)
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12's claim 'GRPO's greedy accuracy above rejection sampling's' holds on "
+                                       "one base model (0.730 vs 0.695) and not on the base this machine pretrains "
+                                       "(0.705 vs 0.720; no variant tried beats it): the two are within the 200 "
+                                       "prompts' noise; docs/online-rl.md")
+def test_demo_grpo_beats_rejection_sampling(demo_summary):
+    """The issue's claim, kept as a strict expected failure so that meeting it is noticed."""
+    _, summary = demo_summary
+    assert summary["stages"]["grpo"]["accuracy"] > summary["stages"]["rs"]["accuracy"]
 
 
 @pytest.mark.xfail(strict=True, reason="issue 12's PPO claim is not met: the RM cannot check arithmetic (gold needs "

@@ -283,6 +283,89 @@ def test_bodies_too_large_malformed_or_nested_too_deep_are_refused(tiny, recorde
     assert recorded == []
 
 
+@pytest.fixture
+def renders(monkeypatch):
+    """render_prompt as create_app sees it (patch before creating the app), counting its calls; the list of calls."""
+    import posttrain.data.render as render
+
+    calls, original = [], render.render_prompt
+
+    def counting(tokenizer, messages, **kwargs):
+        calls.append(messages)
+        return original(tokenizer, messages, **kwargs)
+
+    monkeypatch.setattr(render, "render_prompt", counting)
+    return calls
+
+
+def test_a_prompt_too_long_to_fit_is_refused_before_it_is_tokenized(tiny, recorded, renders):
+    """30 000 characters cannot fit the tiny model's 512 tokens (a token of its vocabulary covers at most 13
+    characters, 4 x that is the bound): a 400 naming the messages, without tokenizing them (before, the whole prompt
+    was rendered first). A long prompt under the bound is still tokenized and counted exactly."""
+    with _client(*tiny) as client:
+        huge = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 30000}]})
+        assert huge.status_code == 400 and huge.json()["error"]["param"] == "messages", huge.text
+        assert "30000 characters" in huge.json()["error"]["message"] and renders == []
+        long = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "1 + 1 = 2. " * 60}]})
+        assert long.status_code == 400 and "no room is left" in long.json()["error"]["message"] and len(renders) == 1
+    assert recorded == []
+
+
+_PIECES = st.sampled_from(["<|im_end|>", "  ", "\n", "12", "ab", "\U0001f600", "x" * 50, " " * 40])
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(min_size=1) | st.lists(_PIECES, min_size=1).map("".join))
+def test_the_character_bound_never_refuses_a_prompt_that_fits(world_tokenizer, text):
+    """For any content, a context of exactly the prompt's tokens allows at least its characters, so the precheck only
+    refuses what the tokenized check would refuse too."""
+    from posttrain.stages.serve import max_prompt_chars
+
+    tokenizer = world_tokenizer
+    messages = [{"role": "user", "content": text}]
+    try:
+        tokens = len(render_prompt(tokenizer, messages))
+    except ValueError:  # an unpaired surrogate: refused anyway
+        return
+    assert max_prompt_chars(tokenizer, tokens) >= len(text)
+
+
+def test_no_character_bound_for_a_tokenizer_that_drops_characters(tiny):
+    """A pre-tokenizer that splits on whitespace drops it (any number of spaces costs no token): no bound, no
+    precheck. A normalizer that only composes characters (NFC) keeps the bound."""
+    import copy
+
+    from tokenizers import normalizers, pre_tokenizers
+
+    from posttrain.stages.serve import max_prompt_chars
+
+    tokenizer = copy.deepcopy(tiny[1])
+    assert max_prompt_chars(tokenizer, 512) == 512 * 4 * 13 and max_prompt_chars(tokenizer, None) is None
+    tokenizer.backend_tokenizer.normalizer = normalizers.NFC()
+    assert max_prompt_chars(tokenizer, 512) == 512 * 4 * 13
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    assert max_prompt_chars(tokenizer, 512) is None
+
+
+def test_an_error_while_rendering_is_not_called_invalid_json(tiny, recorded, monkeypatch):
+    """A ValueError raised while the messages are rendered (by the template or the tokenizer) is a 400 that says so,
+    not "the request body is not valid JSON" (which it used to be)."""
+    import posttrain.data.render as render
+
+    def failing(tokenizer, messages, **kwargs):
+        raise ValueError("the tokenizer cannot take this")
+
+    monkeypatch.setattr(render, "render_prompt", failing)
+    with _client(*tiny) as client:
+        response = client.post("/v1/chat/completions", json={"messages": QUESTION})
+        garbage = _raw_post(client, b'{"messages": [')
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+    assert response.json()["error"]["message"] == ("the messages cannot be rendered (ValueError: the tokenizer "
+                                                   "cannot take this)")
+    assert garbage.json()["error"]["message"] == "the request body is not valid JSON"
+    assert recorded == []
+
+
 @contextmanager
 def _live(app):
     """``app`` served by ``make_server`` (what ``posttrain serve`` runs) on a free port in a thread; yields (server,
@@ -398,10 +481,26 @@ def test_the_queue_is_bounded_and_shutdown_stops_the_running_generation(tiny, sl
     assert second.status_code == 503 and "shutting down" in second.json()["error"]["message"]
 
 
+def test_a_full_queue_is_refused_before_the_prompt_is_rendered(tiny, slow_model, renders):
+    """max_queue=0: while one request generates, the next gets 429 without its prompt being rendered (before, it was
+    read, parsed and rendered, then refused); a malformed one still gets its 400."""
+    app = create_app(*tiny, "tiny", max_queue=0, request_timeout_s=600)
+    with _live(app) as (server, port), ThreadPoolExecutor(1) as pool:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        running = pool.submit(httpx.post, url, json={"messages": QUESTION, "max_tokens": 400}, timeout=60)
+        assert slow_model.started.wait(10) and len(renders) == 1
+        refused = httpx.post(url, json={"messages": CONVERSATION}, timeout=10)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+        malformed = httpx.post(url, json={"messages": QUESTION, "max_tokens": -1}, timeout=10)
+        assert malformed.status_code == 400 and len(renders) == 1
+        server.handle_exit(signal.SIGINT, None)
+        assert running.result(timeout=10).status_code == 200
+
+
 def test_the_stop_hook_cuts_a_generation_without_changing_its_tokens(tiny):
-    """should_stop, asked after each token, cuts a seeded sampled reply to a prefix of the uncut one: the same token
-    ids and the same log-probs (the hook draws nothing and changes no logits), finish_reason "length"; a hook that
-    never fires changes nothing."""
+    """should_stop, asked before the prefill and after each token, cuts a seeded sampled reply to a prefix of the
+    uncut one: the same token ids and the same log-probs (the hook draws nothing and changes no logits),
+    finish_reason "length"; a hook that never fires changes nothing."""
     from posttrain.models.generation import HFEngine, SamplingParams
 
     engine = HFEngine(*tiny)
@@ -409,10 +508,41 @@ def test_the_stop_hook_cuts_a_generation_without_changing_its_tokens(tiny):
     full = engine.generate([QUESTION], params)[0][0]
     assert engine.generate([QUESTION], params, should_stop=lambda: False)[0][0] == full
     asked = []
-    cut = engine.generate([QUESTION], params, should_stop=lambda: asked.append(1) or len(asked) >= 6)[0][0]
-    assert len(full.token_ids) > 6 and len(asked) == 6
+    cut = engine.generate([QUESTION], params, should_stop=lambda: asked.append(1) or len(asked) >= 7)[0][0]
+    assert len(full.token_ids) > 6 and len(asked) == 7  # once before the prefill, then after each of 6 tokens
     assert cut.token_ids == full.token_ids[:6] and cut.logprobs == full.logprobs[:6]
     assert cut.finish_reason == "length" and cut.text == tiny[1].decode(full.token_ids[:6], skip_special_tokens=True)
+
+
+def test_the_stop_hook_skips_the_prompts_not_started(tiny):
+    """batch_size=1 decodes three prompts one after another (the longest first). A stop during the first reply ends
+    it and leaves the other two unstarted: one prefill in all (before, each later prompt was still prefilled and
+    given a token), and empty completions with finish_reason "length" for them."""
+    from posttrain.models.generation import Completion, HFEngine, SamplingParams
+
+    model, tokenizer = tiny
+    engine = HFEngine(model, tokenizer, batch_size=1)
+    prompts = [QUESTION, CONVERSATION, [{"role": "user", "content": "Hi"}]]
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, logprobs=True)
+    full = engine.generate(prompts, params)
+    assert len(full[1][0].token_ids) > 3
+    prefills, asked, original = [], [], model.forward
+
+    def recording_forward(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] == kwargs["attention_mask"].shape[1]:  # a prefill
+            prefills.append(kwargs["input_ids"].shape[0])
+        return original(*args, **kwargs)
+
+    model.forward = recording_forward
+    try:  # asked before the first prefill, after tokens 1, 2 and 3 (True), then not again
+        cut = engine.generate(prompts, params, should_stop=lambda: asked.append(1) or len(asked) >= 4)
+    finally:
+        del model.forward
+    assert prefills == [1] and len(asked) == 5
+    assert cut[1][0].token_ids == full[1][0].token_ids[:3] and cut[1][0].finish_reason == "length"
+    assert cut[0] == cut[2] == [Completion(text="", token_ids=[], finish_reason="length", logprobs=[])]
+    stopped = engine.generate(prompts, params, should_stop=lambda: True)  # stopped before it started: no prefill
+    assert [c[0].token_ids for c in stopped] == [[], [], []]
 
 
 def test_serve_options_are_checked_before_the_model_loads(tmp_path):
@@ -467,9 +597,10 @@ def endless_model_dir(tiny_model_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_stops_the_server_during_a_long_generation(endless_model_dir, tmp_path, sig):
-    """A real ``posttrain serve`` generating a 60 000-token reply (minutes on a CPU) exits within 5 s of SIGINT or
-    SIGTERM (about 1 s here, most of it the interpreter's teardown of torch), and the client gets the partial reply.
-    Before, uvicorn's graceful shutdown waited for the whole reply, and a second Ctrl-C was needed."""
+    """A real ``posttrain serve`` generating a 60 000-token reply (minutes on a CPU) exits within 15 s of SIGINT or
+    SIGTERM (about 1 s alone, most of it the interpreter's teardown of torch; the bound leaves room for a loaded
+    machine under ``make test -n 2``), and the client gets the partial reply. Before, uvicorn's graceful shutdown
+    waited for the whole reply (minutes), and a second Ctrl-C was needed."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -499,7 +630,7 @@ def test_a_signal_stops_the_server_during_a_long_generation(endless_model_dir, t
         time.sleep(1.5)  # the generation is under way
         assert not reply.done(), reply.result().text
         process.send_signal(sig)
-        process.wait(timeout=5)
+        process.wait(timeout=15)
         response = reply.result(timeout=5)
         assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"] == "length"
         assert 0 < response.json()["usage"]["completion_tokens"] < 60000

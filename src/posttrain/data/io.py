@@ -7,10 +7,11 @@ Every error names the file, the line (JSONL) or row (JSON, Parquet, datasets; 1-
 ``skip_invalid=True`` drops bad rows instead and the returned report says how many and why.
 
 Text files (.jsonl, .json) are UTF-8; a byte-order mark is understood (UTF-8, and UTF-16 or UTF-32, which Windows tools
-write) and removed. Text that cannot be decoded is an error naming the file and line (a JSONL line is a bad row, which
-``skip_invalid`` drops); so is an unpaired surrogate escape (``"\\ud800"``), which no tokenizer can encode. A file
-that cannot be read at all (a corrupt or truncated Parquet file, a directory that is not a saved dataset) is a
-``DataError`` naming the path.
+write) and removed. JSONL lines end at ``\n``, ``\r\n`` or a lone ``\r`` (universal newlines, as text mode reads
+them). Text that cannot be decoded is an error naming the file, the line and the bad bytes' position, counted from 1
+(a JSONL line is a bad row, which ``skip_invalid`` drops); so is an unpaired surrogate escape (``"\\ud800"``), which
+no tokenizer can encode. A file that cannot be read at all (a corrupt or truncated Parquet file, a directory that is
+not a saved dataset, a saved dataset with damaged or missing files) is a ``DataError`` naming the path.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class LoadReport:
 _BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF8, "utf-8"),
          (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a surrogate can reach a str decoded from valid UTF-8
-_SURROGATE = re.compile("[\ud800-\udfff]")
+UNPAIRED_SURROGATE = re.compile("[\ud800-\udfff]")  # in a str: text no tokenizer can encode (render.py uses it too)
 
 
 def _sniff_encoding(path: Path) -> tuple[str, int]:
@@ -90,27 +91,33 @@ def _sniff_encoding(path: Path) -> tuple[str, int]:
 
 
 def _undecodable(err: UnicodeDecodeError, encoding: str, where: str) -> str:
-    """``not valid UTF-8 text (invalid start byte 0xff at byte 12 of the line; save the file as UTF-8)``"""
+    """``not valid UTF-8 text (invalid start byte 0xff at byte 12 of the line, counting from 1; save the file as
+    UTF-8)``; ``where`` says where the 1-based byte position counts from."""
     bad = " ".join(f"0x{b:02x}" for b in err.object[err.start:err.end])
     name = encoding.upper().removesuffix("-LE").removesuffix("-BE")
-    return f"not valid {name} text ({err.reason} {bad} at {where}; save the file as UTF-8)"
+    return f"not valid {name} text ({err.reason} {bad} at {where}, counting from 1; save the file as UTF-8)"
 
 
 def _raw_lines(path: Path, encoding: str, bom: int) -> Iterator[bytes]:
-    """The file's lines as bytes: UTF-8 streamed, UTF-16/32 split at newline code units."""
+    """The file's lines as bytes, split at ``\n``, ``\r\n`` and a lone ``\r`` (universal newlines): UTF-8 streamed,
+    UTF-16/32 split at newline code units. Splitting bytes keeps an undecodable line from hiding the others; a CR or
+    LF byte is never part of a longer UTF-8 sequence, so no character is cut."""
     if encoding == "utf-8":
         with path.open("rb") as f:
-            yield from f  # a UTF-8 byte-order mark stays on line 1 and is removed after decoding
+            for line in f:  # split at b"\n"; a UTF-8 byte-order mark stays on line 1 and is removed after decoding
+                body = line.removesuffix(b"\n")
+                if len(body) < len(line):
+                    body = body.removesuffix(b"\r")  # \r\n ends one line
+                yield from body.split(b"\r")
         return
     data = path.read_bytes()[bom:]
-    newline = "\n".encode(encoding)
-    start = search = 0
-    while (pos := data.find(newline, search)) >= 0:
-        if pos % len(newline):  # not on a code-unit boundary
-            search = pos + 1
+    cr, lf = "\r".encode(encoding), "\n".encode(encoding)
+    start = 0
+    for end in re.finditer(re.escape(cr) + b"(?:" + re.escape(lf) + b")?|" + re.escape(lf), data):
+        if end.start() % len(lf):  # not on a code-unit boundary (a CR / LF code unit always is)
             continue
-        yield data[start:pos]
-        start = search = pos + len(newline)
+        yield data[start:end.start()]
+        start = end.end()
     if start < len(data):
         yield data[start:]
 
@@ -118,7 +125,7 @@ def _raw_lines(path: Path, encoding: str, bom: int) -> Iterator[bytes]:
 def _surrogate_field(value: Any, name: str = "") -> str | None:
     """The first field (``messages[1].content``) whose string holds an unpaired surrogate, or None."""
     if isinstance(value, str):
-        return name if _SURROGATE.search(value) else None
+        return name if UNPAIRED_SURROGATE.search(value) else None
     if isinstance(value, dict):
         items = ((f"{name}.{k}" if name else str(k), v) for k, v in value.items())
     elif isinstance(value, list):
@@ -158,7 +165,7 @@ def _read_jsonl(path: Path) -> Iterable[Row]:
         try:
             line = raw.decode(encoding).lstrip("\ufeff")  # a byte-order mark (also one left by concatenating files)
         except UnicodeDecodeError as err:
-            message = _undecodable(err, encoding, f"byte {err.start + 1} of the line")
+            message = _undecodable(err, encoding, f"byte {err.start + 1} of the line")  # 1-based, like columns
             yield Row({}, source, where, DataError(source, where, None, message))
             continue
         if not line.strip():
@@ -176,7 +183,7 @@ def _read_json(path: Path) -> Iterable[Row]:
     except UnicodeDecodeError as err:
         line = raw[:err.start].decode(encoding, errors="replace").count("\n") + 1
         raise DataError(source, f"line {line}", None,
-                        _undecodable(err, encoding, f"byte offset {bom + err.start} of the file")) from None
+                        _undecodable(err, encoding, f"byte {bom + err.start + 1} of the file")) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
@@ -215,22 +222,21 @@ def _read_dataset(path: Path, split: str) -> Iterable[Row]:
     import datasets
     import pyarrow
 
-    unreadable = (OSError, ValueError, KeyError, pyarrow.ArrowException, datasets.exceptions.DatasetsError)
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except FileNotFoundError as err:
+    # what save_to_disk writes (a Dataset: state.json and dataset_info.json; a DatasetDict: dataset_dict.json)
+    if not any((path / name).is_file() for name in ("state.json", "dataset_info.json", "dataset_dict.json")):
         raise DataError(str(path), "", None, "not a saved `datasets` directory (it has no state.json or "
                                              "dataset_dict.json): use a directory written by save_to_disk, or a "
-                                             ".jsonl, .json or .parquet file") from err
-    except unreadable as err:
-        raise DataError(str(path), "", None, f"cannot read the saved dataset ({type(err).__name__}: {err})") from err
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise DataError(str(path), "", None, f"no split {split!r} (has {sorted(ds)})")
-        ds = ds[split]
-    try:
+                                             ".jsonl, .json or .parquet file")
+    try:  # a saved dataset that is damaged: a missing or truncated .arrow file, a broken state.json, ...
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(str(path), "", None, f"no split {split!r} (has {sorted(ds)})")
+            ds = ds[split]
         items = [dict(item) for item in ds]
-    except unreadable as err:
+    except DataError:
+        raise
+    except (OSError, ValueError, KeyError, pyarrow.ArrowException, datasets.exceptions.DatasetsError) as err:
         raise DataError(str(path), "", None, f"cannot read the saved dataset ({type(err).__name__}: {err})") from err
     for number, item in enumerate(items, start=1):
         yield Row(item, str(path), f"row {number}")

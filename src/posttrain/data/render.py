@@ -19,16 +19,25 @@ Message content is always text (docs/rendering.md, "Special-token strings in con
 inside a content (``<|im_end|>`` typed by a user) is tokenized as ordinary text, as HF's ``split_special_tokens=True``
 would, while the special tokens the template writes stay special. Contents without special-token strings take the
 single-tokenization path above unchanged; the others are located in the text by rendering placeholders in their
-place, and the text is tokenized in stretches cut at the template's own special tokens.
+place, and the text is tokenized in stretches cut at the template's own special tokens, each stretch by a private copy
+of the tokenizer's Rust backend with ``encode_special_tokens`` set (``split_special_tokens=True`` would flip that
+setting on the SHARED backend, which ``posttrain serve`` tokenizes with from several threads at once).
+
+What rendering needs of a tokenizer's special tokens (their strings, ids, one regex, that backend copy) is computed
+once per tokenizer and cached (again when its vocabulary or special tokens change): it runs for every example.
 """
 
 from __future__ import annotations
 
 import re
+import threading
+import weakref
 from enum import StrEnum
 from typing import Any, Sequence
 
 from jinja2 import TemplateError
+
+from posttrain.data.io import UNPAIRED_SURROGATE
 
 Message = dict[str, Any]
 
@@ -73,13 +82,59 @@ def _render_text(tokenizer, messages: Sequence[Message], *, add_generation_promp
         raise RenderError(f"{template_name(tokenizer, chat_template)} rejected the conversation: {err}") from err
 
 
-def _special_token_strings(tokenizer) -> list[str]:
-    """Strings of every special / added-special token, longest first (so `</s>` never shadows a longer one)."""
-    specials = set(tokenizer.all_special_tokens)
-    for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
-        if getattr(token, "special", False):
-            specials.add(str(token))
-    return sorted((s for s in specials if s), key=len, reverse=True)
+class _Specials:
+    """A tokenizer's special tokens as rendering uses them: ``strings`` (every special / added-special token, longest
+    first, so `</s>` never shadows a longer one), their ``ids``, and ``find``, one regex search for any of them."""
+
+    def __init__(self, tokenizer, fingerprint):
+        self.fingerprint = fingerprint
+        strings = set(tokenizer.all_special_tokens)
+        for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
+            if getattr(token, "special", False):
+                strings.add(str(token))
+        self.strings = sorted((s for s in strings if s), key=lambda s: (-len(s), s))
+        self.ids = frozenset(tokenizer.convert_tokens_to_ids(self.strings))
+        # an alternation tries its branches in order: at the leftmost match, the longest special token wins
+        self._pattern = re.compile("|".join(map(re.escape, self.strings))) if self.strings else None
+        self._as_text = None
+        self._lock = threading.Lock()
+
+    def find(self, text: str, start: int = 0) -> re.Match | None:
+        """The leftmost special-token string in ``text[start:]`` (the longest one there), or None."""
+        return self._pattern.search(text, start) if self._pattern is not None else None
+
+    def as_text(self, tokenizer):
+        """A private copy of the tokenizer's Rust backend that tokenizes special-token strings as text: the ids and
+        offsets of ``tokenizer(text, split_special_tokens=True)`` (tested), without switching the shared backend."""
+        with self._lock:  # built once, then only read (encode borrows it immutably: safe from any thread)
+            if self._as_text is None:
+                from tokenizers import Tokenizer
+
+                backend = getattr(tokenizer, "backend_tokenizer", None)
+                if backend is None:
+                    raise RenderError(f"{type(tokenizer).__name__} is not a fast tokenizer: special-token strings "
+                                      "in message contents cannot be tokenized as text")
+                as_text = Tokenizer.from_str(backend.to_str())
+                as_text.encode_special_tokens = True
+                as_text.no_truncation()
+                as_text.no_padding()
+                self._as_text = as_text
+            return self._as_text
+
+
+_SPECIALS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> _Specials
+
+
+def _specials(tokenizer) -> _Specials:
+    """The cached ``_Specials`` of ``tokenizer``, rebuilt when tokens were added or its special tokens changed."""
+    fingerprint = (len(tokenizer), getattr(tokenizer, "special_tokens_map", None))
+    try:
+        cached = _SPECIALS.get(tokenizer)
+    except TypeError:  # an object that cannot be weakly referenced: no cache
+        return _Specials(tokenizer, fingerprint)
+    if cached is None or cached.fingerprint != fingerprint:
+        cached = _SPECIALS[tokenizer] = _Specials(tokenizer, fingerprint)
+    return cached
 
 
 # Placeholder for a content holding a special-token string while its place in the rendered text is found.
@@ -89,7 +144,7 @@ _MARK_RE = re.compile("\ue000posttrain-content-(\\d+)\ue001")
 Span = tuple[int, int, int]  # (message index, start, end): where a message's content sits in the rendered text
 
 
-def _literal_contents(tokenizer, messages, text: str, specials: list[str], *, add_generation_prompt: bool,
+def _literal_contents(tokenizer, messages, text: str, specials: _Specials, *, add_generation_prompt: bool,
                       chat_template) -> list[Span]:
     """Where each content that holds a special-token string sits in ``text`` (none: ``[]``, the common case).
 
@@ -98,8 +153,7 @@ def _literal_contents(tokenizer, messages, text: str, specials: list[str], *, ad
     whitespace, as ``| trim`` does). A template that changes such a content otherwise raises ``RenderError``: its
     special-token strings could not be kept as text.
     """
-    suspect = {i for i, m in enumerate(messages)
-               if isinstance(m.get("content"), str) and any(s in m["content"] for s in specials)}
+    suspect = {i for i, m in enumerate(messages) if isinstance(m.get("content"), str) and specials.find(m["content"])}
     if not suspect:
         return []
     marked = [dict(m, content=_MARK.format(i)) if i in suspect else m for i, m in enumerate(messages)]
@@ -125,26 +179,26 @@ def _literal_contents(tokenizer, messages, text: str, specials: list[str], *, ad
         if text[position:] == parts[-1]:
             return spans
     first = min(suspect)
-    token = next(s for s in specials if s in messages[first]["content"])
+    token = specials.find(messages[first]["content"]).group()
     raise RenderError(
         f"{template_name(tokenizer, chat_template)} changes message contents in a way posttrain cannot follow, so the "
         f"special-token string {token!r} in message {first} cannot be kept as text; remove it from the data"
     )
 
 
-def _encode(tokenizer, text: str, literal: list[Span], specials: list[str]) -> tuple[list[int], list[tuple]]:
+def _encode(tokenizer, text: str, literal: list[Span], specials: _Specials) -> tuple[list[int], list[tuple]]:
     """``(input_ids, offsets)`` of ``text``: one tokenization as ``apply_chat_template`` does, except that special
     tokens inside the ``literal`` spans (message contents) are tokenized as ordinary text.
 
-    Then the text is cut at the template's own special tokens and each stretch between them is tokenized with
-    ``split_special_tokens=True``. The tokenizer must give the same ids when cut there (checked: a SentencePiece-style
-    prefix space, or a special token that strips the whitespace beside it, would not), and must not make a special
-    token from plain text (checked); otherwise ``RenderError``.
+    Then the text is cut at the template's own special tokens and each stretch between them is tokenized as
+    ``split_special_tokens=True`` does (``_Specials.as_text``). The tokenizer must give the same ids when cut there
+    (checked: a SentencePiece-style prefix space, or a special token that strips the whitespace beside it, would
+    not), and must not make a special token from plain text (checked); otherwise ``RenderError``.
     """
     try:
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     except TypeError as err:  # the Rust tokenizer rejects str with lone surrogates with a TypeError
-        if any("\ud800" <= c <= "\udfff" for c in text):
+        if UNPAIRED_SURROGATE.search(text):
             raise RenderError("the conversation holds an unpaired surrogate (e.g. a lone \\ud800 escape): not "
                               "valid Unicode text") from err
         raise
@@ -152,7 +206,7 @@ def _encode(tokenizer, text: str, literal: list[Span], specials: list[str]) -> t
     offsets = [tuple(o) for o in encoding["offset_mapping"]]
     if not literal:
         return input_ids, offsets
-    special_ids = set(tokenizer.convert_tokens_to_ids(specials))
+    special_ids = specials.ids
 
     def in_content(start: int, end: int) -> bool:
         return any(start < e and end > s for _, s, e in literal)
@@ -162,15 +216,15 @@ def _encode(tokenizer, text: str, literal: list[Span], specials: list[str]) -> t
     if len(cuts) == sum(t in special_ids for t in input_ids):  # no special token came from a content
         return input_ids, offsets
     ids, new_offsets, recognised = [], [], []
+    as_text = specials.as_text(tokenizer)
     position = 0
     for token, start, end in cuts + [(None, len(text), len(text))]:
         if start > position:
             piece = text[position:start]
-            as_text = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True,
-                                split_special_tokens=True)
-            ids += as_text["input_ids"]
-            new_offsets += [(a + position, b + position) for a, b in as_text["offset_mapping"]]
-            recognised += tokenizer(piece, add_special_tokens=False, split_special_tokens=False)["input_ids"]
+            encoded = as_text.encode(piece, add_special_tokens=False)
+            ids += encoded.ids
+            new_offsets += [(a + position, b + position) for a, b in encoded.offsets]
+            recognised += tokenizer(piece, add_special_tokens=False)["input_ids"]  # as the one tokenization did
         if token is not None:
             ids.append(token)
             new_offsets.append((start, end))
@@ -190,7 +244,7 @@ def _encode(tokenizer, text: str, literal: list[Span], specials: list[str]) -> t
     return ids, new_offsets
 
 
-def _reply_end(segment: str, content: str, specials: list[str], content_end: int | None = None) -> int:
+def _reply_end(segment: str, content: str, specials: _Specials, content_end: int | None = None) -> int:
     """Characters of ``segment`` (a rendered reply plus what follows it) to train: content + end-of-turn.
 
     ``content_end``: where the content ends in ``segment`` when it is known (a content holding special-token strings,
@@ -201,15 +255,13 @@ def _reply_end(segment: str, content: str, specials: list[str], content_end: int
             if candidate and (pos := segment.find(candidate)) >= 0:
                 content_end = pos + len(candidate)
                 break
-    rest = segment[content_end:]
-    hits = [(pos, len(s)) for s in specials if (pos := rest.find(s)) >= 0]
-    if not hits:  # no special end-of-turn token: the whole suffix the template writes closes the turn
+    end_of_turn = specials.find(segment, content_end)
+    if end_of_turn is None:  # no special end-of-turn token: the whole suffix the template writes closes the turn
         return len(segment)
-    pos, length = min(hits, key=lambda h: (h[0], -h[1]))
-    return content_end + pos + length
+    return end_of_turn.end()
 
 
-def _trained_char_spans(tokenizer, messages, strategy, chat_template, full: str, specials: list[str],
+def _trained_char_spans(tokenizer, messages, strategy, chat_template, full: str, specials: _Specials,
                         literal: list[Span]) -> list[tuple[int, int]]:
     assistant_turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     if strategy == MultiTurnStrategy.final_turn_only:
@@ -237,7 +289,7 @@ def _render(tokenizer, messages, strategy: MultiTurnStrategy, chat_template):
     if not messages:
         raise ValueError("empty conversation")
     full = _render_text(tokenizer, messages, add_generation_prompt=False, chat_template=chat_template)
-    specials = _special_token_strings(tokenizer)
+    specials = _specials(tokenizer)
     literal = _literal_contents(tokenizer, messages, full, specials, add_generation_prompt=False,
                                 chat_template=chat_template)
     spans = _trained_char_spans(tokenizer, messages, strategy, chat_template, full, specials, literal)
@@ -264,8 +316,9 @@ def render_conversation(
 ) -> tuple[list[int], list[int]]:
     """Render ``messages`` with the tokenizer's chat template into ``(input_ids, loss_mask)``.
 
-    ``input_ids`` equal ``tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]``; ``loss_mask`` is 1
-    on the assistant contents and the end-of-turn token closing each trained turn, 0 on system/user/tool turns and
+    ``input_ids`` equal ``tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]`` when no content holds
+    a special-token string (one that does is tokenized as text, see the module docstring); ``loss_mask`` is 1 on the
+    assistant contents and the end-of-turn token closing each trained turn, 0 on system/user/tool turns and
     template scaffolding. ``strategy``: ``all_assistant_turns`` or ``final_turn_only``.
     Raises ``TemplateNotPrefixStableError`` when the template rewrites earlier turns as the conversation grows.
     """
@@ -288,7 +341,7 @@ def render_prompt(tokenizer, messages: Sequence[Message], *, chat_template: str 
     Equals the prompt part of ``render_conversation`` for the same conversation plus a reply (tested).
     """
     text = _render_text(tokenizer, messages, add_generation_prompt=True, chat_template=chat_template)
-    specials = _special_token_strings(tokenizer)
+    specials = _specials(tokenizer)
     literal = _literal_contents(tokenizer, messages, text, specials, add_generation_prompt=True,
                                 chat_template=chat_template)
     return _encode(tokenizer, text, literal, specials)[0]

@@ -102,19 +102,20 @@ class _Sampler:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (rows, V) -> token ids (rows,)"""
+        # NaN or +inf logits (a diverged or damaged model; -inf is a legitimate mask) would make argmax return
+        # garbage silently and torch.multinomial fail with a bare "probability tensor contains nan"
+        if bool(torch.isnan(logits).any() | torch.isposinf(logits).any()):
+            from posttrain.plumbing.harness import NonFiniteError
+
+            raise NonFiniteError("the model's next-token logits are not finite (NaN or +Inf): its weights have "
+                                 "diverged or are damaged, so it cannot generate")
         if self.greedy:
             return logits.argmax(dim=-1)
         scores = logits.float()
         no_ids = torch.empty((scores.shape[0], 0), dtype=torch.long, device=scores.device)  # the warpers ignore it
         for warp in self.warpers:
             scores = warp(no_ids, scores)
-        probs = torch.softmax(scores, dim=-1)
-        if not bool(torch.isfinite(probs).all()):  # else torch.multinomial's bare "probability tensor contains nan"
-            from posttrain.plumbing.harness import NonFiniteError
-
-            raise NonFiniteError("the model's next-token logits are not finite (NaN or Inf): its weights have "
-                                 "diverged or are damaged, so it cannot be sampled from")
-        return torch.multinomial(probs, num_samples=1, generator=self.generator)[:, 0]
+        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=self.generator)[:, 0]
 
 
 def _forward_parameters(model) -> set[str]:
@@ -240,8 +241,9 @@ class HFEngine:
 
         Draws come from one local ``torch.Generator`` seeded with ``params.seed`` (a fresh random seed when None):
         the global RNG is neither reseeded nor advanced, so a training loop that samples keeps its own stream.
-        ``should_stop`` (e.g. "the client has gone") is asked after each decoding step: when it returns True the
-        rows end where they are, with finish_reason "length" (what was sampled so far is unchanged).
+        ``should_stop`` (e.g. "the client has gone") is asked before each batch of prompts is prefilled and after
+        each decoding step: when it returns True the rows end where they are, with finish_reason "length" (what was
+        sampled so far is unchanged; the prompts not started get empty completions, and no prefill).
         """
         tokenizer, model = self.tokenizer, self.model
         device = next(model.parameters()).device
@@ -262,6 +264,11 @@ class HFEngine:
             model.eval()
             for start in range(0, len(order), prompts_per_batch):
                 chunk = order[start : start + prompts_per_batch]
+                if should_stop is not None and should_stop():  # nobody waits for the rest: no prefill for them
+                    for i in order[start:]:
+                        results[i] = [Completion(text="", token_ids=[], finish_reason="length",
+                                                 logprobs=[] if params.logprobs else None) for _ in range(params.n)]
+                    break
                 rows = self._decode([encoded[i] for i in chunk], per_prompt, params, sampler, stop_ids, pad_id, device,
                                     should_stop)
                 for row, (ids, logprobs) in enumerate(rows):
@@ -410,7 +417,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int
              top_p: float = 1.0, batch_size: int = 32, seed: int | None = None,
              should_stop: Callable[[], bool] | None = None) -> list[Completion]:
     """One completion per prompt (greedy by default) with the built-in engine; ``should_stop`` as in
-    :meth:`HFEngine.generate` (a cooperative stop, asked after each decoding step)."""
+    :meth:`HFEngine.generate` (a cooperative stop, asked before each prefill and after each decoding step)."""
     params = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     engine = HFEngine(model, tokenizer, batch_size=batch_size)
     return [samples[0] for samples in engine.generate(prompts, params, should_stop=should_stop)]

@@ -9,8 +9,9 @@ Layout inside a run directory::
 A checkpoint is written to a temporary directory (``.step-000040.XXXX``), its manifest last, then renamed into
 place, so a run killed at any moment leaves whole checkpoints and at most a temporary directory, which the next run
 removes. Resume takes the newest checkpoint whose manifest verifies (:func:`find_checkpoint`): a damaged one
-(truncated weights, a torn ``state.json``, a missing manifest) is reported, renamed ``step-N.damaged`` (kept for
-inspection, never loaded or counted) and the next older intact one is used. The ``latest`` pointer is never trusted
+(truncated weights, a torn ``state.json``) is reported, renamed ``step-N.damaged`` (kept for inspection, never
+loaded or counted; :func:`set_aside`) and the next older intact one is used; one without a manifest (an older
+posttrain's) is reported and passed over, left in place. The ``latest`` pointer is never trusted
 over the directory: missing or dangling, the newest intact checkpoint is found all the same. Retention keeps the
 ``keep_last`` newest checkpoints and never deletes the newest intact one.
 """
@@ -115,6 +116,9 @@ def verify_checkpoint(checkpoint: Path, *, checksums: bool = True) -> list[str]:
         return [f"no {MANIFEST} (an interrupted save, or written by a posttrain without manifests)"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         return [f"unreadable {MANIFEST}: {err}"]
+    if not isinstance(files, dict) or not all(isinstance(e, dict) and {"size", "sha256"} <= set(e)
+                                              for e in files.values()):
+        return [f"unreadable {MANIFEST}: not a map of file -> size and sha256"]
     problems = []
     for name, expected in files.items():
         path = checkpoint / name
@@ -149,34 +153,45 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     return stale
 
 
-def find_checkpoint(run_dir: Path, *, quarantine: bool = True) -> tuple[Path | None, list[str]]:
-    """(the newest intact checkpoint or None, a report line per checkpoint passed over and per pointer problem).
+def find_checkpoint(run_dir: Path) -> tuple[Path | None, list[str], list[Path]]:
+    """(the newest intact checkpoint or None, a report line per checkpoint passed over and per pointer problem, the
+    damaged checkpoints newer than it). Read-only: :func:`set_aside` acts on the result.
 
-    Each damaged checkpoint newer than the one returned is renamed ``step-N.damaged`` when ``quarantine`` (so it is
-    never loaded, counted by retention or overwritten), and ``checkpoints/latest`` is rewritten to the one found."""
+    Damaged: a manifest that does not verify (a truncated or altered file, a file missing). A checkpoint without a
+    manifest (an older posttrain's, or one copied by hand) cannot be verified either; it is passed over and reported
+    but left where it is, so the version that wrote it can still resume it."""
     root = Path(run_dir) / "checkpoints"
-    report = []
     pointer = root / "latest"
     named = pointer.read_text(errors="replace").strip() if pointer.is_file() else None
-    found = None
+    found, report, damaged = None, [], []
     for candidate in reversed(checkpoint_dirs(run_dir)):
         problems = verify_checkpoint(candidate)
         if not problems:
             found = candidate
             break
-        report.append(f"checkpoint {candidate} is damaged ({'; '.join(problems)}); using an older one")
-        if quarantine:
-            target = candidate.with_name(candidate.name + ".damaged")
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(candidate, target)
-            report[-1] += f"; kept as {target.name}"
-    if found is not None and named != found.name:
-        if not report:
-            what = "is missing" if named is None else f"names {named!r}, not an intact checkpoint"
-            report.append(f"checkpoints/latest {what}; using {found.name}, the newest intact checkpoint")
-        if quarantine:
-            atomic_write_text(pointer, found.name)
-    return found, report
+        if (candidate / MANIFEST).exists():
+            damaged.append(candidate)
+            report.append(f"checkpoint {candidate} is damaged ({'; '.join(problems)}): skipped")
+        else:
+            report.append(f"checkpoint {candidate} has no {MANIFEST} (written by an older posttrain, or by hand), "
+                          f"so it cannot be verified: skipped and left as it is (a new run can start from its "
+                          f"weights with --model={candidate})")
+    if found is not None and named != found.name and not report:
+        what = "is missing" if named is None else f"names {named!r}, which is not the newest intact checkpoint"
+        report.append(f"checkpoints/latest {what}; using {found.name}")
+    return found, report, damaged
+
+
+def set_aside(run_dir: Path, damaged: list[Path], found: Path | None) -> None:
+    """Rename each damaged checkpoint ``step-N.damaged`` (kept for inspection; never loaded, counted by retention
+    or overwritten again) and point ``checkpoints/latest`` at ``found``."""
+    for path in damaged:
+        target = path.with_name(path.name + ".damaged")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(path, target)
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if found is not None and (not pointer.is_file() or pointer.read_text(errors="replace").strip() != found.name):
+        atomic_write_text(pointer, found.name)
 
 
 def save_checkpoint(
@@ -241,8 +256,8 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest intact checkpoint of the run (read-only: nothing is renamed)."""
-    return find_checkpoint(run_dir, quarantine=False)[0]
+    """The newest intact checkpoint of the run."""
+    return find_checkpoint(run_dir)[0]
 
 
 def read_checkpoint_state(checkpoint: Path) -> dict[str, Any]:
@@ -269,15 +284,18 @@ def _load_module(module, directory: Path, checkpoint: Path) -> None:
 
 
 def load_checkpoint(checkpoint: Path, *, modules: dict[str, Any], optimizers: dict[str, Any],
-                    schedulers: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
-    """Verify ``checkpoint`` against its manifest, then restore, in place, the named modules, optimizers, schedulers
-    and generators saved by :func:`save_checkpoint`, and the global RNG states; returns state.json (step, ...)."""
+                    schedulers: dict[str, Any], generators: dict[str, torch.Generator] | None = None,
+                    verify: bool = True) -> dict[str, Any]:
+    """Verify ``checkpoint`` against its manifest (unless the caller just did: ``verify=False`` spares a second
+    checksum pass, minutes on a 7B model), then restore, in place, the named modules, optimizers, schedulers and
+    generators saved by :func:`save_checkpoint`, and the global RNG states; returns state.json (step, ...)."""
     checkpoint = Path(checkpoint)
-    if problems := verify_checkpoint(checkpoint):
+    if verify and (problems := verify_checkpoint(checkpoint)):
         raise CheckpointError(f"{checkpoint}: {'; '.join(problems)}")
     for i, (name, module) in enumerate(modules.items()):
         _load_module(module, checkpoint if i == 0 else checkpoint / name, checkpoint)
-    state = torch.load(checkpoint / STATE_FILE, weights_only=False)
+    # map_location: a checkpoint written on a GPU resumes on another device (load_state_dict moves the state)
+    state = torch.load(checkpoint / STATE_FILE, weights_only=False, map_location="cpu")
     for what, objects in (("optimizer", optimizers), ("scheduler", schedulers)):
         if set(state[what]) != set(objects):
             raise CheckpointError(f"{checkpoint}: holds {what}s {sorted(state[what])}, the run has {sorted(objects)}")

@@ -40,7 +40,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from posttrain.plumbing.checkpoint import (CheckpointError, checkpoint_dirs, find_checkpoint, load_checkpoint,
-                                           read_checkpoint_state, remove_stale_temporaries, save_checkpoint)
+                                           read_checkpoint_state, remove_stale_temporaries, save_checkpoint,
+                                           set_aside)
 from posttrain.data.io import atomic_write_text
 from posttrain.plumbing.config import ConfigError, config_to_dict, save_config, validate_config
 from posttrain.plumbing.runlog import MetricsLog
@@ -50,8 +51,8 @@ from posttrain.plumbing.training import seed_everything
 # Settings a resumed run may change: they are applied and recorded (resumes.jsonl, config.yaml). Any other change
 # (data, model, learning rate, batch, steps, seed, loss, ...) would make the resumed run a different experiment
 # than its checkpoint's, so resuming with it is refused, naming the setting (docs/reliability.md).
-CHANGEABLE_ON_RESUME = ("resume", "out", "log_every", "eval_every", "save_every", "keep_last", "progress", "device",
-                        "max_bad_steps", "deterministic")
+CHANGEABLE_ON_RESUME = ("log_every", "eval_every", "save_every", "keep_last", "progress", "device", "max_bad_steps",
+                        "deterministic")
 
 
 class NonFiniteError(RuntimeError):
@@ -59,14 +60,19 @@ class NonFiniteError(RuntimeError):
     that is still good."""
 
 
+def resolved_options(config) -> dict[str, Any]:
+    """The options of ``config`` as JSON values (what a checkpoint stores and a resume compares)."""
+    return json.loads(json.dumps(config_to_dict(config)))
+
+
 def settings_changed(saved: dict[str, Any], config) -> dict[str, tuple[Any, Any]]:
-    """{option: (saved value, new value)} for every option of ``config`` that differs from ``saved`` (the
-    resolved options a checkpoint was written with); two spellings of the same existing path are the same."""
-    current = json.loads(json.dumps(config_to_dict(config)))
+    """{option: (saved value, new value)} for every option of ``config`` but ``resume`` and ``out`` that differs
+    from ``saved`` (the resolved options a checkpoint was written with); two spellings of the same existing path
+    are the same."""
     changed = {}
-    for key, value in current.items():
+    for key, value in resolved_options(config).items():
         old = saved.get(key, value)
-        if key == "resume":
+        if key in ("resume", "out"):
             continue
         if old == value:
             continue
@@ -77,17 +83,24 @@ def settings_changed(saved: dict[str, Any], config) -> dict[str, tuple[Any, Any]
     return changed
 
 
-def set_deterministic() -> None:
+def set_deterministic() -> Callable[[], None]:
     """The documented deterministic set: deterministic kernels only (an op without one raises instead of silently
     varying), cuDNN's deterministic mode without autotuning, no TF32 matmuls, and the cuBLAS workspace setting
-    deterministic cuBLAS needs. On CPU the same inputs, seed and thread count already give the same results; this
-    makes a GPU run keep that promise too (at some cost in speed)."""
+    deterministic cuBLAS needs (read when cuBLAS starts: set it in the environment too when CUDA was used before).
+    On CPU the same inputs, seed and thread count already give the same results; this makes a GPU run keep that
+    promise too (at some cost in speed). Returns a function that restores the previous flags."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = (torch.are_deterministic_algorithms_enabled(), cudnn.deterministic, cudnn.benchmark,
+              matmul.allow_tf32, cudnn.allow_tf32)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32 = True, False, False, False
+
+    def restore() -> None:
+        torch.use_deterministic_algorithms(before[0])
+        cudnn.deterministic, cudnn.benchmark, matmul.allow_tf32, cudnn.allow_tf32 = before[1:]
+
+    return restore
 
 
 def nonfinite_parameters(modules: dict[str, Any]) -> list[str]:
@@ -148,70 +161,71 @@ class Run:
     """One training run's plumbing (see the module docstring for the shape of a stage)."""
 
     def __init__(self, config, stage: str, *, on_step_end: Callable[[int, dict], None] | None = None):
-        """Seeds python and torch with ``config.seed``; ``config`` needs ``out``, ``resume``, ``log_every``, ``eval_every``, ``save_every``, ``keep_last`` and
-        ``progress`` (every ``TrainConfig`` has them). ``on_step_end(step, info)`` is called after every optimizer
-        step with the keyword arguments the stage gave :meth:`end_step` (benchmarks and tests hook in here)."""
+        """Validates ``config`` (a TrainConfig: ``out``, ``resume``, ``seed``, ``log_every``, ``eval_every``,
+        ``save_every``, ``keep_last``, ``max_bad_steps``, ``deterministic``, ``progress``), seeds python and torch
+        with ``config.seed``, and when resuming finds the checkpoint and checks the changed settings (see
+        :meth:`_checkpoint_to_resume`). ``on_step_end(step, info)`` is called after every optimizer step with the
+        keyword arguments the stage gave :meth:`end_step` (benchmarks and tests hook in here)."""
         self.config, self.stage, self.on_step_end = config, stage, on_step_end
         validate_config(config)
-        if getattr(config, "deterministic", False):
-            set_deterministic()
+        self._restore_flags = set_deterministic() if getattr(config, "deterministic", False) else None
         seed_everything(config.seed)  # python and torch: initialisation of new weights, dropout
         self.dir = Path(config.out)
-        self.checkpoint: Path | None = None
         self.complete = is_complete(self.dir) if config.resume else None
-        if not config.resume and checkpoint_dirs(self.dir):
-            raise FileExistsError(f"{self.dir} already holds a run (checkpoint {checkpoint_dirs(self.dir)[-1].name}); "
-                                  "pass --resume to continue it or choose another --out")
-        if config.resume and not self.complete:
-            self.checkpoint = self._checkpoint_to_resume()
-        self.start_step = read_checkpoint_state(self.checkpoint)["step"] if self.checkpoint is not None else 0
-        self.dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, self.dir / "config.yaml")
-        (self.dir / "command.txt").write_text(" ".join(shlex.quote(a) for a in sys.argv) + "\n")
-        if self.complete:
+        if not config.resume and (checkpoint_dirs(self.dir) or list(self.dir.glob("checkpoints/step-*.damaged"))
+                                  or is_complete(self.dir)):
+            raise FileExistsError(f"{self.dir} already holds a run; pass --resume to continue it or choose another "
+                                  "--out")
+        self.checkpoint, state = self._checkpoint_to_resume() if config.resume else (None, {})
+        self.start_step = state.get("step", 0)
+        self.skipped_steps, self.bad_in_a_row = state.get("skipped_steps", 0), state.get("bad_in_a_row", 0)
+        self._saved_step = self.start_step if self.checkpoint is not None else None
+        if self.complete:  # nothing runs, so nothing is written
             print(f"{self.dir}: run already complete ({self.complete['steps']} steps); final model in "
                   f"{self.final_dir}. Nothing to do.")
+        else:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, self.dir / "config.yaml")
+            (self.dir / "command.txt").write_text(" ".join(shlex.quote(a) for a in sys.argv) + "\n")
         self.step = self.start_step
         self.total_steps = 0
-        self.bad_in_a_row = self.skipped_steps = 0
         self.log: MetricsLog | None = None
 
-    def _checkpoint_to_resume(self) -> Path | None:
-        """The newest intact checkpoint (damaged newer ones reported and set aside, the temporary directories of
-        interrupted saves removed), after checking that the settings changed since it was written may change."""
-        for stale in remove_stale_temporaries(self.dir):
-            print(f"removed {stale.name}, left by a save that was interrupted")
-        checkpoint, report = find_checkpoint(self.dir)
-        for line in report:
-            print(f"warning: {line}", file=sys.stderr)
+    def _checkpoint_to_resume(self) -> tuple[Path | None, dict[str, Any]]:
+        """(the newest intact checkpoint, its state.json), once the settings changed since it was written are known
+        to be ones that may change (else :class:`ConfigError` naming them, before anything on disk is touched).
+        Then, unless the run is already complete: damaged newer checkpoints are reported and set aside, the
+        temporary directories of interrupted saves removed, and the resume recorded in ``resumes.jsonl``."""
+        checkpoint, report, damaged = find_checkpoint(self.dir)
         if checkpoint is None:
-            damaged = sorted(p.name for p in self.dir.glob("checkpoints/step-*.damaged"))
-            if damaged:
-                raise CheckpointError(f"{self.dir}: no intact checkpoint to resume from (damaged: "
-                                      f"{', '.join(damaged)}); remove them to start the run over, or choose another "
-                                      "--out")
-            return None
+            left = sorted(p.name for p in self.dir.glob("checkpoints/step-*") if p.is_dir())
+            if left:
+                raise CheckpointError(f"{self.dir}: no intact checkpoint to resume from ({'; '.join(report) or ''}"
+                                      f"{'; ' if report else ''}on disk: {', '.join(left)}); move them away to start "
+                                      "the run over, or choose another --out")
+            return None, {}
         state = read_checkpoint_state(checkpoint)
-        saved = state.get("config")
-        if saved is None and (self.dir / "config.yaml").exists():  # a checkpoint from before configs were kept in it
-            import yaml
-
-            saved = yaml.safe_load((self.dir / "config.yaml").read_text()) or {}
-        changed = settings_changed(saved or {}, self.config)
-        refused = {k: v for k, v in changed.items() if k not in CHANGEABLE_ON_RESUME}
-        if refused:
+        changed = settings_changed(state.get("config", {}), self.config)
+        if refused := {k: v for k, v in changed.items() if k not in CHANGEABLE_ON_RESUME}:
             listed = "; ".join(f"--{k} was {old!r}, now {new!r}" for k, (old, new) in refused.items())
             raise ConfigError(f"{self.dir}: cannot resume with changed settings ({listed}). A resumed run continues "
-                              f"the checkpoint's experiment: drop these options to resume it as it was, or start a new "
-                              f"run in another --out (e.g. --model={self.dir / 'model'} once it is complete). Only "
-                              f"{', '.join(CHANGEABLE_ON_RESUME[2:])} may change on resume.")
+                              f"the checkpoint's experiment: drop these options to resume it as it was, or start a "
+                              f"new run in another --out from its weights (--model={checkpoint}). Only "
+                              f"{', '.join(sorted(CHANGEABLE_ON_RESUME))} may change on resume.")
+        if self.complete:
+            return checkpoint, state
+        for line in report:
+            print(f"warning: {line}", file=sys.stderr)
+        set_aside(self.dir, damaged, checkpoint)
+        for stale in remove_stale_temporaries(self.dir):
+            print(f"removed {stale.name}, left by a save that was interrupted")
         if changed:
             print("resuming with changed settings: " + ", ".join(f"{k} {old!r} -> {new!r}"
                                                                   for k, (old, new) in changed.items()))
         with (self.dir / "resumes.jsonl").open("a") as f:
             f.write(json.dumps({"time": round(time.time(), 3), "checkpoint": checkpoint.name, "step": state["step"],
                                 "changed": {k: list(v) for k, v in changed.items()}, "report": report}) + "\n")
-        return checkpoint
+        return checkpoint, state
 
     @property
     def final_dir(self) -> Path:
@@ -225,11 +239,10 @@ class Run:
         self.total_steps = total_steps
         self.modules, self.optimizers, self.schedulers = modules, optimizers, schedulers
         self.tokenizer, self.generators = tokenizer, generators or {}
-        self.extra = {"total_steps": total_steps, "config": json.loads(json.dumps(config_to_dict(self.config))),
-                      **(extra or {})}
-        if self.start_step:
+        self.extra = {"total_steps": total_steps, "config": resolved_options(self.config), **(extra or {})}
+        if self.start_step:  # verified by find_checkpoint a moment ago: no second checksum pass
             load_checkpoint(self.checkpoint, modules=modules, optimizers=optimizers, schedulers=schedulers,
-                            generators=self.generators)
+                            generators=self.generators, verify=False)
             print(f"resumed from step {self.start_step} of {total_steps}")
         self.log = MetricsLog(self.dir, resume_step=self.start_step,
                               clock=not getattr(self.config, "deterministic", False))
@@ -244,9 +257,13 @@ class Run:
         self._step_started = time.perf_counter()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, error, traceback) -> None:
         self._bar.close()
-        self._signals.__exit__(*exc)
+        self._signals.__exit__(kind, error, traceback)
+        if kind is not None and self._restore_flags is not None:
+            self._restore_flags()
+        if isinstance(error, NonFiniteError) and "last good checkpoint" not in str(error):  # e.g. from the sampler
+            raise NonFiniteError(f"{self.dir}: at step {self.step + 1}: {error}. {self._good_checkpoint()}") from error
 
     def steps(self) -> range:
         """The optimizer steps still to take, 1-based: ``start_step + 1 .. total_steps``."""
@@ -266,12 +283,13 @@ class Run:
         ``train/tokens_per_s`` when ``info`` has ``tokens``), checkpoint every ``save_every`` steps, advance the
         progress bar, call the ``on_step_end`` hook, and stop with a checkpoint if a signal asked to.
 
-        A step whose ``train/loss`` or ``train/grad_norm`` is not finite was skipped by ``optimizer_step``: it is
+        A step whose ``train/loss``, ``train/grad_norm`` or ``value/loss`` is not finite was skipped by
+        ``optimizer_step`` (rl: every update of the step was): it is
         logged (always, with ``train/skipped_steps``) and warned about, no checkpoint is written while such steps
         continue, and ``max_bad_steps`` of them in a row stop the run with :class:`NonFiniteError`."""
         elapsed = time.perf_counter() - self._step_started
         self.step = step
-        bad = {k: float(metrics[k]) for k in ("train/loss", "train/grad_norm")
+        bad = {k: float(metrics[k]) for k in ("train/loss", "train/grad_norm", "value/loss")
                if k in metrics and not math.isfinite(float(metrics[k]))}
         self.bad_in_a_row = self.bad_in_a_row + 1 if bad else 0
         self.skipped_steps += bool(bad)
@@ -280,15 +298,11 @@ class Run:
             print(f"warning: step {step}: non-finite {', '.join(f'{k}={v}' for k, v in bad.items())}; update skipped "
                   f"({self.bad_in_a_row} in a row, the run stops at {self.config.max_bad_steps})", file=sys.stderr)
         if bad or step % self.config.log_every == 0 or step == self.total_steps:
-            extra = {"train/tokens_per_s": info["tokens"] / elapsed} if "tokens" in info and self.log.clock else {}
+            extra = {"train/tokens_per_s": info["tokens"] / elapsed} if "tokens" in info else {}
             self.log.log(step, {**metrics, **extra})
         if self.bad_in_a_row >= self.config.max_bad_steps:
-            self._bar.close()
-            good = find_checkpoint(self.dir, quarantine=False)[0]
             raise NonFiniteError(f"{self.dir}: {self.bad_in_a_row} steps in a row had a non-finite loss or gradient "
-                                 f"(the last at step {step}); stopped. The last good checkpoint is "
-                                 f"{good if good else 'none (no checkpoint was written yet)'}. Try a lower --lr, "
-                                 f"--max_grad_norm, or check the data.")
+                                 f"(the last at step {step}); stopped. {self._good_checkpoint()}")
         if self.config.save_every and step % self.config.save_every == 0 and step < self.total_steps and not bad:
             self.save_checkpoint(step)
         self._bar.update(1)
@@ -305,14 +319,26 @@ class Run:
     def save_checkpoint(self, step: int) -> Path:
         """A checkpoint of everything registered; refused (:class:`NonFiniteError`) when a weight is not finite, so
         a bad state never replaces a good checkpoint."""
+        if step == self._saved_step:  # saved already (a resume at its last step, Ctrl-C right after a save):
+            return self.dir / "checkpoints" / f"step-{step:06d}"  # never delete a good copy to write it again
         if bad := nonfinite_parameters(self.modules):
-            good = find_checkpoint(self.dir, quarantine=False)[0]
             raise NonFiniteError(f"{self.dir}: at step {self.step} {len(bad)} parameters are non-finite "
-                                 f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); nothing was saved. The "
-                                 f"last good checkpoint is {good if good else 'none'}.")
-        return save_checkpoint(self.dir, step, modules=self.modules, optimizers=self.optimizers,
+                                 f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); nothing was saved. "
+                                 f"{self._good_checkpoint()}")
+        path = save_checkpoint(self.dir, step, modules=self.modules, optimizers=self.optimizers,
                                schedulers=self.schedulers, tokenizer=self.tokenizer, generators=self.generators,
-                               extra=self.extra, keep_last=self.config.keep_last)
+                               extra={**self.extra, "skipped_steps": self.skipped_steps,
+                                      "bad_in_a_row": self.bad_in_a_row},
+                               keep_last=self.config.keep_last)
+        self._saved_step = step
+        return path
+
+    def _good_checkpoint(self) -> str:
+        good = find_checkpoint(self.dir)[0]
+        if good is None:
+            return "There is no last good checkpoint: none was written yet."
+        return (f"The last good checkpoint is {good}: start a new run from it (--model={good}, another --out) with a "
+                "lower --lr or --max_grad_norm, or check the data.")
 
     def finish(self, info: dict[str, Any] | None = None) -> Path:
         """The last checkpoint, the metrics log closed, the final model in ``out/model`` with ``complete.json``
@@ -320,6 +346,8 @@ class Run:
         (:class:`NonFiniteError`), before anything is written: a run never ends "complete" with them."""
         self.save_checkpoint(self.step)
         self.log.close()
+        if self._restore_flags is not None:
+            self._restore_flags()
         model = next(iter(self.modules.values()))
         return save_final_model(self.dir, model, self.tokenizer, {"steps": self.step, "stage": self.stage,
                                                                    "skipped_steps": self.skipped_steps,

@@ -9,6 +9,17 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from posttrain.data.io import atomic_write_text
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    """A metrics.jsonl line as a record with a step, or None for a torn or foreign line."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
 
 class MetricsLog:
     """Appends ``{"step": k, "train/loss": ...}`` lines to ``metrics.jsonl`` and mirrors them to TensorBoard.
@@ -21,10 +32,10 @@ class MetricsLog:
     def __init__(self, run_dir: Path, *, resume_step: int = 0, tensorboard: bool = True, clock: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.clock = clock
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        if self.path.exists():  # a line torn by a crash mid-write is dropped with the steps after resume_step
+            kept = [line for line in self.path.read_text(errors="replace").splitlines()
+                    if (record := _parse(line)) is not None and record["step"] <= resume_step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         self._writer = None
         if tensorboard:
             try:

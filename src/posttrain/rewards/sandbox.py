@@ -11,24 +11,30 @@ Layers (docs/verifiers.md has what each attack meets):
   network at all. The supervisor's child is the pid namespace's init; when it exits the kernel kills every process
   left, including ones that called setsid. A fresh /proc shows no process outside. Every mount is read-only, nosuid
   and nodev, /dev holds only null/zero/full/random/urandom, the scratch directory is a size-limited tmpfs, and the
-  caller's HOME, /run and the temp root are covered by empty tmpfs (the interpreter's own directories bound back
-  in). The program runs with no capabilities and no_new_privs, so it cannot undo any of that. A caller running as
-  root gets the program mapped to the host's ``nobody`` (65534): RLIMIT_NPROC never binds uid 0.
+  caller's HOME, the temp root, /run, /root and /home are covered by empty tmpfs (the interpreter's own
+  directories bound back in). The program runs with no capabilities and no_new_privs, so it cannot undo any of
+  that. A caller running as root gets the program mapped to the host's ``nobody`` (65534): RLIMIT_NPROC never binds
+  uid 0.
 - *socket* fallback (``network_isolation == "socket-blocked"``), where namespaces do not work: a Python audit hook
-  installed before the program refuses sockets, process creation, native code (ctypes), writes outside the scratch
-  directory, reads of what namespace mode hides (the caller's HOME, the temp root, /run, /root, /home, files other
-  users cannot read), other processes' /proc entries and signals to other processes. The hook is a Python-level
-  guard, not a kernel boundary (``signal.pidfd_send_signal`` raises no audit event; its path checks race with the
-  program's threads), so where the kernel has Landlock (``filesystem == "landlock"``, Linux 5.13+) a Landlock
-  ruleset enforces the same file rules in the kernel, and from ABI 4 / 6 on also refuses TCP and signals to any
-  process outside the program. Without Landlock, native code that gets past the hook is limited only by the
-  rlimits and the process sweep.
+  installed before the program refuses sockets, process creation, native code (ctypes), subinterpreters, writes
+  outside the scratch directory, reads of what namespace mode hides (the caller's HOME, the temp root, /run, /root,
+  /home, files other users cannot read), other processes' /proc entries, signals to and resource limits of other
+  processes; the calls that reach other processes without an audit event (``pidfd_open``, ``pidfd_send_signal``,
+  ``setpriority``, ``sched_set*``, ``fork_exec``) are replaced by refusals. The hook is a Python-level guard, not a
+  kernel boundary (its path checks race with the program's threads, and a program that inspects the guard can undo
+  it), so where the kernel has Landlock (``filesystem == "landlock"``, Linux 5.13+) a Landlock ruleset enforces the
+  same file rules in the kernel, and from ABI 4 / 6 on also refuses TCP and signals to any process outside the
+  program. A root caller's program runs as the host's ``nobody`` where that user can reach the interpreter (else
+  it keeps uid 0 without capabilities, and ``notes`` says so): then the kernel refuses its signals, rlimit and
+  priority changes to root's processes and root's private files.
 - both: resource limits in the program's process (RLIMIT_CPU, AS, FSIZE, NPROC, NOFILE, CORE=0), a scrubbed
   environment (nothing of the caller's), stdin from /dev/null, a fresh scratch directory as cwd, HOME and TMPDIR
   (removed afterwards), ``python -s -S -B -P``, output captured head + tail up to a cap, every wait with a
   deadline, and an OOM score of 1000 (under memory pressure the kernel kills the sandbox, not the trainer). The
   program's other processes still running when it ends are counted (``leftover_processes``) and killed; if the
-  supervisor itself dies, the caller kills its session.
+  supervisor itself fails it kills the program's group first, and the caller always kills what is left of the
+  supervisor's session. A sandbox failure after the program started is reported with ``started=True`` (the code
+  verifier scores it 0.0: breaking the sandbox must not dodge a 0).
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ from enum import StrEnum
 SUPERVISOR_GRACE_S = 10.0  # the caller's deadline = the program's + this (start-up, the sweep, the report)
 EXIT_GRACE_S = 0.2  # after the program exits, how long its output pipes may stay open (held by a descendant)
 SWEEP_S = 2.0  # the longest the supervisor spends killing leftover processes
+RECOUNT_S = 0.05  # leftovers are counted again after this pause: a process in the middle of exiting is no leftover
+RUNNING = "the program is running"  # the line the supervisor writes to the caller once the program's exec succeeded
 ENV_PATH = "/usr/local/bin:/usr/bin:/bin"
 LANDLOCK = True  # the fallback adds Landlock where the kernel has it (the tests turn it off to test the hook alone)
 
@@ -75,7 +83,10 @@ class SandboxResult:
     stdout_bytes: int = 0  # written in total, before the cap
     stderr_bytes: int = 0
     leftover_processes: int = 0  # the program's other processes still running when it ended (then killed)
-    error: str | None = None  # the sandbox itself failed (could not start, no report): nothing was judged
+    error: str | None = None  # the sandbox itself failed (could not start, no report, crashed)
+    # the program was exec'd: an ``error`` then happened while it ran, and may be its doing (the code verifier scores
+    # 0.0, not None); False with an error: nothing of the program ran, nothing was judged
+    started: bool = False
     scratch_dir: str = ""  # already removed; its name is in the program's command line (for leak checks)
     notes: tuple[str, ...] = field(default_factory=tuple)  # remounts that failed, the disk cap, ...
 
@@ -134,14 +145,15 @@ def _run(source: str, mode: Isolation, *, timeout_s: float, memory_mb: int, max_
          max_processes: int, disk_mb: int, open_files: int, site_packages: bool) -> SandboxResult:
     namespace = mode is Isolation.namespace
     network = "netns" if namespace else "socket-blocked"
-    started = time.monotonic()
+    started_at = time.monotonic()
     scratch = os.path.realpath(tempfile.mkdtemp(prefix="posttrain-sandbox-"))
     keep = {os.path.realpath(p) for p in (sys.executable, sys.prefix, sys.base_prefix, sys.exec_prefix)}
     if site_packages:
         keep |= {os.path.realpath(p) for p in sys.path if p}
     home, tempdir = os.path.realpath(os.path.expanduser("~")), os.path.realpath(tempfile.gettempdir())
-    # what the fallback hides from the program's reads: what namespace mode covers, and the other users' homes
-    hidden = sorted({home, tempdir, "/run", "/root", "/home"} - {"/"})
+    # what the program must not read: the caller's HOME, the temp root, /run and every user's home (namespace mode
+    # covers them with empty tmpfs, the fallback's hook and Landlock rules hide them)
+    hidden = sorted({home, tempdir, *map(os.path.realpath, ("/run", "/root", "/home"))} - {"/"})
     config = {"scratch": scratch, "namespace": namespace, "timeout_s": float(timeout_s), "memory_mb": memory_mb,
               "max_output_bytes": max_output_bytes, "max_processes": max_processes, "disk_mb": disk_mb,
               "open_files": open_files, "site_packages": site_packages, "python": sys.executable,
@@ -149,9 +161,9 @@ def _run(source: str, mode: Isolation, *, timeout_s: float, memory_mb: int, max_
               "hidden": hidden, "landlock": LANDLOCK}
     command = [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__), json.dumps(config)]
 
-    def failed(message: str) -> SandboxResult:
-        return SandboxResult(None, "", "", False, False, network, "", time.monotonic() - started,
-                             error=message, scratch_dir=scratch)
+    def failed(message: str, started: bool) -> SandboxResult:
+        return SandboxResult(None, "", "", False, False, network, "", time.monotonic() - started_at,
+                             error=message, started=started, scratch_dir=scratch)
 
     try:
         with open(os.path.join(scratch, "prog.py"), "w", encoding="utf-8") as handle:
@@ -164,26 +176,32 @@ def _run(source: str, mode: Isolation, *, timeout_s: float, memory_mb: int, max_
             _kill_session(proc.pid)
             try:
                 out, err = proc.communicate(timeout=5)
-            except subprocess.TimeoutExpired:
-                return failed("the supervisor did not finish and its output pipes stayed open")
-            return failed(f"the supervisor missed its deadline; stderr: {err.decode(errors='replace')[-500:]}")
-        if proc.returncode != 0:  # the supervisor died before its sweep (killed): its program must not live on
+            except subprocess.TimeoutExpired:  # only a process that left the session can hold the pipes open
+                return failed("the supervisor did not finish and its output pipes stayed open", True)
+            return failed(f"the supervisor missed its deadline; stderr: {err.decode(errors='replace')[-500:]}",
+                          RUNNING in out.decode(errors="replace").splitlines())
+        finally:
+            # Whatever the supervisor reported: one that failed or was killed before its sweep leaves the program
+            # running. Cheap when nothing is left; while anything of the session lives, its id cannot be reused.
             _kill_session(proc.pid)
+        lines = out.decode(errors="replace").strip().splitlines()
+        started = RUNNING in lines
         try:
-            report = json.loads(out.decode(errors="replace").strip().splitlines()[-1])
+            report = json.loads(lines[-1])
         except (ValueError, IndexError):
             return failed(f"no report from the supervisor (exit {proc.returncode}): "
-                          f"{err.decode(errors='replace')[-500:]}")
+                          f"{err.decode(errors='replace')[-500:]}", started)
         if "error" in report:
-            return failed(report["error"])
+            return failed(report["error"], started)
         return SandboxResult(
             returncode=report["returncode"], stdout=report["stdout"], stderr=report["stderr"],
             timed_out=report["timed_out"], killed=report["killed"], network_isolation=network,
-            filesystem=report["filesystem"], duration_s=time.monotonic() - started,
+            filesystem=report["filesystem"], duration_s=time.monotonic() - started_at,
             stdout_bytes=report["stdout_bytes"], stderr_bytes=report["stderr_bytes"],
-            leftover_processes=report["leftover_processes"], scratch_dir=scratch, notes=tuple(report["notes"]))
+            leftover_processes=report["leftover_processes"], started=True, scratch_dir=scratch,
+            notes=tuple(report["notes"]))
     except OSError as error:
-        return failed(f"could not start the sandbox: {error}")
+        return failed(f"could not start the sandbox: {error}", False)
     finally:
         remove_tree(scratch)
 
@@ -205,34 +223,39 @@ def remove_tree(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _proc_stat(pid: str) -> list[str] | None:
-    """/proc/PID/stat's fields after the command name: [state, ppid, pgrp, session, ...]; None if it is gone."""
+def _processes():
+    """(pid, /proc/PID/stat's fields after the command name: [state, ppid, pgrp, session, ...]) of every process
+    not yet a zombie."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as handle:
+                data = handle.read().decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        stat = data[data.rfind(")") + 2:].split()
+        if stat and stat[0] not in "ZX":
+            yield int(pid), stat
+
+
+def _kill(pid: int, group: bool = False) -> None:
+    """SIGKILL to a process (or its process group), if it still exists."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            data = handle.read().decode(errors="replace")
+        (os.killpg if group else os.kill)(pid, signal.SIGKILL)
     except OSError:
-        return None
-    return data[data.rfind(")") + 2:].split()
+        pass
 
 
 def _kill_session(sid: int) -> None:
     """SIGKILL to a session: its process groups, then any process whose session is ``sid`` (/proc scan), again
     until none is left running (a kill is asynchronous) or ``SWEEP_S`` passes."""
-    try:
-        os.killpg(sid, signal.SIGKILL)
-    except OSError:
-        pass
+    _kill(sid, group=True)
     deadline = time.monotonic() + SWEEP_S
     while True:
         left = False
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            stat = _proc_stat(pid)
-            if stat and stat[3] == str(sid) and stat[0] not in "ZX":
+        for pid, stat in _processes():
+            if stat[3] == str(sid):
                 left = True
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except OSError:
-                    pass
+                _kill(pid)
         if not left or time.monotonic() > deadline:
             return
         time.sleep(0.005)
@@ -297,8 +320,9 @@ def _under(path: str, root: str) -> bool:
 
 def _private_filesystem(libc, config: dict) -> list[str]:
     """Inside the mount namespace (we are its root, with every capability until the program drops them): a fresh
-    /dev, every mount read-only, nosuid and nodev, a tmpfs scratch directory, the caller's home, /run and the temp
-    root covered. Returns the steps that failed (each is skipped, the rest still applied)."""
+    /dev, every mount read-only, nosuid and nodev, a tmpfs scratch directory, the hidden directories (the caller's
+    HOME, the temp root, /run, /root, /home) covered. Returns the steps that failed (each is skipped, the rest still
+    applied)."""
     scratch, failures = config["scratch"], []
     keep = [k for k in config["keep"] if not any(k != o and _under(k, o) for o in config["keep"])]  # outermost
     points = _mount_points()
@@ -358,7 +382,7 @@ def _private_filesystem(libc, config: dict) -> list[str]:
             for fd in held.values():
                 os.close(fd)
 
-    for path in sorted({config["home"], "/run", config["tempdir"]} - {"/"}):
+    for path in config["hidden"]:  # sorted: a directory before what is under it
         if not _under(scratch, path) or path == config["tempdir"]:
             attempt(cover, path)
     owner = ",uid=1,gid=1" if config["uid"] == 0 else ""  # a root caller's program runs as in-namespace uid 1
@@ -471,7 +495,7 @@ def _landlock_restrict(libc, abi: int, rules: list[tuple[str, int]]) -> None:
 def _uid_tasks(uid: int) -> int:
     """Processes and threads of ``uid`` now: RLIMIT_NPROC counts all of them, not just the sandbox's."""
     total = 0
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    for pid, _ in _processes():
         try:
             with open(f"/proc/{pid}/status") as handle:
                 status = dict(line.split(":", 1) for line in handle if ":" in line)
@@ -483,17 +507,56 @@ def _uid_tasks(uid: int) -> int:
 
 
 _GUARD = r'''
-def _posttrain_guard(scratch, allowed_devices, hidden, keep):
-    import os, sys, _posixsubprocess
+def _posttrain_guard(scratch, allowed_devices, hidden, keep, *, any=any, bool=bool, bytes=bytes, id=id, int=int,
+                     isinstance=isinstance, len=len, range=range, str=str, PermissionError=PermissionError):
+    # The builtins above are bound now: the program could replace them in the builtins module, not here.
+    import os, sys, posix, _imp, _posixsubprocess, _signal
     own = str(os.getpid())
-    realpath, fsdecode, isdir, stat = os.path.realpath, os.fsdecode, os.path.isdir, os.stat
+    # C functions bound before the program runs; os.path's helpers are Python the program could patch
+    stat, readlink, getcwd, fspath = posix.stat, posix.readlink, posix.getcwd, posix.fspath
+    encoding = sys.getfilesystemencoding()
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    hidden, keep = tuple(hidden), tuple(keep)
 
     def deny(what):
         raise PermissionError(f"sandbox: {what} is not allowed (socket-blocked fallback)")
 
+    def text(path):
+        # a plain str of the path's own characters (a str subclass could override the methods used below)
+        path = fspath(path)
+        return b"".join((path,)).decode(encoding, "surrogateescape") if isinstance(path, bytes) else "".join((path,))
+
     def resolve(path):
-        return None if isinstance(path, int) else realpath(fsdecode(path))
+        # the absolute path the kernel opens, symlinks followed (os.path.realpath's rules, from C calls only)
+        if isinstance(path, int):
+            return None
+        path = text(path)
+        pending = (path if path.startswith("/") else getcwd() + "/" + path).split("/")[::-1]
+        resolved, links = "", 0
+        while pending:
+            name = pending.pop()
+            if name in ("", "."):
+                continue
+            if name == "..":
+                resolved = resolved[:resolved.rfind("/")]
+                continue
+            try:
+                target = readlink(resolved + "/" + name) if links < 40 else None
+            except OSError:  # not a link, or missing
+                target = None
+            if target is None:
+                resolved += "/" + name
+            else:
+                links += 1
+                pending += target.split("/")[::-1]
+                resolved = "" if target.startswith("/") else resolved
+        return resolved or "/"
+
+    def isdir(path):
+        try:
+            return stat(path).st_mode & 0o170000 == 0o040000
+        except OSError:
+            return False
 
     def under(path, root):
         return path == root or path.startswith(root.rstrip("/") + "/")
@@ -507,7 +570,7 @@ def _posttrain_guard(scratch, allowed_devices, hidden, keep):
 
     def readable(path):
         """What namespace mode would let a root caller's program (the nobody user there) read: not the covered
-        directories, and only files every user may read (the program here is uid 0 without capabilities, which
+        directories, and only files every user may read (the program here may be uid 0 without capabilities, which
         still reads root's own 0600 files such as /etc/shadow)."""
         if inside(path) or any(under(path, k) for k in keep) or path.startswith(f"/proc/{own}/"):
             return True
@@ -523,21 +586,46 @@ def _posttrain_guard(scratch, allowed_devices, hidden, keep):
 
     def check_write(event, *paths):
         for path in paths:
-            resolved = resolve(path) if isinstance(path, (str, bytes, os.PathLike)) else None
+            resolved = resolve(path)
             if resolved is not None and not inside(resolved):
                 deny(f"{event} outside the scratch directory")
 
-    def blocked_spawn(*args, **kwargs):
-        deny("starting a process")
+    def refusal(what):
+        message = f"sandbox: {what} is not allowed (socket-blocked fallback)"
 
-    _posixsubprocess.fork_exec = blocked_spawn  # it raises no audit event of its own
-    blocked = {"os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "subprocess.Popen",
-               "pty.spawn", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "socket.connect", "socket.bind",
-               "socket.sendto", "socket.sendmsg", "socket.getaddrinfo", "socket.gethostbyname",
-               "socket.gethostbyaddr", "socket.getnameinfo", "socket.sethostname", "os.setxattr",
-               "os.removexattr", "os.chflags", "os.lchflags"}
-    mutations = {"os.mkdir": 1, "os.remove": 1, "os.rmdir": 1, "os.chmod": 1, "os.chown": 1, "os.utime": 1,
-                 "os.truncate": 1, "os.rename": 2, "os.link": 2, "shutil.rmtree": 1}
+        def refused(*args, **kwargs):
+            raise PermissionError(message)
+        refusals.append(refused)
+        return refused
+
+    # Calls that start a process or reach another one without an audit event: replaced by refusals wherever they
+    # are held. A fresh copy of their module would bring them back: every built-in module is loaded now and none
+    # can be created afresh later (an extension module's load raises the "import" event, refused below).
+    refusals = []
+    unaudited = {"fork_exec": "starting a process", "pidfd_open": "opening a process's pidfd",
+                 "pidfd_send_signal": "signalling through a pidfd", "setpriority": "changing a priority",
+                 "sched_setaffinity": "changing a CPU affinity", "sched_setscheduler": "changing a scheduling policy",
+                 "sched_setparam": "changing a scheduling priority"}
+    for name in sys.builtin_module_names:
+        __import__(name)
+    for module in (_posixsubprocess, posix, os, _signal, sys.modules.get("signal")):
+        for name, what in unaudited.items():
+            if hasattr(module, name):
+                setattr(module, name, refusal(what))
+    _imp.create_builtin = refusal("creating a built-in module afresh")
+    blocked = frozenset({
+        "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system", "subprocess.Popen",
+        "pty.spawn", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "socket.connect", "socket.bind",
+        "socket.sendto", "socket.sendmsg", "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr",
+        "socket.getnameinfo", "socket.sethostname", "os.setxattr", "os.removexattr", "os.chflags", "os.lchflags",
+        "cpython.PyInterpreterState_New",  # a subinterpreter has none of this interpreter's audit hooks
+        # what reaches into this guard's functions: the garbage collector's object graph, tracers
+        "gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys.settrace", "sys.setprofile"})
+    one_path = frozenset({"os.mkdir", "os.remove", "os.rmdir", "os.chmod", "os.chown", "os.utime", "os.truncate",
+                          "shutil.rmtree"})
+    two_paths = frozenset({"os.rename", "os.link"})
+    refused_imports = frozenset({"_ctypes", "ctypes", "_posixsubprocess", "_xxsubinterpreters", "_testcapi",
+                                 "_testinternalcapi"})
 
     def hook(event, args):
         if event == "open":
@@ -560,19 +648,25 @@ def _posttrain_guard(scratch, allowed_devices, hidden, keep):
             if resolved is not None and not readable(resolved):
                 deny("listing a directory namespace mode hides")
         elif event == "os.symlink":  # a relative target is read from the link's directory, not the current one
-            target, link = fsdecode(args[0]), os.path.abspath(fsdecode(args[1]))
-            check_write(event, os.path.join(os.path.dirname(link), target), link)
-        elif event in mutations:
-            check_write(event, *args[:mutations[event]])
+            target, link = text(args[0]), resolve(args[1])
+            check_write(event, target if target.startswith("/") else link[:link.rfind("/")] + "/" + target, link)
+        elif event in one_path or event in two_paths:
+            check_write(event, *args[:2 if event in two_paths else 1])
         elif event in blocked:
             deny(event)
         elif event == "socket.__new__" and args[1] != 1:  # AF_UNIX socketpairs (asyncio's wake-up) stay
             deny("a network socket")
         elif event in ("os.kill", "os.killpg") and str(args[0]) not in (own, "0"):
             deny("signalling another process")
-        elif event == "import" and args[0] in ("_ctypes", "ctypes", "_posixsubprocess"):
+        elif event == "resource.prlimit" and str(args[0]) not in (own, "0"):
+            deny("changing another process's resource limits")
+        elif event == "object.__setattr__" and args[1] == "__code__" and id(args[0]) in guarded:
+            deny("rewriting the sandbox's guard")  # one of its functions, reached through a traceback say
+        elif event == "import" and args[0] in refused_imports:
             deny(f"importing {args[0]}")
 
+    guarded = frozenset(map(id, (deny, text, resolve, isdir, under, inside, other_process, readable, check_write,
+                                 refusal, hook, *refusals)))
     sys.addaudithook(hook)
 '''
 
@@ -592,9 +686,10 @@ def _program_command(config: dict) -> list[str]:
 
 
 def _exec_program(libc, config: dict, stdout_fd: int, stderr_fd: int, status_fd: int, nproc: int,
-                  landlock: list[tuple[str, int]] | None, abi: int) -> None:
-    """In the forked child: its own process group, stdio, no capabilities, rlimits, the fallback's Landlock rules
-    (``landlock``), then exec the program. ``status_fd`` (close-on-exec) stays open for a set-up error."""
+                  landlock: list[tuple[str, int]] | None, abi: int, run_as: int | None) -> None:
+    """In the forked child: its own process group, stdio, no capabilities (and the uid ``run_as``, if given),
+    rlimits, the fallback's Landlock rules (``landlock``), then exec the program. ``status_fd`` (close-on-exec)
+    stays open for a set-up error."""
     import resource
 
     os.setpgid(0, 0)
@@ -604,8 +699,8 @@ def _exec_program(libc, config: dict, stdout_fd: int, stderr_fd: int, status_fd:
     os.dup2(stderr_fd, 2)
     os.closerange(3, status_fd)
     os.closerange(status_fd + 1, 65536)
-    # in the fallback too: a caller running as root gives the program uid 0, not its powers
-    _drop_capabilities(libc, 1 if config["namespace"] and config["uid"] == 0 else None)
+    # in the fallback too: a root caller that cannot hand the program to nobody gives it uid 0, not its powers
+    _drop_capabilities(libc, run_as)
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     cpu = math.ceil(config["timeout_s"]) + 1
     memory, disk = config["memory_mb"] << 20, config["disk_mb"] << 20
@@ -682,44 +777,39 @@ def _reap(pid: int, status: int | None) -> tuple[int | None, bool]:
 
 def _others(pid: int, namespace: bool) -> int:
     """The program's other processes still running (zombies not counted): in the pid namespace every process but us
-    and the program; in the fallback the members of its process group and what was re-parented to us."""
-    me, count = str(os.getpid()), 0
-    for other in filter(str.isdigit, os.listdir("/proc")):
-        stat = _proc_stat(other)
-        if stat and stat[0] != "Z" and other not in (me, str(pid)) and (namespace or me == stat[1]
-                                                                        or stat[2] == str(pid)):
-            count += 1
-    return count
+    and the program; in the fallback the members of its process group and what was re-parented to us. A process
+    in the middle of exiting is not a zombie yet: a count above 0 is taken again after ``RECOUNT_S``."""
+    me = os.getpid()
+
+    def count() -> int:
+        return sum(other not in (me, pid) and (namespace or stat[1] == str(me) or stat[2] == str(pid))
+                   for other, stat in _processes())
+
+    if count() == 0:
+        return 0
+    time.sleep(RECOUNT_S)
+    return count()
 
 
 def _sweep(pid: int, namespace: bool, status: int | None) -> tuple[int | None, int]:
     """Kill everything the program started: its process group, then (pid namespace) every process of the namespace,
     or (fallback) every process re-parented to us, until none is left or ``SWEEP_S`` passes. Returns the program's
     wait status and how many other processes of it were still running."""
-    leftover = _others(pid, namespace)
     try:
-        os.killpg(pid, signal.SIGKILL)
-    except OSError:
-        pass
+        leftover = _others(pid, namespace)
+    finally:  # the group dies even if the count failed (a resource of ours exhausted)
+        _kill(pid, group=True)
     deadline = time.monotonic() + SWEEP_S
     me = str(os.getpid())
     while time.monotonic() < deadline:
+        left = False
         if namespace:
-            try:
-                os.kill(-1, signal.SIGKILL)  # as the namespace's init: every process in it but us
-            except OSError:
-                pass
-            left = False
+            _kill(-1)  # as the namespace's init: every process in it but us
         else:
-            left = False
-            for child in filter(str.isdigit, os.listdir("/proc")):
-                stat = _proc_stat(child)
-                if stat and stat[1] == me and stat[0] != "Z":
+            for child, stat in _processes():
+                if stat[1] == me:
                     left = True
-                    try:
-                        os.kill(int(child), signal.SIGKILL)
-                    except OSError:
-                        pass
+                    _kill(child)
         status, remaining = _reap(pid, status)
         if not left and not remaining:
             break
@@ -807,17 +897,25 @@ def _supervise(config: dict) -> dict:
     namespace = config["namespace"]
     libc = _libc()
     failures: list[str] = []
+    run_as = None  # the program's uid, where it is not ours
     if namespace:
         with open(os.path.join(config["scratch"], "prog.py"), "rb") as handle:
             program = handle.read()
         failures = _private_filesystem(libc, config)
         with open(os.path.join(config["scratch"], "prog.py"), "wb") as handle:  # into the fresh tmpfs
             handle.write(program)
+        run_as = 1 if config["uid"] == 0 else None  # mapped to the host's nobody
         # counted per (user namespace, uid): the program's processes, plus us when we share its uid
         nproc = config["max_processes"] + (0 if config["uid"] == 0 else 1)
     else:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of the program come to us, not to init
-        nproc = _uid_tasks(config["uid"]) + config["max_processes"]  # RLIMIT_NPROC counts the whole uid
+        if config["uid"] == 0:
+            if _nobody_can_run(config):
+                run_as = NOBODY
+            else:
+                failures.append("the program runs as uid 0 (without capabilities): the host's nobody cannot reach "
+                                "the interpreter, its library or the scratch directory")
+        nproc = _uid_tasks(config["uid"] if run_as is None else run_as) + config["max_processes"]  # the whole uid
     abi = _landlock_abi(libc) if not namespace and config["landlock"] else 0
     landlock = _landlock_rules(config, abi) if abi else None
     if not namespace and not abi:
@@ -828,29 +926,37 @@ def _supervise(config: dict) -> dict:
     pid = os.fork()
     if pid == 0:
         try:
-            _exec_program(libc, config, out_w, err_w, status_w, nproc, landlock, abi)
+            _exec_program(libc, config, out_w, err_w, status_w, nproc, landlock, abi, run_as)
         except BaseException as error:
             os.write(status_w, f"could not start the program: {error!r}".encode())
         finally:
             os._exit(126)
-    try:
-        os.setpgid(pid, pid)  # also done in the child; whichever runs first
-    except OSError:
-        pass
-    for fd in (out_w, err_w, status_w):
-        os.close(fd)
-    import select
-
-    ready, _, _ = select.select([status_r], [], [], max(0.0, deadline - time.monotonic()))
-    setup_error = os.read(status_r, 4096).decode(errors="replace") if ready else ""
-    os.close(status_r)
     streams = {out_r: _Capture(config["max_output_bytes"]), err_r: _Capture(config["max_output_bytes"])}
-    if setup_error:  # the sandbox failed, not the program: nothing is judged
-        _sweep(pid, namespace, None)
-        _drain(streams, 0.5)
-        return {"error": setup_error}
-    status, timed_out, notes = _watch(pid, streams, deadline, config)
-    status, leftover = _sweep(pid, namespace, status)
+    try:
+        try:
+            os.setpgid(pid, pid)  # also done in the child; whichever runs first
+        except OSError:
+            pass
+        for fd in (out_w, err_w, status_w):
+            os.close(fd)
+        import select
+
+        ready, _, _ = select.select([status_r], [], [], max(0.0, deadline - time.monotonic()))
+        setup_error = os.read(status_r, 4096).decode(errors="replace") if ready else ""
+        os.close(status_r)
+        if setup_error:  # the sandbox failed, not the program: nothing is judged
+            _sweep(pid, namespace, None)
+            _drain(streams, 0.5)
+            return {"error": setup_error}
+        if ready:  # to the caller's pipe (the namespace's init holds it too): a failure from here on scores 0.0
+            os.write(1, (RUNNING + "\n").encode())
+        status, timed_out, notes = _watch(pid, streams, deadline, config)
+        status, leftover = _sweep(pid, namespace, status)
+    except BaseException:
+        # We failed while the program may run (a resource of ours it exhausted, say): it must not outlive us. The
+        # caller then kills what is left of our session.
+        _kill(pid, group=True)
+        raise
     if status is None:
         status = _reap_blocking(pid)
     _drain(streams, 0.5)
@@ -860,11 +966,40 @@ def _supervise(config: dict) -> dict:
     else:
         filesystem = "landlock" if abi else "python-guard"
         if 0 < abi < 6:
-            notes.append(f"Landlock ABI {abi}: signals are refused by the audit hook only")
+            notes.append(f"Landlock ABI {abi} has no signal scope: signals to other processes are refused by the "
+                         "Python-level guard only")
     return {"returncode": code, "timed_out": timed_out, "killed": code is not None and code < 0,
             "stdout": streams[out_r].text(), "stderr": streams[err_r].text(),
             "stdout_bytes": streams[out_r].total, "stderr_bytes": streams[err_r].total,
             "leftover_processes": leftover, "filesystem": filesystem, "notes": failures + notes}
+
+
+def _nobody_can_run(config: dict) -> bool:
+    """Fallback, root caller: hand the scratch directory to the host's nobody and say whether the program can run
+    as that user: the interpreter, its standard library, the scratch directory and (``site_packages``) the import
+    path reachable. Asked of the kernel in a child that takes nobody's ids, not guessed from permission bits."""
+    scratch = config["scratch"]
+    for path in (scratch, os.path.join(scratch, "prog.py")):
+        os.chown(path, NOBODY, NOBODY)
+    needs = [(config["python"], os.X_OK), (os.path.dirname(os.__file__), os.R_OK | os.X_OK),
+             (scratch, os.R_OK | os.W_OK | os.X_OK)]
+    if config["site_packages"]:
+        needs += [(path, os.R_OK) for path in config["keep"] if os.path.exists(path)]
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setresgid(NOBODY, NOBODY, NOBODY)
+            os.setresuid(NOBODY, NOBODY, NOBODY)
+            code = 0 if all(os.access(path, mode) for path, mode in needs) else 1
+        finally:
+            os._exit(code)
+    if _wait_deadline(child, 5.0) == 0:
+        return True
+    for path in (scratch, os.path.join(scratch, "prog.py")):  # uid 0 without capabilities obeys the mode bits
+        os.chown(path, 0, 0)
+    return False
 
 
 def _reap_blocking(pid: int) -> int | None:
@@ -981,6 +1116,6 @@ if __name__ == "__main__":
     try:
         _config = json.loads(sys.argv[1])
         _report = (_supervise_in_namespaces if _config["namespace"] else _supervise)(_config)
-    except BaseException as _error:  # the sandbox failed, not the program: the caller scores None
+    except BaseException as _error:  # the sandbox failed: None before the program's exec, 0.0 after (RUNNING)
         _report = {"error": f"supervisor: {_error!r}"}
     os.write(1, (json.dumps(_report) + "\n").encode())

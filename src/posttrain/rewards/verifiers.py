@@ -573,7 +573,9 @@ def code_reward(program: str, tests: str, *, timeout_s: float = 10.0, partial_cr
     ``partial_credit`` the fraction of top-level ``assert`` statements that pass (0.0 if the program itself fails;
     tests with no top-level assert score all or nothing). A program that times out, crashes or is killed scores 0.0,
     and so does one that leaves a process running when it ends (the sandbox kills it; a reward must not pay for
-    it). None: cannot be judged (``tests`` does not parse or has no statement, or the sandbox itself failed).
+    it), and one during whose run the sandbox itself failed (it may have made it fail: RL drops None samples, so a
+    None there would spare a hostile program its 0). None: cannot be judged (``tests`` does not parse or has no
+    statement, or the sandbox failed before the program started).
     ``isolation``: "auto", "namespace" or "socket" (``posttrain.rewards.sandbox``).
     """
     from posttrain.rewards.sandbox import run_sandboxed
@@ -587,7 +589,7 @@ def code_reward(program: str, tests: str, *, timeout_s: float = 10.0, partial_cr
     result = run_sandboxed(_harness(program, tests, nonce), timeout_s=timeout_s, memory_mb=memory_mb,
                            isolation=isolation)
     if result.error is not None:
-        return None
+        return 0.0 if result.started else None
     report = _test_report(result.stdout, nonce)
     if result.timed_out or result.leftover_processes or report is None or not report["program"]:
         return 0.0

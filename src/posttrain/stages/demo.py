@@ -37,8 +37,8 @@ from pathlib import Path
 import yaml
 
 from posttrain.maths.stats import mean_or_nan
-from posttrain.plumbing.config import config_to_dict, device_option, option, progress_option
-from posttrain.plumbing.harness import is_complete
+from posttrain.plumbing.config import device_option, option, progress_option
+from posttrain.plumbing.harness import CHANGEABLE_ON_RESUME, is_complete, settings_changed
 
 METRICS = ("format_rate", "accuracy", "request_rate", "gold_reward", "mean_length", "stop_rate")
 
@@ -61,7 +61,7 @@ class DemoConfig:
     dpo_eval_samples: int = option(16, "DPO win-rate: samples per held-out prompt for each policy's expected gold")
     grpo_steps: int = option(120, "GRPO with the math verifier from the SFT model (RLVR): rollout steps of 8 training "
                                   "prompts x 8 samples, run while the reward model trains; 0 = skip the stage")
-    ppo_steps: int = option(20, "PPO (RLHF) from the SFT model against the reward model, KL-penalised (beta 0.1): "
+    ppo_steps: int = option(20, "PPO (RLHF) from the SFT model against the reward model, KL-penalised (beta 0.2): "
                                 "rollout steps of 16 training prompts x 4 samples; 0 = skip (needs the RM stage)")
     overopt_steps: int = option(30, "over-optimization: GRPO steps (8 prompts x 8 samples) against the same reward "
                                     "model at beta 0, the KL to the SFT model tracked; 0 = skip (needs the RM stage)")
@@ -81,13 +81,17 @@ def format_table(stages: dict[str, dict[str, float]]) -> str:
 
 
 def _discard_if_config_changed(run_dir: Path, config) -> None:
-    """Reuse (or resume) a stage run only if it was made with the same settings; otherwise start it afresh."""
+    """Reuse (or resume) a stage run only if it was made with the same settings (those a resume may change aside,
+    e.g. --progress or --device, and options added since); otherwise start it afresh."""
     import shutil
 
     saved = run_dir / "config.yaml"
-    if saved.exists() and yaml.safe_load(saved.read_text()) != config_to_dict(config):
-        print(f"{run_dir}: settings changed since the last demo, retraining this stage")
-        shutil.rmtree(run_dir)
+    if saved.exists():
+        changed = set(settings_changed(yaml.safe_load(saved.read_text()) or {}, config)) - set(CHANGEABLE_ON_RESUME)
+        if changed:
+            print(f"{run_dir}: settings changed since the last demo ({', '.join(sorted(changed))}), retraining "
+                  "this stage")
+            shutil.rmtree(run_dir)
 
 
 def _in_child(target, args: tuple) -> None:
@@ -342,7 +346,7 @@ def _grpo_stage(config: DemoConfig, paths, sft_model: Path, out: Path) -> Path:
 
 def _ppo_stage(config: DemoConfig, data: Path, prompts: Path, sft_model: Path, rm_model: Path, out: Path) -> dict:
     """PPO (RLHF) from the SFT model against the BT RM with a KL penalty: 16 training prompts x 4 samples a step,
-    k1 in the per-token reward at beta 0.1, the critic initialised from the RM, GAE (gamma 1, lambda 0.95), one
+    k1 in the per-token reward at beta 0.2, the critic initialised from the RM, GAE (gamma 1, lambda 0.95), one
     epoch of two minibatches (the second is off-policy by one update, so the clip acts), lr 1e-4; the same RM as
     the over-optimization run, which has no KL penalty. Returns ``{"stage": greedy metrics on the held-out prompts,
     "report": {reward, beta, steps, kl (the last 5 steps' mean per-sequence KL of the rollouts to the SFT model),
@@ -356,7 +360,7 @@ def _ppo_stage(config: DemoConfig, data: Path, prompts: Path, sft_model: Path, r
     rl_config = resolve(RLConfig(
         algo="ppo", model=str(sft_model), reward=f"rm:{rm_model}", value_model=str(rm_model),
         data=str(data / "rl_train.jsonl"), eval_data="", out=str(out / "ppo"), max_steps=config.ppo_steps,
-        batch_size=16, group_size=4, beta=0.1, lr=1e-4, value_lr=1e-4, ppo_epochs=1, num_minibatches=2,
+        batch_size=16, group_size=4, beta=0.2, lr=1e-4, value_lr=1e-4, ppo_epochs=1, num_minibatches=2,
         max_new_tokens=config.max_new_tokens, save_every=50, device=config.device, progress=config.progress,
         resume=True))
     _discard_if_config_changed(out / "ppo", rl_config)
@@ -605,7 +609,7 @@ def run_demo(config: DemoConfig) -> dict:
         if config.ppo_steps and rm_model is not None:
             stage += 1
             print(f"[{stage}/{stage_count}] PPO (RLHF) from the SFT model against the reward model, KL-penalised "
-                  f"(beta 0.1; {config.ppo_steps} steps of 16 prompts x 4 samples)")
+                  f"(beta 0.2; {config.ppo_steps} steps of 16 prompts x 4 samples)")
             ppo = _ppo_stage(config, paths.data, prompts, sft_model, rm_model, out)
             stages["ppo"], summary["ppo"] = ppo["stage"], ppo["report"]
             timed("ppo")

@@ -138,7 +138,7 @@ class RLConfig(ChatTrainConfig):
                                  "(Yao et al. 2025; 2 is usual); 0 = off (the built-in engine samples from the "
                                  "learner itself)")
     max_refills: int = option(4, "dynamic sampling: extra rollout rounds per step before training on fewer groups "
-                                 f"(at most {MAX_REFILLS})")
+                                 f"(at most {MAX_REFILLS})", maximum=MAX_REFILLS)
     overlong: str = option("none", "truncated completions (no end-of-turn): none | mask (no loss) | shape (DAPO's "
                                    "soft penalty over the last overlong_buffer tokens, -overlong_penalty if cut)",
                            choices=("none", "mask", "shape"))
@@ -205,9 +205,6 @@ def resolve(config: RLConfig) -> RLConfig:
         raise ValueError("gspo: the sequence-level ratio needs --loss_aggregation=sequence_mean")
     if config.group_size < (2 if algo in GROUP_ALGOS + (Algo.rloo,) else 1):
         raise ValueError(f"{algo}: group baselines need --group_size >= 2, got {config.group_size}")
-    for name in ("batch_size", "grad_accum", "max_steps", "ppo_epochs", "num_minibatches", "max_new_tokens"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(config, name)}")
     if config.num_minibatches > config.batch_size:
         raise ValueError(f"--num_minibatches ({config.num_minibatches}) cannot exceed --batch_size "
                          f"({config.batch_size}): minibatches split the batch by prompt")
@@ -216,14 +213,12 @@ def resolve(config: RLConfig) -> RLConfig:
     if algo == Algo.gspo and config.step_reward:
         raise ValueError("gspo has one ratio and one advantage per sequence: dense --step_reward needs a token-level "
                          "algorithm")
-    if config.tis_cap < 0:
-        raise ValueError(f"--tis_cap must be >= 0 (0 = off), got {config.tis_cap}")
-    if not 0 <= config.max_refills <= MAX_REFILLS:
-        raise ValueError(f"--max_refills must be in [0, {MAX_REFILLS}], got {config.max_refills}")
-    if config.beta < 0 or config.temperature <= 0:
-        raise ValueError(f"need beta >= 0 and temperature > 0, got beta={config.beta}, "
-                         f"temperature={config.temperature}")
     return config
+
+
+def _applied_mean(total: float, applied: float, skipped: float) -> float:
+    """Mean of a metric over the updates applied in a step; nan when every update was skipped, 0 when none ran."""
+    return total / applied if applied else (math.nan if skipped else 0.0)
 
 
 class AdaptiveKL:
@@ -628,7 +623,6 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
             with torch.no_grad():
                 sums["entropy"] += sum(float(token_entropy(part, config.temperature).sum())
                                        for part in logits.detach().split(ENTROPY_CHUNK))
-                sums["loss"] += float(loss)
                 update_loss += float(loss)
                 sums["clipfrac"] += clipfrac
                 sums["approx_kl"] += float((kl_penalty(old, logps, KLEstimator.k3) * mask).sum())
@@ -643,14 +637,23 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
                     clipped_value_loss(values, old_values, returns, clip=config.value_clip or None), mask,
                     Reduction.token_mean, normalizer=tokens)
                 value_loss.backward()
-                sums["value_loss"] += float(value_loss.detach())
                 value_total += float(value_loss.detach())
-        grad_norm, lr = optimizer_step(model, optimizer, scheduler, config.max_grad_norm, loss=update_loss)
-        sums["grad_norm"] += grad_norm
-        sums["lr"] = lr
-        sums["updates"] += 1
+        # A non-finite update is skipped by optimizer_step (its norm comes back non-finite): counted, not averaged.
+        grad_norm, sums["lr"] = optimizer_step(model, optimizer, scheduler, config.max_grad_norm, loss=update_loss)
+        if math.isfinite(grad_norm):
+            sums["grad_norm"] += grad_norm
+            sums["loss"] += update_loss
+            sums["updates"] += 1
+        else:
+            sums["skipped_updates"] += 1
         if critic is not None:
-            optimizer_step(critic, critic_optimizer, critic_scheduler, config.max_grad_norm, loss=value_total)
+            value_norm, _ = optimizer_step(critic, critic_optimizer, critic_scheduler, config.max_grad_norm,
+                                           loss=value_total)
+            if math.isfinite(value_norm):
+                sums["value_loss"] += value_total
+                sums["value_updates"] += 1
+            else:
+                sums["value_skipped_updates"] += 1
 
     def evaluate() -> dict[str, float]:
         """Greedy replies to the held-out prompts: mean reward (and the tiny world's gold metrics)."""
@@ -697,8 +700,8 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
             generation_seconds = time.perf_counter() - started
             samples = [s for g in groups for s in g]
             sums = dict.fromkeys(("loss", "clipfrac", "approx_kl", "entropy", "tokens", "value_loss", "grad_norm",
-                                  "updates", "ratio_max", "lr", "mismatch", "mismatch_tokens", "tis_weight",
-                                  "tis_capped"), 0.0)
+                                  "updates", "skipped_updates", "value_updates", "value_skipped_updates",
+                                  "ratio_max", "lr", "mismatch", "mismatch_tokens", "tis_weight", "tis_capped"), 0.0)
             if samples:
                 reference_and_values(samples, sums)
             kl_metrics = assign_advantages(groups)
@@ -731,8 +734,10 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
                 "policy/clipfrac": sums["clipfrac"] / n_tokens, "policy/approx_kl": sums["approx_kl"] / n_tokens,
                 "policy/entropy": sums["entropy"] / n_tokens, "policy/ratio_max": sums["ratio_max"],
                 "rollout/logprob_mismatch": sums["mismatch"] / max(sums["mismatch_tokens"], 1.0),
-                "train/loss": sums["loss"] / max(sums["updates"], 1), "train/lr": sums["lr"],
-                "train/grad_norm": sums["grad_norm"] / max(sums["updates"], 1),
+                # every update of the step skipped: nan, a bad step for the harness; no update at all: 0
+                "train/loss": _applied_mean(sums["loss"], sums["updates"], sums["skipped_updates"]),
+                "train/grad_norm": _applied_mean(sums["grad_norm"], sums["updates"], sums["skipped_updates"]),
+                "train/skipped_updates": sums["skipped_updates"], "train/lr": sums["lr"],
                 "train/training_tokens_per_s": sums["tokens"] / max(training_seconds, 1e-9),
             }
             if config.tis_cap > 0:
@@ -744,7 +749,9 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
                 returns = torch.cat([s.returns for s in samples if s.trained and s.returns is not None] or
                                     [torch.zeros(1)])
                 variance = float(returns.var()) if returns.numel() > 1 else 0.0
-                metrics["value/loss"] = sums["value_loss"] / max(sums["updates"], 1)
+                metrics["value/loss"] = _applied_mean(sums["value_loss"], sums["value_updates"],
+                                                      sums["value_skipped_updates"])
+                metrics["value/skipped_updates"] = sums["value_skipped_updates"]
                 metrics["value/explained_variance"] = (1.0 - float((returns - values).var()) / variance
                                                        if variance > 0 else math.nan)
             if eval_rows and run.eval_due(step):

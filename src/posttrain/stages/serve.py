@@ -15,9 +15,11 @@ Limits, so that one client cannot take the server from the others (docs/reliabil
 * ``max_tokens`` must be an integer from 1 to ``--max_tokens_limit``, and the prompt plus ``max_tokens`` must fit
   the model's context (``max_position_embeddings``, or ``--context_length``); otherwise 400, as OpenAI answers (no
   silent clamping). Without ``max_tokens`` the reply budget is ``--max_tokens``, cut to the room left in the
-  context. A prompt that fills the context is refused (400).
+  context. A prompt that fills the context is refused (400); so, before it is tokenized, is one with more characters
+  than the context could hold (``max_prompt_chars``).
 * A body over ``--max_body_bytes`` gets 413; one that has not arrived within ``--request_timeout_s``, 408.
-* At most ``--max_queue`` requests wait for the model while one generates; more get 429 with ``Retry-After``.
+* At most ``--max_queue`` requests wait for the model while one generates; more get 429 with ``Retry-After``, checked
+  before the prompt is rendered (and again after, as others may have been admitted meanwhile).
 * A generation stops within a poll (0.1 s) and a token when its client disconnects, and when its request has run
   ``--request_timeout_s``: the reply then holds what was generated, with finish_reason "length" (a request whose
   time ran out while it waited in the queue gets 503 with ``Retry-After``).
@@ -169,6 +171,42 @@ def context_length(model) -> int | None:
     return None
 
 
+# Normalizers and pre-tokenizers that never delete characters (a whitespace split or an accent strip would).
+_KEEPS_EVERY_CHARACTER = {"Sequence", "NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Prepend", "Replace", "ByteLevel",
+                          "Metaspace", "Digits", "Punctuation", "UnicodeScripts", "Split"}
+
+
+def _keeps_every_character(component: dict) -> bool:
+    """Whether a normalizer / pre-tokenizer (its JSON) keeps every character of the text."""
+    kind, pattern = component.get("type"), component.get("pattern") or {}
+    if kind not in _KEEPS_EVERY_CHARACTER or component.get("behavior") == "Removed":
+        return False
+    if kind == "Replace" and not ("String" in pattern and len(component.get("content", "")) >= len(pattern["String"])):
+        return False  # a replacement that may shorten the text
+    return all(map(_keeps_every_character, component.get("normalizers", []) + component.get("pretokenizers", [])))
+
+
+def max_prompt_chars(tokenizer, context: int | None) -> int | None:
+    """Characters of message content beyond which a prompt cannot fit in ``context`` tokens, so that a request can be
+    refused before it is tokenized; None when no such bound is known.
+
+    A token covers at most as many characters of the text as its vocabulary string has (one per byte in byte-level
+    BPE, one per character in SentencePiece BPE), times 4 after a normalizer that composes characters (NFC composes
+    at most 4 code points into one). That holds for a BPE tokenizer whose normalizer and pre-tokenizer never delete
+    characters and which never fuses a run of unknown characters into one token; for any other, no bound."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if context is None or backend is None or type(backend.model).__name__ != "BPE":
+        return None
+    model = backend.model
+    if model.fuse_unk and model.unk_token is not None and not model.byte_fallback:
+        return None
+    parts = [json.loads(part.__getstate__())
+             for part in (backend.normalizer, backend.pre_tokenizer) if part is not None]
+    if not all(map(_keeps_every_character, parts)):
+        return None
+    return context * 4 * max(map(len, backend.get_vocab(with_added_tokens=True)), default=1)
+
+
 def reply_budget(max_tokens: int | None, prompt_tokens: int, context: int | None, default: int) -> int:
     """The ``max_new_tokens`` of a request: its ``max_tokens``, refused when the prompt and the reply do not fit the
     model's ``context`` (OpenAI's 400); without one, ``default`` cut to the room left. Raises ``BadRequest``."""
@@ -232,6 +270,7 @@ def create_app(model, tokenizer, model_name: str, *, default_max_tokens: int = S
     app.state.admitted = 0
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="posttrain-serve")  # its queue is the FIFO
     context = context or context_length(model)
+    max_chars = max_prompt_chars(tokenizer, context)
     created = int(time.time())
 
     @app.exception_handler(Exception)
@@ -244,27 +283,46 @@ def create_app(model, tokenizer, model_name: str, *, default_max_tokens: int = S
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "posttrain"}]}
 
+    def busy():
+        return _error(429, f"the server is busy: {max_queue} requests already wait for the model; retry later",
+                      kind="requests", code="rate_limit_exceeded", retry_after=True)
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         deadline = time.monotonic() + request_timeout_s
         try:
-            body = json.loads(await asyncio.wait_for(_read_body(request, max_body_bytes), request_timeout_s))
+            raw = await asyncio.wait_for(_read_body(request, max_body_bytes), request_timeout_s)
+        except BadRequest as err:
+            return _error(err.status, str(err), err.param)
+        except TimeoutError:
+            return _error(408, f"the request body did not arrive within {request_timeout_s:g} s (request_timeout_s)")
+        except ClientDisconnect:
+            return _error(400, "the client disconnected before sending the whole body")
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested deeper than the parser goes
+            return _error(400, "the request body is not valid JSON")
+        try:
             messages, options = parse_request(body, max_tokens_limit=max_tokens_limit)
+            if max_chars is not None and (chars := sum(len(m["content"]) for m in messages)) > max_chars:
+                raise BadRequest(f"This model's maximum context length is {context} tokens, and the messages hold "
+                                 f"{chars} characters, more than that many tokens can hold. Please reduce the length "
+                                 "of the messages.", "messages")
+        except BadRequest as err:
+            return _error(err.status, str(err), err.param)
+        if app.state.admitted > max_queue:  # one generating, max_queue waiting: refuse before rendering
+            return busy()
+        try:
             prompt_tokens = len(await run_in_threadpool(render_prompt, tokenizer, messages))  # off the event loop
             max_new_tokens = reply_budget(options["max_tokens"], prompt_tokens, context, default_max_tokens)
         except BadRequest as err:
             return _error(err.status, str(err), err.param)
         except (RenderError, TemplateNotPrefixStableError) as err:
             return _error(400, str(err), "messages")
-        except TimeoutError:
-            return _error(408, f"the request body did not arrive within {request_timeout_s:g} s (request_timeout_s)")
-        except ClientDisconnect:
-            return _error(400, "the client disconnected before sending the whole body")
-        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested deeper than the parser goes
-            return _error(400, "the request body is not valid JSON")
-        if app.state.admitted > max_queue:  # one generating, max_queue waiting
-            return _error(429, f"the server is busy: {max_queue} requests already wait for the model; retry later",
-                          kind="requests", code="rate_limit_exceeded", retry_after=True)
+        except ValueError as err:  # raised by the template or the tokenizer for these messages
+            return _error(400, f"the messages cannot be rendered ({type(err).__name__}: {err})", "messages")
+        if app.state.admitted > max_queue:  # others were admitted while this one rendered
+            return busy()
 
         gone = threading.Event()  # this request's client disconnected (or its handler was cancelled)
 
