@@ -310,6 +310,14 @@ def test_resume_applies_and_records_the_settings_that_may_change(interrupted, ti
     assert steps == [1, 2, 3, 4, 6]  # every step before the resume, every second one after (and the last)
 
 
+def test_resume_needs_only_the_run_directory(interrupted, uninterrupted):
+    """`posttrain sft --resume --out DIR` (the README's command): the options not given keep the run's saved values,
+    and the run ends as the uninterrupted one."""
+    assert run_cli(["sft", "--resume", f"--out={interrupted}"]) == 0
+    expected, got = final_weights("sft", uninterrupted), final_weights("sft", interrupted)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
 def test_resume_of_a_complete_run_refuses_changed_settings_and_writes_nothing(uninterrupted, tiny_model_dir, data,
                                                                              capsys):
     before = {name: (uninterrupted / name).read_bytes() for name in ("config.yaml", "command.txt", "metrics.jsonl")}

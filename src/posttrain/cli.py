@@ -35,6 +35,8 @@ Run `posttrain COMMAND --help` for the options of a command.
 
 
 def _stage(config_cls, run: Callable, description: str, argv: list[str]) -> int:
+    from pathlib import Path
+
     from posttrain.plumbing.config import build_config, help_lines, parse_overrides
 
     if "-h" in argv or "--help" in argv:
@@ -53,7 +55,13 @@ def _stage(config_cls, run: Callable, description: str, argv: list[str]) -> int:
         else:
             rest.append(argv[i])
         i += 1
-    config = build_config(config_cls, yaml_path, parse_overrides(rest, config_cls))
+    overrides = parse_overrides(rest, config_cls)
+    config = build_config(config_cls, yaml_path, overrides)
+    saved = Path(getattr(config, "out", "")) / "config.yaml"
+    if getattr(config, "resume", False) and saved.is_file():
+        # --resume continues the run as it was: options not given now keep the values in its config.yaml (so
+        # `posttrain sft --resume --out DIR` is enough); the harness checks the ones given against the checkpoint.
+        config = build_config(config_cls, yaml_path, overrides, base=saved)
     run(config)
     return 0
 

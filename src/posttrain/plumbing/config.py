@@ -115,11 +115,18 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
         raise ConfigError(f"'{key}': cannot read {value!r} as {name}") from None
 
 
-def build_config(cls: type, yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None):
-    """An instance of the dataclass ``cls`` from defaults, then the YAML file, then ``overrides``."""
+def build_config(cls: type, yaml_path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
+                 base: str | Path | None = None):
+    """An instance of the dataclass ``cls`` from defaults, then ``base`` (a run's saved config.yaml: its options
+    that ``cls`` still has), then the YAML file, then ``overrides``."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     sources = []
+    if base:
+        saved = yaml.safe_load(Path(base).read_text(encoding="utf-8")) or {}
+        if not isinstance(saved, dict):
+            raise ConfigError(f"{base}: expected a mapping of key: value")
+        sources.append((str(base), {k: v for k, v in saved.items() if str(k) in fields}))
     if yaml_path:
         try:
             loaded = yaml.safe_load(Path(yaml_path).read_text(encoding="utf-8")) or {}

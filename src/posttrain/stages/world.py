@@ -21,7 +21,14 @@ def build_base_model(out_dir: Path, paths: WorldPaths, *, progress: bool = True)
     config = PretrainConfig(tokenizer=str(paths.tokenizer), data=str(paths.data / "pretrain_train.jsonl"),
                             eval_data=str(paths.data / "pretrain_heldout.jsonl"), out=str(run_dir),
                             resume=True, progress=progress, **BASE_MODEL_RECIPE)
-    final = train_pretrain(config)
+    from posttrain.plumbing.checkpoint import CheckpointError
+
+    try:
+        final = train_pretrain(config)
+    except CheckpointError as err:  # e.g. an interrupted run of an older posttrain: the cache's own, so start over
+        print(f"{err}\nstarting the base model's pretraining over")
+        shutil.rmtree(run_dir)
+        final = train_pretrain(config)
     shutil.copytree(final, out_dir, dirs_exist_ok=True)
     shutil.copy(run_dir / "metrics.jsonl", out_dir / "pretrain_metrics.jsonl")
 
