@@ -816,6 +816,10 @@ def test_a_killed_supervisor_takes_its_program_along(isolation, judge):
     started = time.monotonic()
     worker, out = _judge_in_background(judge, "import time\ntime.sleep(30)\n", 20.0, isolation)
     supervisor, _ = _running_sandbox()
+    # The program shows in /proc as soon as it is exec'd; the supervisor says "running" to the caller just after,
+    # when its status pipe closes. Killed in between (a busy machine: seen once in `make test`), the caller cannot
+    # know the program ran and must answer None. The program sleeps 30 s: a second here is well past that moment.
+    time.sleep(1.0)
     os.kill(supervisor, signal.SIGKILL)
     worker.join(timeout=30)
     assert out["score"] == 0.0 and out["result"].error is not None and out["result"].started
