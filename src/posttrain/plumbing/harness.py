@@ -72,9 +72,7 @@ def settings_changed(saved: dict[str, Any], config) -> dict[str, tuple[Any, Any]
     changed = {}
     for key, value in resolved_options(config).items():
         old = saved.get(key, value)
-        if key in ("resume", "out"):
-            continue
-        if old == value:
+        if key in ("resume", "out") or old == value:
             continue
         if isinstance(old, str) and isinstance(value, str) and old and value and os.path.exists(old) \
                 and os.path.exists(value) and os.path.samefile(old, value):
@@ -171,9 +169,10 @@ class Run:
         self._restore_flags = set_deterministic() if getattr(config, "deterministic", False) else None
         seed_everything(config.seed)  # python and torch: initialisation of new weights, dropout
         self.dir = Path(config.out)
-        self.complete = is_complete(self.dir) if config.resume else None
+        complete = is_complete(self.dir)
+        self.complete = complete if config.resume else None
         if not config.resume and (checkpoint_dirs(self.dir) or list(self.dir.glob("checkpoints/step-*.damaged"))
-                                  or is_complete(self.dir)):
+                                  or complete):
             raise FileExistsError(f"{self.dir} already holds a run; pass --resume to continue it or choose another "
                                   "--out")
         self.checkpoint, state = self._checkpoint_to_resume() if config.resume else (None, {})
