@@ -185,7 +185,8 @@ def test_pretrain_outputs(pretrain_run, world_paths, text_data, tok, capsys):
     model = assert_loadable(out / "model", "llama", len(tok))
     assert model.num_parameters() > 0
     complete = json.loads((out / "model" / "complete.json").read_text())
-    assert complete == {"steps": 3, "stage": "pretrain", "skipped_steps": 0}
+    assert complete == {"steps": 3, "stage": "pretrain", "skipped_steps": 0,
+                        "num_processes": 1}
 
     records = read_metrics(out)
     assert [r["step"] for r in records] == [1, 2, 3]
@@ -231,7 +232,8 @@ def test_sft_outputs(sft_run, tok, capsys):
     out, code = sft_run
     assert code == 0
     assert_loadable(out / "model", "llama", len(tok))
-    assert json.loads((out / "model" / "complete.json").read_text()) == {"steps": 3, "stage": "sft", "skipped_steps": 0}
+    assert json.loads((out / "model" / "complete.json").read_text()) == {"steps": 3, "stage": "sft", "skipped_steps": 0,
+                                                                          "num_processes": 1}
 
     records = read_metrics(out)
     train = [r for r in records if "train/loss" in r]

@@ -53,3 +53,15 @@ def test_sft_on_a_plain_local_qwen2_with_builtin_template(tmp_path):
     chatml = AutoTokenizer.from_pretrained(out_chatml / "model")
     grown = AutoModelForCausalLM.from_pretrained(out_chatml / "model").get_input_embeddings().weight.shape[0]
     assert chatml.convert_tokens_to_ids("<|im_end|>") >= vocab and grown == len(chatml) >= vocab + 2
+
+
+def test_compile_keeps_the_parameter_names(tiny_model_dir):
+    """--compile compiles each decoder layer in place (nn.Module.compile): the state dict, hence checkpoints and
+    save_pretrained, keep their names; only the layers' forwards change (speed: benchmarks/RESULTS.md)."""
+    from posttrain.models import load_causal_lm, prepare_for_training
+
+    plain, compiled = load_causal_lm(tiny_model_dir), load_causal_lm(tiny_model_dir)
+    prepare_for_training(compiled, segment_attention=False, compile=True)
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    assert all(layer._compiled_call_impl is not None for layer in compiled.model.layers)
+    assert plain.model.layers[0]._compiled_call_impl is None

@@ -29,6 +29,9 @@ commands:
   bon          best-of-N at inference: generate, score and keep each prompt's best completion
   rs           rejection-sampling fine-tuning: generate -> score -> select -> SFT, for R rounds
   scaling      inference-time scaling: best-of-n reward, pass@n, maj@n and the best-of-n KL against log n
+  merge        merge a LoRA adapter directory (a --lora_r run's out/model) into its base: a plain model directory
+
+Training stages run data-parallel under `accelerate launch` (DDP, FSDP): see docs/scaling.md.
 
 Run `posttrain COMMAND --help` for the options of a command.
 """
@@ -90,8 +93,27 @@ def _world(argv: list[str]) -> int:
     return 0
 
 
+def _merge(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="posttrain merge", description="Merge a peft LoRA adapter into its base "
+                                     "model and write a plain Hugging Face model directory (with the tokenizer).")
+    parser.add_argument("--adapter", required=True, help="the adapter directory (adapter_config.json), e.g. the "
+                        "out/model of a run trained with --lora_r")
+    parser.add_argument("--out", required=True, help="directory for the merged model")
+    parser.add_argument("--base", default=None, help="the base model directory; default: the adapter config's "
+                        "base_model_name_or_path")
+    args = parser.parse_args(argv)
+    from posttrain.stages.merge import merge_adapter
+
+    print(f"merged model: {merge_adapter(args.adapter, args.out, base=args.base)}")
+    return 0
+
+
 def _dispatch(command: str, argv: list[str]) -> int:
     match command:
+        case "merge":
+            return _merge(argv)
         case "sft":
             from posttrain.stages.sft import SFTConfig, train_sft
 

@@ -20,6 +20,7 @@ trains when it samples at T != 1 (top-p / top-k truncation is not part of it, as
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -359,23 +360,59 @@ class HFEngine:
 
 
 class VLLMEngine:
-    """vLLM backend (GPU). Takes posttrain-rendered prompt token ids, so prompts match the built-in engine's."""
+    """vLLM backend (GPU). Takes posttrain-rendered prompt token ids, so prompts match the built-in engine's.
 
-    def __init__(self, path: str | Path, *, chat_template: str = "", **llm_kwargs):
-        from vllm import LLM  # optional dependency: only imported here
+    For RL (``rollout=True``) it is colocated with the trainer: its log-probs are vLLM's ``processed_logprobs``
+    (of logits / T, what RL trains), and :meth:`load_weights` takes the policy's new weights after each step
+    (:func:`sync_weights`). Every call runs under a deadline (``timeout_s``): a hung engine stops the run loudly."""
 
+    def __init__(self, path: str | Path, *, chat_template: str = "", rollout: bool = False, timeout_s: float = 0,
+                 **llm_kwargs):
+        try:
+            from vllm import LLM  # optional dependency: only imported here
+        except ImportError as err:
+            raise ImportError(f"the vLLM engine needs vllm (pip install 'posttrain[vllm]') on a CUDA machine: {err}") \
+                from None
         from posttrain.models.loading import load_tokenizer
 
+        if not torch.cuda.is_available():
+            raise ValueError("the vLLM engine runs on a CUDA GPU and this machine has none (use the built-in engine: "
+                             "--rollout_engine=hf / --backend=hf)")
         self.tokenizer = load_tokenizer(path, chat_template or None)
-        self.llm = LLM(model=str(path), **llm_kwargs)
+        self.rollout, self.timeout_s = rollout, timeout_s
+        if rollout:
+            llm_kwargs.setdefault("logprobs_mode", "processed_logprobs")
+        with deadline(timeout_s, "vLLM start-up"):
+            self.llm = LLM(model=str(path), **llm_kwargs)
+
+    def load_weights(self, named_tensors) -> None:
+        """Replace the engine's weights in place (its model's ``load_weights``, the colocated path TRL uses) and
+        drop the prefix cache computed with the old ones."""
+        with deadline(self.timeout_s, "vLLM weight update"):
+            _vllm_model(self.llm).load_weights(named_tensors)
+            if hasattr(self.llm, "reset_prefix_cache"):
+                self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Free the engine's KV cache (and offload its weights) while the trainer trains (vLLM sleep mode)."""
+        with deadline(self.timeout_s, "vLLM sleep"):
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        with deadline(self.timeout_s, "vLLM wake-up"):
+            self.llm.wake_up()
 
     def generate(self, prompts: list[list[dict]], params: SamplingParams) -> list[list[Completion]]:
+        with deadline(self.timeout_s, "vLLM generation"):
+            return self._generate(prompts, params)
+
+    def _generate(self, prompts: list[list[dict]], params: SamplingParams) -> list[list[Completion]]:
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
 
-        if params.scaled_logprobs:
-            raise NotImplementedError("scaled_logprobs (log-probs of logits / T) with vLLM: not wired yet; RL uses the "
-                                      "built-in engine")
+        if params.scaled_logprobs and not self.rollout:
+            raise NotImplementedError("scaled_logprobs (log-probs of logits / T) need the engine built for rollouts "
+                                      "(VLLMEngine(..., rollout=True): vLLM's processed_logprobs)")
         stop_ids = end_of_turn_token_ids(self.tokenizer)
         vllm_params = VLLMSamplingParams(
             n=params.n, max_tokens=params.max_new_tokens, temperature=params.temperature, top_p=params.top_p,
@@ -395,6 +432,113 @@ class VLLMEngine:
                                           "stop" if out.finish_reason == "stop" else "length", logprobs))
             results.append(samples)
         return results
+
+
+def _vllm_model(llm):
+    """The torch model inside a colocated ``vllm.LLM``, found along the paths vLLM versions put it on (V1 with
+    in-process engine core, V0); a clear error naming what was tried otherwise."""
+    paths = ("llm_engine.model_executor.driver_worker.worker.model_runner.model",
+             "llm_engine.model_executor.driver_worker.model_runner.model")
+    for path in paths:
+        target = llm
+        for part in path.split("."):
+            target = getattr(target, part, None)
+            if target is None:
+                break
+        if target is not None and hasattr(target, "load_weights"):
+            return target
+    try:
+        import vllm
+
+        version = vllm.__version__
+    except (ImportError, AttributeError):
+        version = "unknown"
+    raise WeightSyncError(f"cannot reach the model inside vLLM {version} to update its weights (tried "
+                          f"{', '.join('llm.' + p for p in paths)}); colocated updates need the engine core in this "
+                          "process: set VLLM_ENABLE_V1_MULTIPROCESSING=0")
+
+
+class WeightSyncError(RuntimeError):
+    """The rollout engine could not take the policy's weights; training on would sample from a stale policy."""
+
+
+def engine_weights(model):
+    """The policy's weights as (name, tensor) under the names of its Hugging Face checkpoint, what an inference
+    engine's ``load_weights`` expects. A peft model's LoRA layers send base weight + their delta (B A x scale),
+    computed out of place: merging into the frozen base and unmerging after would not give it back bit for bit,
+    and that base is also the reference. Wrapper prefixes and the LoRA tensors themselves are left out."""
+    deltas = {}
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+        for name, module in model.named_modules():
+            if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+                if module.base_layer.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                    raise WeightSyncError(f"{name}: a quantized base (--load_in_4bit) cannot be sent to the rollout "
+                                          "engine; use --rollout_engine=hf with QLoRA")
+                active = [a for a in module.active_adapters if a in module.lora_A]
+                if active:
+                    with torch.no_grad():
+                        deltas[f"{name}.base_layer.weight"] = sum(module.get_delta_weight(a) for a in active)
+    for name, tensor in model.state_dict().items():
+        if "lora_" in name or ".modules_to_save." in name:
+            continue
+        if name in deltas:
+            tensor = tensor + deltas[name].to(tensor.dtype)
+        yield name.replace(".base_layer.", ".").replace(".original_module.", "."), tensor.detach()
+
+
+def sync_weights(engine, model) -> int:
+    """Push the policy's current weights into the rollout ``engine`` (after every optimizer step, before the next
+    rollout); returns the number of tensors sent. Any failure is raised (:class:`WeightSyncError`), never ignored:
+    a silently stale engine would make every later rollout off-policy."""
+    sent = 0
+
+    def counted():
+        nonlocal sent
+        for item in engine_weights(model):
+            sent += 1
+            yield item
+
+    try:
+        engine.load_weights(counted())
+    except WeightSyncError:
+        raise
+    except Exception as err:  # noqa: BLE001  (whatever the engine raised, with what it was given)
+        raise WeightSyncError(f"the rollout engine rejected the policy's weights after {sent} tensors: "
+                              f"{type(err).__name__}: {err}") from err
+    return sent
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, what: str):
+    """Fail loudly instead of hanging: if the block runs past ``seconds`` (0 = no limit), print what hung with
+    every thread's stack and end the process (exit 3). A watchdog thread does it when the blocked call releases
+    the GIL (sockets, CUDA waits); faulthandler does it 30 s later when it does not."""
+    if not seconds:
+        yield
+        return
+    import faulthandler
+    import os
+    import sys
+    import threading
+
+    done = threading.Event()
+
+    def watchdog():
+        if not done.wait(seconds):
+            print(f"\nposttrain: {what} did not finish within {seconds:g} s; stopping the run (the last checkpoint "
+                  "is intact). Stacks:", file=sys.stderr, flush=True)
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            os._exit(3)
+
+    thread = threading.Thread(target=watchdog, name=f"deadline: {what}", daemon=True)
+    thread.start()
+    faulthandler.dump_traceback_later(seconds + 30, exit=True)
+    try:
+        yield
+    finally:
+        done.set()
+        faulthandler.cancel_dump_traceback_later()
 
 
 def vllm_available() -> bool:

@@ -30,15 +30,21 @@ class HeadKind(StrEnum):
 
 
 def load_head_model(path: str | Path, kind: str, *, tokenizer=None, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32):
+                    dtype: torch.dtype = torch.float32, quantization=None):
     """A ``kind`` head (see the module docstring) on the backbone in local directory ``path``; its embeddings grow
     to the tokenizer's vocabulary when the tokenizer gained tokens."""
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
+    from posttrain.models.adapters import is_adapter_dir, load_adapter_dir
     from posttrain.models.loading import _check_model_dir, resize_for_tokenizer
 
+    if is_adapter_dir(path):  # a LoRA-trained head model: its base with the adapter and the trained head merged in
+        return load_adapter_dir(path, lambda base: load_head_model(base, kind, tokenizer=tokenizer, device=device,
+                                                                   dtype=dtype))
     path = _check_model_dir(path, "model")
     kwargs = dict(local_files_only=True, dtype=dtype, attn_implementation="sdpa")
+    if quantization is not None:  # QLoRA's 4-bit base, placed by bitsandbytes
+        kwargs.update(quantization_config=quantization, device_map={"": torch.device(device)})
     if tokenizer is not None:
         kwargs["pad_token_id"] = tokenizer.pad_token_id
     match HeadKind(kind):
@@ -51,14 +57,15 @@ def load_head_model(path: str | Path, kind: str, *, tokenizer=None, device: str 
                 str(path), num_labels=3, id2label=PRM_LABELS, label2id={v: k for k, v in PRM_LABELS.items()}, **kwargs)
     if tokenizer is not None:
         resize_for_tokenizer(model, tokenizer)
-    return model.to(device)
+    return model if quantization is not None else model.to(device)
 
 
 def load_value_model(path: str | Path, *, tokenizer=None, device: str | torch.device = "cpu",
-                     dtype: torch.dtype = torch.float32):
+                     dtype: torch.dtype = torch.float32, quantization=None):
     """The critic of online RL: the causal LM in ``path`` with a fresh 1-output head per position (a saved value
     model reloads with its trained head)."""
-    return load_head_model(path, HeadKind.value, tokenizer=tokenizer, device=device, dtype=dtype)
+    return load_head_model(path, HeadKind.value, tokenizer=tokenizer, device=device, dtype=dtype,
+                           quantization=quantization)
 
 
 def token_values(model, batch: dict) -> torch.Tensor:

@@ -12,12 +12,11 @@ import torch
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` = cuda when available, else cpu; any other name must be usable here (a clear ConfigError if not)."""
     from posttrain.plumbing.config import ConfigError, check_device
+    from posttrain.plumbing.distributed import local_device
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if problem := check_device(device):
+    if device != "auto" and (problem := check_device(device)):
         raise ConfigError(f"device {problem}")
-    return torch.device(device)
+    return local_device(device)
 
 
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
@@ -78,18 +77,26 @@ def load_tokenizer(path: str | Path, chat_template: str | None = None):
     return tokenizer
 
 
-def load_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """``AutoModelForCausalLM.from_pretrained`` on a local directory, sdpa attention, eval-free (train mode off)."""
+def load_causal_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                   quantization=None):
+    """``AutoModelForCausalLM.from_pretrained`` on a local directory, sdpa attention, eval-free (train mode off).
+    A peft adapter directory (a LoRA run's ``out/model``) loads as its base with the adapter merged in.
+    ``quantization``: a transformers quantization config (QLoRA's 4-bit base; placed on the GPU by bitsandbytes)."""
     from transformers import AutoModelForCausalLM
 
+    from posttrain.models.adapters import is_adapter_dir, load_adapter_dir
+
+    if is_adapter_dir(path):
+        return load_adapter_dir(path, lambda base: load_causal_lm(base, dtype=dtype, device=device))
     path = _check_model_dir(path, "model")
+    extra = {"quantization_config": quantization, "device_map": {"": torch.device(device)}} if quantization else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, local_files_only=True, attn_implementation="sdpa"
+            str(path), dtype=dtype, local_files_only=True, attn_implementation="sdpa", **extra
         )
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ModelDirError(f"{path}: cannot load the model: {err}") from None
-    return model.to(device)
+    return model if quantization else model.to(device)
 
 
 def resize_for_tokenizer(model, tokenizer) -> None:
@@ -107,10 +114,18 @@ def use_segment_attention(model) -> None:
         model.config._attn_implementation = register()
 
 
-def prepare_for_training(model, *, gradient_checkpointing: bool = False, segment_attention: bool = True):
-    """Train mode, no KV cache, optional activation checkpointing, and padding-free segment attention."""
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+def prepare_for_training(model, *, gradient_checkpointing: bool = False, segment_attention: bool = True,
+                         compile: bool = False):
+    """Train mode, no KV cache, optional activation checkpointing, padding-free segment attention, and optionally
+    ``torch.compile`` of each decoder layer (``nn.Module.compile``: in place, so the weights keep their names for
+    checkpoints and ``save_pretrained``; the whole backbone when its layers are not found)."""
+    if gradient_checkpointing:  # non-reentrant: works with DDP's unused-parameter search and frozen embeddings
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if compile:
+        backbone = model.base_model
+        layers = getattr(backbone, "layers", None) or getattr(backbone, "h", None)
+        for module in (layers if layers is not None else [backbone]):
+            module.compile()
     model.config.use_cache = False
     if segment_attention:
         use_segment_attention(model)

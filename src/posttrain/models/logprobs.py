@@ -50,6 +50,8 @@ def backbone_hidden(model, batch: dict) -> torch.Tensor:
     model's device; segment boundaries and masks go to the attention via ``varlen_kwargs``."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if hasattr(model, "get_base_model"):  # peft: the wrapped model, its LoRA layers in place (peft's base_model
+        model = model.get_base_model()    # is its tuner, not the backbone)
     hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                               position_ids=batch.get("position_ids"), use_cache=False,
                               **varlen_kwargs(batch)).last_hidden_state  # (B, T, H)

@@ -55,12 +55,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_model_atomic(model, tokenizer, out_dir: Path) -> None:
-    """``save_pretrained`` into a temporary sibling, then rename over ``out_dir``."""
+def save_model_atomic(model, tokenizer, out_dir: Path, state_dict=None) -> None:
+    """``save_pretrained`` into a temporary sibling, then rename over ``out_dir`` (``state_dict``: the full state of
+    a sharded model, gathered on rank 0)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    model.save_pretrained(tmp, safe_serialization=True)
+    _save_module(model, tmp, state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if out_dir.exists():
@@ -73,14 +74,19 @@ def save_model_atomic(model, tokenizer, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
 
 
-def _save_module(module, directory: Path) -> None:
-    if hasattr(module, "save_pretrained"):
+def _save_module(module, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """``save_pretrained`` (or a plain module's state dict as safetensors); ``state_dict``: the full state gathered
+    from sharded (FSDP) parameters, else the module's own."""
+    if hasattr(module, "peft_config"):  # LoRA: the adapters (and a trained head) in peft's format
         module.save_pretrained(directory, safe_serialization=True)
+    elif hasattr(module, "save_pretrained"):
+        module.save_pretrained(directory, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     else:  # a plain nn.Module (e.g. a value head): its state dict
         from safetensors.torch import save_file
 
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, directory / "model.safetensors")
+        state = state_dict or module.state_dict()
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, directory / "model.safetensors")
 
 
 def _sha256(path: Path) -> str:
@@ -205,37 +211,62 @@ def save_checkpoint(
     generators: dict[str, torch.Generator] | None = None,
     extra: dict[str, Any] | None = None,
     keep_last: int = 2,
+    procs=None,
 ) -> Path:
     """Write ``checkpoints/step-{step}`` atomically, with its manifest, and point ``checkpoints/latest`` at it.
 
     The first of ``modules`` (the policy) is saved with ``save_pretrained`` at the checkpoint's root, any other
     (a value head, ...) in a sub-directory of its name; ``trainer_state.pt`` holds every optimizer and scheduler by
     name, the global RNG states and the named ``generators`` (e.g. the sampling stream of online RL).
+
+    Under several processes (``procs``, a :class:`~posttrain.plumbing.distributed.Processes`) every rank calls
+    this: rank 0 writes the model, optimizer and scheduler (DDP keeps them identical on every rank; FSDP gathers
+    the full state first), each other rank its own RNG states and generators as ``rank-N.pt`` into the same
+    temporary directory, and rank 0 writes the manifest over all of them and renames.
     """
+    rank, main = (procs.rank, procs.is_main) if procs is not None else (0, True)
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    full = [procs.full_state_dict(m) if procs is not None else None for m in modules.values()]
+    optimizer_states = {k: procs.full_optimizer_state(o) if procs is not None else o.state_dict()
+                        for k, o in optimizers.items()}
+    tmp = None
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    if procs is not None:
+        tmp = Path(procs.broadcast(str(tmp)))
+    if not main:
+        torch.save({"generators": {k: g.get_state() for k, g in (generators or {}).items()}, "rng": rng_state()},
+                   tmp / f"rank-{rank}.pt")
+    if procs is not None:
+        procs.barrier()  # every rank's file is in place
+    if not main:
+        procs.barrier()  # rank 0 has renamed
+        return root / name
     try:
         for i, (module_name, module) in enumerate(modules.items()):
-            _save_module(module, tmp if i == 0 else tmp / module_name)
+            _save_module(module, tmp if i == 0 else tmp / module_name, full[i])
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         torch.save({
-            "optimizer": {k: o.state_dict() for k, o in optimizers.items()},
+            "optimizer": optimizer_states,
             "scheduler": {k: s.state_dict() for k, s in schedulers.items()},
             "generators": {k: g.get_state() for k, g in (generators or {}).items()},
             "rng": rng_state(),
         }, tmp / STATE_FILE)
         (tmp / "state.json").write_text(json.dumps({"step": step, "modules": list(modules), **(extra or {})}, indent=1))
         write_manifest(tmp)
+        final = root / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    final = root / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    finally:
+        if procs is not None:
+            procs.barrier()
     atomic_write_text(root / "latest", name)
     prune_checkpoints(run_dir, keep_last)
     return final
@@ -268,13 +299,23 @@ def read_checkpoint_state(checkpoint: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable ({err})") from None
 
 
-def _load_module(module, directory: Path, checkpoint: Path) -> None:
+def _load_module(module, directory: Path, checkpoint: Path, procs=None) -> None:
     from safetensors.torch import load_file
 
     weights: dict[str, torch.Tensor] = {}
     for shard in sorted(directory.glob("*.safetensors")):
         weights.update(load_file(shard))
-    missing, unexpected = module.load_state_dict(weights, strict=False)
+    if hasattr(module, "peft_config"):  # LoRA: peft maps its saved names onto the adapter's parameters
+        from peft import set_peft_model_state_dict
+
+        unexpected = set_peft_model_state_dict(module, weights).unexpected_keys
+        if unexpected or not weights:
+            raise CheckpointError(f"{checkpoint}: the adapter does not match the model (unexpected {unexpected}, "
+                                  f"{len(weights)} tensors)")
+        return
+    loaded = procs.load_module_state(module, weights) if procs is not None else module.load_state_dict(weights,
+                                                                                                       strict=False)
+    missing, unexpected = loaded
     # Tied weights are saved once; anything else missing means a wrong checkpoint.
     config = getattr(module, "config", None)
     tied = {k for k in missing if "lm_head" in k and getattr(config, "tie_word_embeddings", False)}
@@ -285,22 +326,28 @@ def _load_module(module, directory: Path, checkpoint: Path) -> None:
 
 def load_checkpoint(checkpoint: Path, *, modules: dict[str, Any], optimizers: dict[str, Any],
                     schedulers: dict[str, Any], generators: dict[str, torch.Generator] | None = None,
-                    verify: bool = True) -> dict[str, Any]:
+                    verify: bool = True, procs=None) -> dict[str, Any]:
     """Verify ``checkpoint`` against its manifest (unless the caller just did: ``verify=False`` spares a second
     checksum pass, minutes on a 7B model), then restore, in place, the named modules, optimizers, schedulers and
-    generators saved by :func:`save_checkpoint`, and the global RNG states; returns state.json (step, ...)."""
+    generators saved by :func:`save_checkpoint`, and the global RNG states; returns state.json (step, ...).
+    Under several processes (``procs``) each rank restores the full state and then its own RNG streams."""
     checkpoint = Path(checkpoint)
     if verify and (problems := verify_checkpoint(checkpoint)):
         raise CheckpointError(f"{checkpoint}: {'; '.join(problems)}")
     for i, (name, module) in enumerate(modules.items()):
-        _load_module(module, checkpoint if i == 0 else checkpoint / name, checkpoint)
+        _load_module(module, checkpoint if i == 0 else checkpoint / name, checkpoint, procs)
     # map_location: a checkpoint written on a GPU resumes on another device (load_state_dict moves the state)
     state = torch.load(checkpoint / STATE_FILE, weights_only=False, map_location="cpu")
     for what, objects in (("optimizer", optimizers), ("scheduler", schedulers)):
         if set(state[what]) != set(objects):
             raise CheckpointError(f"{checkpoint}: holds {what}s {sorted(state[what])}, the run has {sorted(objects)}")
         for name, obj in objects.items():
-            obj.load_state_dict(state[what][name])
+            if what == "optimizer" and procs is not None:
+                procs.load_optimizer_state(obj, state[what][name])
+            else:
+                obj.load_state_dict(state[what][name])
+    if procs is not None and not procs.is_main:
+        state = torch.load(checkpoint / f"rank-{procs.rank}.pt", weights_only=False, map_location="cpu")
     for name, generator in (generators or {}).items():
         generator.set_state(state["generators"][name])
     set_rng_state(state["rng"])

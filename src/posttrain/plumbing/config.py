@@ -134,6 +134,7 @@ def build_config(cls: type, yaml_path: str | Path | None = None, overrides: dict
             raise ConfigError(f"{yaml_path}: invalid YAML: {err}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{yaml_path}: expected a mapping of key: value")
+        loaded.pop("launch", None)  # how a run ran, recorded beside its options in config.yaml; not an option
         sources.append((str(yaml_path), loaded))
     if overrides:
         sources.append(("command line", overrides))
@@ -210,8 +211,13 @@ def config_to_dict(config) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()}
 
 
-def save_config(config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
+def save_config(config, path: Path, launch: dict[str, Any] | None = None) -> None:
+    """The resolved options as YAML; ``launch``: how the run ran (world size, batches, backend), recorded under the
+    ``launch`` key (not an option: reading the file back as a config ignores it)."""
+    values = config_to_dict(config)
+    if launch:
+        values["launch"] = launch
+    path.write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
 
 
 def help_lines(cls: type) -> str:
@@ -303,9 +309,9 @@ class TrainConfig:
                                     "checkpoints/, and the final model in out/model")
     columns: dict = columns_option()
     skip_invalid: bool = skip_invalid_option()
-    batch_size: int = option(16, "training units per micro-batch: conversations (rows when packing) for sft, "
-                                 "sequences for pretrain, pairs / rankings / completions for rm, pairs (kto: "
-                                 "examples) for dpo", minimum=1)
+    batch_size: int = option(16, "training units per micro-batch, over all processes (each of N processes takes "
+                                 "1/N): conversations (rows when packing) for sft, sequences for pretrain, pairs / "
+                                 "rankings / completions for rm, pairs (kto: examples) for dpo", minimum=1)
     grad_accum: int = option(1, "micro-batches per optimizer step (the step's loss is normalised over the whole step, "
                                 "so the gradient equals that of one batch of batch_size * grad_accum)", minimum=1)
     epochs: float = option(1.0, "passes over the data (ignored when max_steps > 0)", above=0)
@@ -319,6 +325,8 @@ class TrainConfig:
     seed: int = option(0, "seed of the batch order (and of any freshly initialised weights)")
     precision: str = option("auto", "auto (bf16 autocast on a GPU, fp32 on CPU) | bf16 | fp32", choices=PRECISIONS)
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    compile: bool = option(False, "torch.compile each decoder layer (in place: same weights and parameter names; the "
+                                  "first steps pay the compilation)")
     device: str = device_option()
     log_every: int = option(5, "log train metrics every N steps (and at the last step)", minimum=1)
     eval_every: int = option(0, "evaluate on eval_data every N steps; 0 = only at the end")
@@ -342,6 +350,15 @@ class ChatTrainConfig(TrainConfig):
     chat_template: str = chat_template_option()
     max_length: int = option(512, "longest sequence (prompt + completion) in tokens; longer rows are dropped "
                                   "(counted in the load report)", minimum=2)
+    lora_r: int = option(0, "LoRA rank (peft); 0 = train every weight. With LoRA the reference of dpo / rl is the "
+                            "starting model with its adapters disabled (no second copy), and out/model holds the "
+                            "adapter in peft's format (`posttrain merge` writes a merged model)")
+    lora_alpha: float = option(0.0, "LoRA alpha (the update is scaled by alpha / r); 0 = 2 * lora_r")
+    lora_dropout: float = option(0.0, "dropout on the LoRA branch", maximum=1)
+    lora_target_modules: str = option("all-linear", "modules that get adapters: all-linear (every linear layer but "
+                                                    "the output head) or comma-separated names, e.g. q_proj,v_proj")
+    load_in_4bit: bool = option(False, "QLoRA: load the frozen base in 4-bit NF4 (needs bitsandbytes and a CUDA GPU; "
+                                       "with lora_r > 0)")
 
 
 @dataclass

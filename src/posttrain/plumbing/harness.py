@@ -44,6 +44,7 @@ from posttrain.plumbing.checkpoint import (CheckpointError, checkpoint_dirs, fin
                                            set_aside)
 from posttrain.data.io import atomic_write_text
 from posttrain.plumbing.config import ConfigError, config_to_dict, save_config, validate_config
+from posttrain.plumbing.distributed import processes
 from posttrain.plumbing.runlog import MetricsLog
 from posttrain.plumbing.training import seed_everything
 
@@ -140,7 +141,7 @@ def stop_at_step_boundary() -> Iterator[list[int]]:
             signal.signal(s, h)
 
 
-def save_final_model(run_dir: Path, model, tokenizer, info: dict[str, Any]) -> Path:
+def save_final_model(run_dir: Path, model, tokenizer, info: dict[str, Any], state_dict=None) -> Path:
     """The finished run's model in ``run_dir/model`` (atomic), its ``complete.json`` marker, and the plots."""
     from posttrain.plumbing.checkpoint import save_model_atomic
     from posttrain.plumbing.runlog import plot_metrics
@@ -149,7 +150,7 @@ def save_final_model(run_dir: Path, model, tokenizer, info: dict[str, Any]) -> P
     model.config.use_cache = True
     if getattr(model.config, "_attn_implementation", None) == "posttrain_segments":
         model.config._attn_implementation = "sdpa"  # the training-only attention; loaders pick their own
-    save_model_atomic(model, tokenizer, final)
+    save_model_atomic(model, tokenizer, final, state_dict=state_dict)
     atomic_write_text(final / "complete.json", json.dumps(info))
     plot_metrics(run_dir)
     return final
@@ -158,14 +159,25 @@ def save_final_model(run_dir: Path, model, tokenizer, info: dict[str, Any]) -> P
 class Run:
     """One training run's plumbing (see the module docstring for the shape of a stage)."""
 
-    def __init__(self, config, stage: str, *, on_step_end: Callable[[int, dict], None] | None = None):
+    def __init__(self, config, stage: str, *, on_step_end: Callable[[int, dict], None] | None = None,
+                 global_batch: tuple[str, int] | None = None):
         """Validates ``config`` (a TrainConfig: ``out``, ``resume``, ``seed``, ``log_every``, ``eval_every``,
         ``save_every``, ``keep_last``, ``max_bad_steps``, ``deterministic``, ``progress``), seeds python and torch
         with ``config.seed``, and when resuming finds the checkpoint and checks the changed settings (see
         :meth:`_checkpoint_to_resume`). ``on_step_end(step, info)`` is called after every optimizer step with the
-        keyword arguments the stage gave :meth:`end_step` (benchmarks and tests hook in here)."""
+        keyword arguments the stage gave :meth:`end_step` (benchmarks and tests hook in here). ``global_batch``:
+        (its name, its size), the units of a step that processes share (default ``batch_size * grad_accum``)."""
         self.config, self.stage, self.on_step_end = config, stage, on_step_end
         validate_config(config)
+        # One process, or one of several under accelerate launch / torchrun: only rank 0 writes (plumbing/distributed)
+        self.procs = processes(getattr(config, "device", "auto"))
+        self.device = self.procs.device
+        self.global_batch = global_batch or ("batch_size * grad_accum", config.batch_size * config.grad_accum)
+        self.procs.check_divisible(self.global_batch[1], self.global_batch[0])
+        if getattr(config, "lora_r", 0) and self.procs.kind == "fsdp":
+            raise ConfigError("LoRA (--lora_r) runs data-parallel with DDP (accelerate launch --multi_gpu), not FSDP: "
+                              "the adapters are small and the frozen base is shared, so DDP is the fit (with "
+                              "--load_in_4bit for a base that does not fit one GPU)")
         self._restore_flags = set_deterministic() if getattr(config, "deterministic", False) else None
         seed_everything(config.seed)  # python and torch: initialisation of new weights, dropout
         self.dir = Path(config.out)
@@ -182,10 +194,12 @@ class Run:
         if self.complete:  # nothing runs, so nothing is written
             print(f"{self.dir}: run already complete ({self.complete['steps']} steps); final model in "
                   f"{self.final_dir}. Nothing to do.")
-        else:
+        elif self.procs.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.dir / "config.yaml")
+            save_config(config, self.dir / "config.yaml",
+                        launch=self.procs.describe(self.global_batch[1], config.grad_accum))
             (self.dir / "command.txt").write_text(" ".join(shlex.quote(a) for a in sys.argv) + "\n")
+        self.procs.barrier()
         self.step = self.start_step
         self.total_steps = 0
         self.log: MetricsLog | None = None
@@ -204,6 +218,11 @@ class Run:
                                       "the run over, or choose another --out")
             return None, {}
         state = read_checkpoint_state(checkpoint)
+        if state.get("num_processes", 1) != self.procs.world:
+            raise ConfigError(f"{self.dir}: {checkpoint.name} was written by {state.get('num_processes', 1)} "
+                              f"process(es), this run has {self.procs.world}: resume with the same number (each "
+                              f"process's random streams are in the checkpoint), or start a new run from its weights "
+                              f"(--model={checkpoint})")
         changed = settings_changed(state.get("config", {}), self.config)
         if refused := {k: v for k, v in changed.items() if k not in CHANGEABLE_ON_RESUME}:
             listed = "; ".join(f"--{k} was {old!r}, now {new!r}" for k, (old, new) in refused.items())
@@ -213,17 +232,20 @@ class Run:
                               f"{', '.join(sorted(CHANGEABLE_ON_RESUME))} may change on resume.")
         if self.complete:
             return checkpoint, state
-        for line in report:
-            print(f"warning: {line}", file=sys.stderr)
-        set_aside(self.dir, damaged, checkpoint)
-        for stale in remove_stale_temporaries(self.dir):
-            print(f"removed {stale.name}, left by a save that was interrupted")
-        if changed:
-            print("resuming with changed settings: " + ", ".join(f"{k} {old!r} -> {new!r}"
-                                                                  for k, (old, new) in changed.items()))
-        with (self.dir / "resumes.jsonl").open("a") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), "checkpoint": checkpoint.name, "step": state["step"],
-                                "changed": {k: list(v) for k, v in changed.items()}, "report": report}) + "\n")
+        self.procs.barrier()  # every rank has found it before rank 0 moves damaged ones aside
+        if self.procs.is_main:
+            for line in report:
+                print(f"warning: {line}", file=sys.stderr)
+            set_aside(self.dir, damaged, checkpoint)
+            for stale in remove_stale_temporaries(self.dir):
+                print(f"removed {stale.name}, left by a save that was interrupted")
+            if changed:
+                print("resuming with changed settings: " + ", ".join(f"{k} {old!r} -> {new!r}"
+                                                                      for k, (old, new) in changed.items()))
+            with (self.dir / "resumes.jsonl").open("a") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), "checkpoint": checkpoint.name,
+                                    "step": state["step"], "changed": {k: list(v) for k, v in changed.items()},
+                                    "report": report}) + "\n")
         return checkpoint, state
 
     @property
@@ -238,13 +260,14 @@ class Run:
         self.total_steps = total_steps
         self.modules, self.optimizers, self.schedulers = modules, optimizers, schedulers
         self.tokenizer, self.generators = tokenizer, generators or {}
-        self.extra = {"total_steps": total_steps, "config": resolved_options(self.config), **(extra or {})}
+        self.extra = {"total_steps": total_steps, "config": resolved_options(self.config),
+                      "num_processes": self.procs.world, **(extra or {})}
         if self.start_step:  # verified by find_checkpoint a moment ago: no second checksum pass
             load_checkpoint(self.checkpoint, modules=modules, optimizers=optimizers, schedulers=schedulers,
-                            generators=self.generators, verify=False)
+                            generators=self.generators, verify=False, procs=self.procs)
             print(f"resumed from step {self.start_step} of {total_steps}")
         self.log = MetricsLog(self.dir, resume_step=self.start_step,
-                              clock=not getattr(self.config, "deterministic", False))
+                              clock=not getattr(self.config, "deterministic", False), enabled=self.procs.is_main)
 
     def __enter__(self) -> "Run":
         from tqdm.auto import tqdm
@@ -252,7 +275,7 @@ class Run:
         self._signals = stop_at_step_boundary()
         self._stop_requested = self._signals.__enter__()
         self._bar = tqdm(total=self.total_steps, initial=self.start_step, desc=self.stage,
-                         disable=not self.config.progress, dynamic_ncols=True)
+                         disable=not self.config.progress or not self.procs.is_main, dynamic_ncols=True)
         self._step_started = time.perf_counter()
         return self
 
@@ -309,7 +332,9 @@ class Run:
             self._bar.set_postfix(loss=f"{float(metrics['train/loss']):.4f}")
         if self.on_step_end is not None:
             self.on_step_end(step, info)
-        if self._stop_requested:
+        # Under several processes the stop is decided together (a signal reaches the ranks at slightly different
+        # moments; a rank that stopped alone would leave the others waiting in the next step's reduction).
+        if self.procs.max(float(bool(self._stop_requested))) if self.procs.world > 1 else self._stop_requested:
             self.save_checkpoint(step)
             print(f"interrupted: checkpoint saved at step {step}; continue with --resume")
             raise KeyboardInterrupt
@@ -328,7 +353,7 @@ class Run:
                                schedulers=self.schedulers, tokenizer=self.tokenizer, generators=self.generators,
                                extra={**self.extra, "skipped_steps": self.skipped_steps,
                                       "bad_in_a_row": self.bad_in_a_row},
-                               keep_last=self.config.keep_last)
+                               keep_last=self.config.keep_last, procs=self.procs)
         self._saved_step = step
         return path
 
@@ -348,6 +373,11 @@ class Run:
         if self._restore_flags is not None:
             self._restore_flags()
         model = next(iter(self.modules.values()))
-        return save_final_model(self.dir, model, self.tokenizer, {"steps": self.step, "stage": self.stage,
-                                                                   "skipped_steps": self.skipped_steps,
-                                                                   **(info or {})})
+        state = self.procs.full_state_dict(model)  # collective under FSDP
+        if self.procs.is_main:
+            save_final_model(self.dir, model, self.tokenizer, {"steps": self.step, "stage": self.stage,
+                                                               "skipped_steps": self.skipped_steps,
+                                                               "num_processes": self.procs.world, **(info or {})},
+                             state_dict=state)
+        self.procs.barrier()  # the final model is on disk before any rank returns its path
+        return self.final_dir

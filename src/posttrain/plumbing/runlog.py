@@ -26,17 +26,21 @@ class MetricsLog:
 
     On resume from step k, lines logged after step k by the interrupted run are dropped first, so the file reads as
     one uninterrupted run. With ``clock=False`` (``--deterministic``) nothing read off the wall clock is written (the
-    ``time`` of a line, throughputs ``*_per_s``), so two identical runs write identical files.
+    ``time`` of a line, throughputs ``*_per_s``), so two identical runs write identical files. ``enabled=False``
+    (ranks other than 0 of a multi-process run) writes nothing.
     """
 
-    def __init__(self, run_dir: Path, *, resume_step: int = 0, tensorboard: bool = True, clock: bool = True):
+    def __init__(self, run_dir: Path, *, resume_step: int = 0, tensorboard: bool = True, clock: bool = True,
+                 enabled: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.clock = clock
+        self.clock, self.enabled = clock, enabled
+        self._writer = None
+        if not enabled:
+            return
         if self.path.exists():  # a line torn by a crash mid-write is dropped with the steps after resume_step
             kept = [line for line in self.path.read_text(errors="replace").splitlines()
                     if (record := _parse(line)) is not None and record["step"] <= resume_step]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
-        self._writer = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -46,6 +50,8 @@ class MetricsLog:
                 self._writer = None
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         record: dict[str, Any] = {"step": step, "time": round(time.time(), 3)} if self.clock else {"step": step}
         for key, value in metrics.items():
             if not self.clock and key.endswith("_per_s"):

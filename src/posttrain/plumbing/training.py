@@ -70,8 +70,17 @@ class WeightedMeans:
                 total[0] += value * weight
                 total[1] += weight
 
-    def means(self) -> dict[str, float]:
-        return {key: total / weight for key, (total, weight) in self.totals.items()}
+    def means(self, procs=None) -> dict[str, float]:
+        """The weighted means; with ``procs`` (several processes), over every rank's micro-batches."""
+        totals = self.totals
+        if procs is not None and procs.world > 1:
+            totals = {}
+            for part in procs.gather(self.totals):
+                for key, (total, weight) in part.items():
+                    merged = totals.setdefault(key, [0.0, 0.0])
+                    merged[0] += total
+                    merged[1] += weight
+        return {key: total / weight for key, (total, weight) in totals.items()}
 
 
 def build_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
@@ -146,7 +155,12 @@ def autocast(device: torch.device, precision: str):
 
 
 def grad_norm_and_clip(model, max_norm: float) -> float:
+    """The global gradient norm, after clipping it to ``max_norm`` when that is positive. Under DDP the gradients
+    are already reduced (every rank gets the same norm); under FSDP they are sharded DTensors, whose norm
+    ``clip_grad_norm_`` reduces over the shards."""
     params = [p for p in model.parameters() if p.grad is not None]
-    if max_norm and max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    sharded = any(hasattr(p.grad, "full_tensor") for p in params)
+    if (max_norm and max_norm > 0) or sharded:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm and max_norm > 0 else math.inf)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))

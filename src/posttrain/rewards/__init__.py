@@ -40,7 +40,14 @@ class RewardModelKind(StrEnum):
 
 
 def reward_model_kind(path: str | Path) -> RewardModelKind:
-    """What a saved reward model is, from its config.json (architectures, num_labels)."""
+    """What a saved reward model is, from its config.json (architectures, num_labels), or for a LoRA-trained one
+    from its adapter config (task type, head size)."""
+    from posttrain.models.adapters import adapter_head_kind, is_adapter_dir
+
+    if is_adapter_dir(path):
+        if kind := adapter_head_kind(path):
+            return RewardModelKind(kind)
+        raise ValueError(f"{path}: a causal LM's adapter, not a reward model's")
     config = json.loads((Path(path) / "config.json").read_text())
     architecture = (config.get("architectures") or [""])[0]
     labels = len(config.get("id2label") or {}) or config.get("num_labels", 2)
@@ -76,6 +83,12 @@ class _ModelReward:
     def _load(self):
         from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
+        from posttrain.models.adapters import is_adapter_dir
+
+        if is_adapter_dir(self.path):  # LoRA-trained: its base with the adapter and the trained head merged in
+            from posttrain.models.heads import load_head_model
+
+            return load_head_model(self.path, self.kind.value)
         cls = AutoModelForSequenceClassification if self.kind == RewardModelKind.scalar else AutoModelForTokenClassification
         return cls.from_pretrained(str(self.path), local_files_only=True, dtype=torch.float32,
                                    attn_implementation="sdpa")

@@ -21,6 +21,7 @@ completion share the prompt, so they go through the model together, exactly like
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -35,6 +36,7 @@ from posttrain.data.packing import Example, add_scored_tokens, collate_shared_pr
 from posttrain.data.render import RenderError, render_conversation
 from posttrain.maths import direct as losses
 from posttrain.models import load_causal_lm, load_tokenizer, prepare_for_training, resolve_device, use_segment_attention
+from posttrain.models.adapters import lora_from_config, quantization_config, reference_context
 from posttrain.models.logprobs import sequence_sums, token_logps
 from posttrain.plumbing.config import ChatTrainConfig, option, stage_config
 from posttrain.plumbing.harness import Run
@@ -327,19 +329,38 @@ def train_dpo(config: DPOConfig, *, on_step_end: Callable[[int, dict], None] | N
         check_kto_balance(pairs, config)
 
     ref_model_path = config.ref_model or config.model
+    procs = run.procs  # one process, or this rank of an accelerate launch (DDP / FSDP): plumbing/distributed.py
     live_ref = None
     ref_train = ref_eval = None
-    if loss_type.needs_reference:
+    # LoRA: the reference is the policy itself with its adapters disabled (no second copy), set up below
+    adapter_reference = bool(config.lora_r) and not config.ref_model
+    reference_off = contextlib.nullcontext  # the context under which live_ref computes as the reference
+
+    def precompute_reference(ref_model, off) -> tuple:
+        """The reference log-probs of the training (and eval) pairs, run once and cached in the run directory:
+        rank 0 computes and writes them, then the other ranks read them."""
+        def compute(data):
+            def run_reference():
+                with off():
+                    return reference_logps(ref_model, data, device, config.batch_size)
+            return run_reference
+
+        cached = [None, None]
+        for rank_turn in (True, False):
+            if procs.is_main == rank_turn:
+                for k, (path, data) in enumerate(((config.data, pairs), (config.eval_data, eval_pairs))):
+                    if data:
+                        cached[k] = cached_reference_logps(run.dir / "reference", reference_cache_key(
+                            ref_model_path, path, config), compute(data))
+            procs.barrier()
+        return tuple(cached)
+
+    if loss_type.needs_reference and not adapter_reference:
         if config.precompute_ref:  # the frozen reference is run once, then dropped: training holds only the policy
             ref_model = load_causal_lm(ref_model_path, device=device)
             use_segment_attention(ref_model)
-            compute = lambda data: lambda: reference_logps(ref_model, data, device, config.batch_size)  # noqa: E731
-            ref_train = cached_reference_logps(run.dir / "reference", reference_cache_key(
-                ref_model_path, config.data, config), compute(pairs))
-            if eval_pairs:
-                ref_eval = cached_reference_logps(run.dir / "reference", reference_cache_key(
-                    ref_model_path, config.eval_data, config), compute(eval_pairs))
-            del ref_model, compute
+            ref_train, ref_eval = precompute_reference(ref_model, contextlib.nullcontext)
+            del ref_model
         else:
             live_ref = load_causal_lm(ref_model_path, device=device).eval()
             use_segment_attention(live_ref)
@@ -348,42 +369,57 @@ def train_dpo(config: DPOConfig, *, on_step_end: Callable[[int, dict], None] | N
         if not loss_type.needs_reference:
             return None
         if live_ref is not None:
-            return reference_logps(live_ref, [data[i] for i in indices], device, len(indices))
+            with reference_off():
+                return reference_logps(live_ref, [data[i] for i in indices], device, len(indices))
         return cached[0][indices], cached[1][indices]
 
     step_size = config.batch_size * config.grad_accum
     steps_per_epoch, total_steps = step_counts(len(pairs), config)
-    model = load_causal_lm(config.model, device=device)
-    prepare_for_training(model, gradient_checkpointing=config.gradient_checkpointing)
+    model = load_causal_lm(config.model, device=device, quantization=quantization_config(config))
+    prepare_for_training(model, gradient_checkpointing=config.gradient_checkpointing, compile=config.compile)
+    model = lora_from_config(model, config, config.model)  # LoRA adapters (peft) when --lora_r > 0
+    if loss_type.needs_reference and adapter_reference:
+        reference_off = reference_context(model)  # peft's disable_adapter: the starting weights, shared
+        if config.precompute_ref:
+            ref_train, ref_eval = precompute_reference(model, reference_off)
+        else:
+            live_ref = model
     optimizer, scheduler = optimizer_and_scheduler(model, config, total_steps)
+    forward, optimizer = procs.prepare(model, optimizer)  # forward(fn, ...) = fn(model, ...) through DDP/FSDP
     run.start(total_steps, modules={"model": model}, optimizers={"model": optimizer},
               schedulers={"model": scheduler}, tokenizer=tokenizer)
     batches = batch_indices(len(pairs), step_size, config.seed, shuffle=config.shuffle, start_batch=run.start_step)
-    evaluate = lambda: evaluate_pairs(model, eval_pairs, ref_eval, config, device, reference)  # noqa: E731
+
+    def evaluate():
+        with procs.gathered(forward):
+            return evaluate_pairs(model, eval_pairs, ref_eval, config, device, reference)
 
     with run:
         for step in run.steps():
-            indices = list(next(batches))
-            chunks = micro_batches(indices, config.grad_accum)
+            indices = list(next(batches))  # the step's global batch; this rank trains on its share
+            chunks = micro_batches(procs.shard(indices), config.grad_accum)
             z0 = None
-            if loss_type == losses.DPOLoss.kto and len(chunks) > 1:  # z0 is a batch statistic: over the whole step
+            if loss_type == losses.DPOLoss.kto and (len(chunks) > 1 or procs.world > 1):
+                # z0 is a batch statistic: over the whole step, every rank's share included
                 with torch.no_grad(), autocast(device, config.precision):
-                    _, kl_policy, _, _ = sequence_logps(model, [pairs[i] for i in indices], device)
+                    _, kl_policy, _, _ = forward(sequence_logps, [pairs[i] for i in indices], device)
                 z0 = losses.kto_reference_point(kl_policy, reference(indices, ref_train, pairs)[1].to(device))
             means, step_loss = WeightedMeans(), 0.0
-            for chunk in chunks:
-                share = len(chunk) / len(indices)  # each micro-batch's share of the step's pairs
-                with autocast(device, config.precision):
-                    loss, metrics = pair_loss(model, [pairs[i] for i in chunk], reference(chunk, ref_train, pairs),
-                                              config, device, reference_point=z0)
-                (loss * share).backward()
+            for k, chunk in enumerate(chunks):
+                share = len(chunk) / len(indices)  # each micro-batch's share of the step's pairs (all ranks)
+                with procs.accumulating(forward, last=k == len(chunks) - 1):
+                    with autocast(device, config.precision):
+                        loss, metrics = forward(pair_loss, [pairs[i] for i in chunk],
+                                                reference(chunk, ref_train, pairs), config, device, reference_point=z0)
+                    procs.backward(loss * share)
                 means.add(metrics, share)
                 step_loss += float(loss.detach()) * share
+            step_loss = procs.sum(step_loss)
             grad_norm, lr = optimizer_step(model, optimizer, scheduler, config.max_grad_norm, loss=step_loss)
 
             if eval_pairs and run.eval_due(step):
                 run.log_metrics(step, {f"eval/{k}": v for k, v in evaluate().items()})
-            logged = means.means()
+            logged = means.means(procs)
             logged.pop("loss", None)  # a non-finite loss is left out of the means: step_loss keeps it
             run.end_step(step, {"train/loss": step_loss, "train/lr": lr, "train/grad_norm": grad_norm,
                                 **logged},

@@ -81,15 +81,24 @@ def _next_token_loss(model, block: torch.Tensor, num_tokens=None):
 
 
 @torch.no_grad()
-def evaluate_blocks(model, blocks: torch.Tensor, batch_size: int, device, precision: str) -> float:
+def evaluate_blocks(model, blocks: torch.Tensor, batch_size: int, device, precision: str, forward=None,
+                    procs=None) -> float:
+    """Token-mean NLL over ``blocks`` (under DDP, ``procs``: each rank every world-th block through ``forward``,
+    the sums reduced; under FSDP every rank runs them all, as every sharded forward is a collective)."""
+    forward = forward or (lambda fn, *args: fn(model, *args))
+    shard = procs is not None and procs.world > 1 and procs.kind != "fsdp"
+    if shard:
+        blocks = blocks[procs.rank :: procs.world]
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(blocks), batch_size):
         with autocast(device, precision):
-            _, metrics = _next_token_loss(model, blocks[start : start + batch_size].to(device))
+            _, metrics = forward(_next_token_loss, blocks[start : start + batch_size].to(device))
         total += float(metrics["nll_sum"])
         count += int(metrics["tokens"])
     model.train()
+    if shard:
+        total, count = procs.sum(total, count)
     return total / max(count, 1)
 
 
@@ -113,23 +122,30 @@ def train_pretrain(config: PretrainConfig, *, on_step_end: Callable[[int, dict],
     step_size = config.batch_size * config.grad_accum
     steps_per_epoch, total_steps = step_counts(len(blocks), config)
     model = _make_model(config, tokenizer, device)
-    prepare_for_training(model, gradient_checkpointing=config.gradient_checkpointing, segment_attention=False)
+    prepare_for_training(model, gradient_checkpointing=config.gradient_checkpointing, segment_attention=False,
+                         compile=config.compile)
     optimizer, scheduler = optimizer_and_scheduler(model, config, total_steps)
+    procs = run.procs  # one process, or this rank of an accelerate launch (DDP / FSDP): plumbing/distributed.py
+    forward, optimizer = procs.prepare(model, optimizer)  # forward(fn, x) = fn(model, x) through DDP/FSDP
     run.start(total_steps, modules={"model": model}, optimizers={"model": optimizer},
               schedulers={"model": scheduler}, tokenizer=tokenizer)
     batches = batch_indices(len(blocks), step_size, config.seed, shuffle=config.shuffle, start_batch=run.start_step)
-    evaluate = lambda: evaluate_blocks(model, eval_blocks, config.batch_size, device, config.precision)  # noqa: E731
+    evaluate = lambda: evaluate_blocks(model, eval_blocks, config.batch_size, device, config.precision,  # noqa: E731
+                                       forward, procs)
 
     with run:
         for step in run.steps():
             indices = next(batches)
-            num_tokens = len(indices) * (config.block_size - 1)  # every position predicts, in the whole step
+            num_tokens = len(indices) * (config.block_size - 1)  # every position predicts, in the whole step (global)
             loss_sum = 0.0
-            for chunk in micro_batches(indices, config.grad_accum):
-                with autocast(device, config.precision):
-                    loss, metrics = _next_token_loss(model, blocks[chunk].to(device), num_tokens)
-                loss.backward()
+            chunks = micro_batches(procs.shard(indices), config.grad_accum)  # this rank's share of the step
+            for i, chunk in enumerate(chunks):
+                with procs.accumulating(forward, last=i == len(chunks) - 1):
+                    with autocast(device, config.precision):
+                        loss, metrics = forward(_next_token_loss, blocks[chunk].to(device), num_tokens)
+                    procs.backward(loss)
                 loss_sum += float(metrics["loss"])
+            loss_sum = procs.sum(loss_sum)
             grad_norm, lr = optimizer_step(model, optimizer, scheduler, config.max_grad_norm, loss=loss_sum)
 
             if eval_blocks is not None and run.eval_due(step):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -46,12 +47,14 @@ from posttrain.maths import advantages as adv
 from posttrain.maths.policy import (KLEstimator, cispo_surrogate, clipped_surrogate, clipped_value_loss,
                                     gspo_surrogate, kl_penalty, truncated_is_weights)
 from posttrain.maths.reduction import Reduction, reduce_per_token
+from posttrain.models.adapters import lora_from_config, quantization_config, reference_context
 from posttrain.models import (load_causal_lm, load_tokenizer, prepare_for_training, resolve_device,
                               use_segment_attention)
-from posttrain.models.generation import HFEngine, SamplingParams
+from posttrain.models.generation import HFEngine, SamplingParams, VLLMEngine, sync_weights
 from posttrain.models.heads import load_value_model, token_values
 from posttrain.models.logprobs import logps_of, token_logps, trained_token_logits
-from posttrain.plumbing.config import ChatTrainConfig, option, stage_config
+from posttrain.plumbing.config import ChatTrainConfig, ConfigError, option, stage_config
+from posttrain.plumbing.distributed import launched_world_size as run_world_size
 from posttrain.plumbing.harness import Run
 from posttrain.plumbing.runlog import plot_against
 from posttrain.plumbing.training import (autocast, batch_indices, build_optimizer, build_scheduler, micro_batches,
@@ -163,11 +166,20 @@ class RLConfig(ChatTrainConfig):
                                    "curves: reward against KL)")
     eval_prompts: int = option(200, help="held-out prompts evaluated (greedy) every eval_every steps and at the end")
     generation_batch_size: int = option(512, "sequences per generation batch (built-in engine)", minimum=1)
+    rollout_engine: str = option("hf", "hf (built-in, the policy itself) | vllm (colocated on the GPU, the policy's "
+                                       "weights pushed after every step; use with --tis_cap, e.g. 2)",
+                                 choices=("hf", "vllm"))
+    vllm_gpu_memory_utilization: float = option(0.3, "share of the GPU vLLM may take (the trainer needs the rest)",
+                                                above=0, maximum=1)
+    vllm_sleep: bool = option(False, "put vLLM to sleep (KV cache freed, weights offloaded) while the trainer trains")
+    vllm_timeout_s: float = option(900.0, "a vLLM call (start-up, generation, weight update) running longer stops the "
+                                          "run with every thread's stack instead of hanging; 0 = no limit")
     data: str = option("", "prompt rows (`prompt` or `messages`, plus the reward's columns, e.g. `answer`); empty = "
                            "the tiny world's rl_train.jsonl")
     eval_data: str = option("", "held-out prompt rows; empty = the tiny world's rl_heldout.jsonl when data is empty")
     model: str = option("", "local policy model directory to start from (an SFT model; required)")
-    batch_size: int = option(8, "prompts per rollout batch (each gives group_size completions)", minimum=1)
+    batch_size: int = option(8, "prompts per rollout batch, over all processes (each gives group_size "
+                                "completions)", minimum=1)
     grad_accum: int = option(1, "micro-batches per optimizer step (the denominators are the whole step's)", minimum=1)
     max_steps: int = option(100, "rollout steps (each: generate, score, ppo_epochs x num_minibatches updates)",
                             minimum=1)
@@ -265,6 +277,13 @@ class Sample:
 
     def example(self) -> Example:
         return Example(self.prompt_ids + self.token_ids, [0] * len(self.prompt_ids) + [1] * len(self.token_ids))
+
+    def filler(self) -> "Sample":
+        """A copy with zeros for everything an update reads: the sample a rank with nothing to train on in an
+        update runs with weight 0, so that it still takes part in the update's collective gradient reduction."""
+        zeros = torch.zeros(len(self.token_ids))
+        return dataclasses.replace(self, reward=0.0, trained=True, score=0.0, old_logps=zeros, ref_logps=zeros,
+                                   values=zeros, advantages=zeros, returns=zeros, kl=zeros, extra={})
 
 
 def overlong_penalty(length: int, truncated: bool, budget: int, buffer: int, penalty: float) -> float:
@@ -391,6 +410,19 @@ def _world_rollout_metrics(prompts: list[list[dict]], texts: list[str]) -> dict[
     return metrics
 
 
+def rollout_engine(config: RLConfig, model, tokenizer, device):
+    """The engine that samples the rollouts: the built-in one on the policy itself, or vLLM colocated on this
+    process's GPU, started from the starting model and kept in sync by :func:`sync_weights`."""
+    if config.rollout_engine == "hf":
+        return HFEngine(model, tokenizer, batch_size=config.generation_batch_size)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine core in this process: weight updates
+    # under accelerate launch every rank runs its own engine on its own GPU, inside the launcher's process group
+    launched = {"distributed_executor_backend": "external_launcher"} if run_world_size() > 1 else {}
+    return VLLMEngine(config.model, chat_template=config.chat_template, rollout=True, timeout_s=config.vllm_timeout_s,
+                      gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+                      enable_sleep_mode=config.vllm_sleep, seed=config.seed, dtype="bfloat16", **launched)
+
+
 def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | None = None) -> Path:
     """Run online RL; returns the final policy's directory (``out/model``).
 
@@ -403,7 +435,7 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
     config = resolve(_default_world_paths(config))
     algo = Algo(config.algo)
     device = resolve_device(config.device)
-    run = Run(config, "rl", on_step_end=on_step_end)
+    run = Run(config, "rl", on_step_end=on_step_end, global_batch=("batch_size", config.batch_size))
     if run.complete:
         return run.final_dir
 
@@ -422,21 +454,28 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
         if not hasattr(process_reward, "step_rewards"):
             raise ValueError(f"--step_reward={config.step_reward!r} is not a process reward model (prm:DIR)")
 
-    model = load_causal_lm(config.model, device=device)
-    prepare_for_training(model, gradient_checkpointing=config.gradient_checkpointing)
+    model = load_causal_lm(config.model, device=device, quantization=quantization_config(config))
+    prepare_for_training(model, gradient_checkpointing=config.gradient_checkpointing, compile=config.compile)
+    model = lora_from_config(model, config, config.model)  # LoRA adapters (peft) when --lora_r > 0
     optimizer, scheduler = optimizer_and_scheduler(model, config, config.max_steps * config.ppo_epochs
                                                    * config.num_minibatches)
     modules, optimizers, schedulers = {"model": model}, {"model": optimizer}, {"model": scheduler}
     kl_control = AdaptiveKL(config.beta, config.target_kl, config.kl_horizon)
     schedulers["kl"] = kl_control
-    reference = None
+    reference, reference_off = None, torch.no_grad  # reference_off: the context its log-probs are computed under
     if config.beta > 0 or config.target_kl > 0 or config.track_kl:  # no reference model when beta = 0
-        reference = load_causal_lm(config.ref_model or config.model, device=device).eval().requires_grad_(False)
-        use_segment_attention(reference)  # shared-prompt rows
+        if config.lora_r and not config.ref_model:  # the policy with its adapters disabled: no second copy
+            reference, reference_off = model, reference_context(model)
+        else:
+            reference = load_causal_lm(config.ref_model or config.model, device=device).eval().requires_grad_(False)
+            use_segment_attention(reference)  # shared-prompt rows
     critic = critic_optimizer = critic_scheduler = None
     if algo == Algo.ppo:
-        critic = load_value_model(config.value_model or config.model, tokenizer=tokenizer, device=device)
-        prepare_for_training(critic, gradient_checkpointing=config.gradient_checkpointing)
+        critic = load_value_model(config.value_model or config.model, tokenizer=tokenizer, device=device,
+                                  quantization=quantization_config(config))
+        prepare_for_training(critic, gradient_checkpointing=config.gradient_checkpointing,
+                             compile=config.compile)
+        critic = lora_from_config(critic, config, config.value_model or config.model)
         critic_optimizer = build_optimizer(critic, config.value_lr, config.weight_decay)
         critic_scheduler = build_scheduler(critic_optimizer, warmup_steps=config.warmup_steps,
                                            total_steps=config.max_steps * config.ppo_epochs * config.num_minibatches,
@@ -448,23 +487,37 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
     # pi_old = the current log-probs, detached (TRL's num_iterations = 1). The sampler's log-probs give the mismatch.
     recompute_old = (config.ppo_epochs > 1 or config.num_minibatches > 1 or reference is not None
                      or config.tis_cap > 0)  # TIS weighs the trainer's pi_old against the sampler's
+    # Several processes (accelerate launch): each rank rolls out its share of the step's prompts, whole groups, so
+    # group baselines are computed where the group lives; gradients are reduced by DDP / FSDP (plumbing/distributed)
+    procs = run.procs
+    if procs.kind == "fsdp":  # generation makes an uneven number of forwards per rank; FSDP's gathers need them even
+        raise ConfigError("posttrain rl runs data-parallel with DDP (accelerate launch --multi_gpu), not FSDP: the "
+                          "rollouts' generation runs a different number of forwards on each rank")
+    forward, optimizers["model"] = procs.prepare(model, optimizer)
+    optimizer = optimizers["model"]
+    critic_forward = None
+    if critic is not None:  # the LM head of the value model's backbone gets no gradient
+        critic_forward, optimizers["critic"] = procs.prepare(critic, critic_optimizer, unused_parameters=True)
+        critic_optimizer = optimizers["critic"]
     run.start(config.max_steps, modules=modules, optimizers=optimizers, schedulers=schedulers, tokenizer=tokenizer)
-    engine = HFEngine(model, tokenizer, batch_size=config.generation_batch_size)
+    engine = rollout_engine(config, model, tokenizer, device)
     prompt_order = batch_indices(len(rows), config.batch_size, config.seed, shuffle=config.shuffle,
                                  start_batch=run.start_step)
     clip_low = None if config.clip_low < 0 else config.clip_low
     aggregation = Reduction(config.loss_aggregation)
 
     def rollout_seed(step: int, refill: int) -> int:
-        """The sampling seed of rollout round ``refill`` of ``step``: distinct for every (seed, step, round)."""
-        return (config.seed * 1_000_003 + step) * (MAX_REFILLS + 1) + refill
+        """The sampling seed of rollout round ``refill`` of ``step``: distinct for every (seed, step, round, rank)."""
+        seed = (config.seed * 1_000_003 + step) * (MAX_REFILLS + 1) + refill
+        return seed if procs.world == 1 else seed * procs.world + procs.rank
 
     def rollout(indices: list[int], seed: int) -> list[list[Sample]]:
         """``group_size`` scored samples for each prompt of ``indices`` (steps 1 and 2 of the module docstring)."""
         params = SamplingParams(n=config.group_size, max_new_tokens=config.max_new_tokens,
                                 temperature=config.temperature, top_p=config.top_p, seed=seed, logprobs=True,
                                 scaled_logprobs=True)
-        completions = engine.generate([rows[i][0] for i in indices], params)
+        with procs.gathered(forward):
+            completions = engine.generate([rows[i][0] for i in indices], params)
         flat_prompts = [rows[i][0] for i in indices for _ in range(config.group_size)]
         columns = reward_columns([rows[i][1] for i in indices for _ in range(config.group_size)])
         texts = [c.text for group in completions for c in group]
@@ -508,7 +561,7 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
                     sums["mismatch"] += float((s.old_logps - torch.tensor(s.sampler_logps)).abs().sum())
                     sums["mismatch_tokens"] += len(s.token_ids)
             if reference is not None:
-                with autocast(device, config.precision):
+                with autocast(device, config.precision), reference_off():
                     flat = token_logps(reference, batch, temperature=config.temperature)
                 for s, values in zip(ordered, split_tokens(flat, ordered)):
                     s.ref_logps = values.cpu()
@@ -545,14 +598,23 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
                 values_bt = padded([s.values for s in trained])
                 mask = padded([torch.ones(len(s.token_ids)) for s in trained])
                 advantages, returns = adv.gae(rewards_bt, values_bt, mask, gamma=config.gamma, lam=config.lam)
-                if config.whiten_advantages:
-                    on = mask.bool()
-                    mean, std = advantages[on].mean(), advantages[on].std() if int(on.sum()) > 1 else 1.0
-                    advantages = torch.where(on, (advantages - mean) / (std + 1e-8), advantages)
+            if config.whiten_advantages and procs.world > 1:  # over every rank's tokens: every rank reduces
+                values = advantages[mask.bool()].double() if trained else torch.zeros(0, dtype=torch.float64)
+                total, squares, count = procs.sum(float(values.sum()), float((values ** 2).sum()),
+                                                  float(values.numel()))
+                if trained:
+                    mean = total / count
+                    std = ((squares - count * mean ** 2) / (count - 1)) ** 0.5 if count > 1 else 1.0
+                    advantages = torch.where(mask.bool(), (advantages - mean) / (std + 1e-8), advantages)
+            elif config.whiten_advantages and trained:
+                on = mask.bool()
+                mean, std = advantages[on].mean(), advantages[on].std() if int(on.sum()) > 1 else 1.0
+                advantages = torch.where(on, (advantages - mean) / (std + 1e-8), advantages)
+            if trained:
                 for row, s in enumerate(trained):
                     s.advantages = advantages[row, : len(s.token_ids)]
                     s.returns = returns[row, : len(s.token_ids)]
-        elif groups:
+        elif groups or procs.world > 1:
             sequence_rewards = []
             for group in groups:
                 row = []
@@ -560,7 +622,15 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
                     penalty = beta * float(s.kl.sum()) if kl_in_reward else 0.0
                     row.append(s.reward - penalty if s.trained else math.nan)
                 sequence_rewards.append(row)
-            table = group_advantages(torch.tensor(sequence_rewards, dtype=torch.float64), algo, config.scale_rewards)
+            if procs.world > 1:  # batch-wide baselines (reinforce, --scale_rewards=batch) see every rank's groups
+                parts = procs.gather(sequence_rewards)
+                everyone = [row for part in parts for row in part]
+                first = sum(len(part) for part in parts[: procs.rank])
+                table = group_advantages(torch.tensor(everyone, dtype=torch.float64), algo, config.scale_rewards)[
+                    first : first + len(groups)] if everyone else []
+            else:
+                table = group_advantages(torch.tensor(sequence_rewards, dtype=torch.float64), algo,
+                                         config.scale_rewards)
             for group, values in zip(groups, table):
                 for s, a in zip(group, values):
                     s.advantages = torch.full((len(s.token_ids),), float(a))
@@ -571,73 +641,88 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
                                                      [len(s.token_ids) for s in dense])
                     for s, a in zip(dense, process):
                         s.advantages = s.advantages + config.step_reward_weight * a
-        mean_kl = sum(kl_sums) / len(kl_sums) if kl_sums else 0.0
+        kl_total, kl_count = procs.sum(sum(kl_sums), float(len(kl_sums)))  # over every rank's samples
+        mean_kl = kl_total / kl_count if kl_count else 0.0
         return {"policy/kl": mean_kl, "policy/beta": beta}
 
-    def update(minibatch: list[Sample], sums: dict[str, float]) -> None:
-        """Step 5 for one minibatch: its micro-batches' losses share the minibatch's denominators."""
+    def update(minibatch: list[Sample], sums: dict[str, float], filler: Sample) -> None:
+        """Step 5 for one minibatch (this rank's part of it): its micro-batches' losses share the minibatch's
+        denominators, counted over every rank. Every rank takes part in every update (the gradient reduction is
+        collective): one with nothing to train on runs ``filler`` through a zero loss (its gradients are zeros)."""
         trained = [s for s in minibatch if s.trained]
-        if not trained:
+        tokens, sequences = procs.sum(float(sum(len(s.token_ids) for s in trained)), float(len(trained)))
+        if not sequences:
             return
-        tokens = sum(len(s.token_ids) for s in trained)
-        normalizer = {Reduction.token_mean: tokens, Reduction.sequence_mean: len(trained),
-                      Reduction.fixed_length: len(trained) * config.max_new_tokens}[aggregation]
+        normalizer = {Reduction.token_mean: tokens, Reduction.sequence_mean: sequences,
+                      Reduction.fixed_length: sequences * config.max_new_tokens}[aggregation]
+        weight = 1.0 if trained else 0.0
+        trained = trained or [filler.filler()]
         update_loss = value_total = 0.0  # this update's, summed over its micro-batches (a non-finite one skips it)
-        for chunk in micro_batches(list(range(len(trained))), config.grad_accum):
-            batch, ordered = shared_prompt_batch([trained[i] for i in chunk])
-            with autocast(device, config.precision):
-                logits, targets = trained_token_logits(model, batch)
-            logps = padded(split_tokens(logps_of(logits, targets, config.temperature), ordered))  # (B, T)
-            mask = padded([torch.ones(len(s.token_ids)) for s in ordered]).to(logps.device)
-            if recompute_old:
-                old = padded([s.old_logps for s in ordered]).to(logps.device)
-            else:  # one on-policy pass: pi_old is the policy as it is now, at this very forward's precision
-                old = logps.detach()
-                sampled = padded([torch.tensor(s.sampler_logps) for s in ordered]).to(logps.device)
-                sums["mismatch"] += float(((old - sampled).abs() * mask).sum())
-                sums["mismatch_tokens"] += float(mask.sum())
-            advantages = padded([s.advantages.float() for s in ordered]).to(logps.device)
-            if algo == Algo.gspo:
-                per_token, metrics = gspo_surrogate(logps, old, advantages[:, 0], mask, clip_low=config.clip_low,
-                                                    clip_high=config.clip_high)
-                clipfrac = float((metrics["clipfrac"] * mask.sum(-1)).sum())  # a clipped sequence clips its tokens
-            elif algo == Algo.cispo:
-                per_token, metrics = cispo_surrogate(logps, old, advantages, clip_high=config.clip_high,
-                                                     clip_low=clip_low)
-                clipfrac = float((metrics["clipfrac"] * mask).sum())
-            else:
-                per_token, metrics = clipped_surrogate(logps, old, advantages, clip_low=config.clip_low,
-                                                       clip_high=config.clip_high)
-                clipfrac = float((metrics["clipfrac"] * mask).sum())
-            if config.tis_cap > 0:  # the sampler is not the learner: weigh each token by pi_old / pi_sampler, capped
-                sampled = padded([torch.tensor(s.sampler_logps) for s in ordered]).to(logps.device)
-                weights = truncated_is_weights(old, sampled, config.tis_cap)
-                per_token = per_token * weights
-                sums["tis_weight"] += float((weights * mask).sum())
-                sums["tis_capped"] += float(((weights >= config.tis_cap) * mask).sum())
-            if config.kl_in == "loss" and reference is not None and kl_control.beta > 0:
-                ref = padded([s.ref_logps for s in ordered]).to(logps.device)
-                per_token = per_token + kl_control.beta * kl_penalty(logps, ref, config.kl_estimator)
-            loss = reduce_per_token(per_token, mask, aggregation, normalizer=normalizer)
-            loss.backward()
-            with torch.no_grad():
-                sums["entropy"] += sum(float(token_entropy(part, config.temperature).sum())
-                                       for part in logits.detach().split(ENTROPY_CHUNK))
-                update_loss += float(loss)
-                sums["clipfrac"] += clipfrac
-                sums["approx_kl"] += float((kl_penalty(old, logps, KLEstimator.k3) * mask).sum())
-                sums["ratio_max"] = max(sums["ratio_max"], float(((logps - old).exp() * mask).max()))
-                sums["tokens"] += float(mask.sum())
-            if critic is not None:
+        chunks = micro_batches(list(range(len(trained))), config.grad_accum)
+        for k, chunk in enumerate(chunks):
+            last = k == len(chunks) - 1  # the update's gradients are reduced over the ranks with its last chunk
+            with procs.accumulating(forward, last), procs.accumulating(critic_forward, last):
+                batch, ordered = shared_prompt_batch([trained[i] for i in chunk])
                 with autocast(device, config.precision):
-                    values = padded(split_tokens(token_values(critic, batch), ordered))
-                old_values = padded([s.values for s in ordered]).to(values.device)
-                returns = padded([s.returns for s in ordered]).to(values.device)
-                value_loss = reduce_per_token(
-                    clipped_value_loss(values, old_values, returns, clip=config.value_clip or None), mask,
-                    Reduction.token_mean, normalizer=tokens)
-                value_loss.backward()
-                value_total += float(value_loss.detach())
+                    logits, targets = forward(trained_token_logits, batch)
+                if not weight:  # the filler: a zero gradient through every parameter the forward used, nothing else
+                    procs.backward(logits.float().sum() * 0.0)
+                    if critic is not None:
+                        with autocast(device, config.precision):
+                            procs.backward(critic_forward(token_values, batch).sum() * 0.0)
+                    continue
+                logps = padded(split_tokens(logps_of(logits, targets, config.temperature), ordered))  # (B, T)
+                mask = padded([torch.ones(len(s.token_ids)) for s in ordered]).to(logps.device)
+                if recompute_old:
+                    old = padded([s.old_logps for s in ordered]).to(logps.device)
+                else:  # one on-policy pass: pi_old is the policy as it is now, at this very forward's precision
+                    old = logps.detach()
+                    sampled = padded([torch.tensor(s.sampler_logps) for s in ordered]).to(logps.device)
+                    sums["mismatch"] += float(((old - sampled).abs() * mask).sum())
+                    sums["mismatch_tokens"] += float(mask.sum())
+                advantages = padded([s.advantages.float() for s in ordered]).to(logps.device)
+                if algo == Algo.gspo:
+                    per_token, metrics = gspo_surrogate(logps, old, advantages[:, 0], mask, clip_low=config.clip_low,
+                                                        clip_high=config.clip_high)
+                    clipfrac = float((metrics["clipfrac"] * mask.sum(-1)).sum())  # a clipped sequence clips its tokens
+                elif algo == Algo.cispo:
+                    per_token, metrics = cispo_surrogate(logps, old, advantages, clip_high=config.clip_high,
+                                                         clip_low=clip_low)
+                    clipfrac = float((metrics["clipfrac"] * mask).sum())
+                else:
+                    per_token, metrics = clipped_surrogate(logps, old, advantages, clip_low=config.clip_low,
+                                                           clip_high=config.clip_high)
+                    clipfrac = float((metrics["clipfrac"] * mask).sum())
+                if config.tis_cap > 0:  # the sampler is not the learner: loss x min(pi_old / pi_sampler, cap)
+                    sampled = padded([torch.tensor(s.sampler_logps) for s in ordered]).to(logps.device)
+                    weights = truncated_is_weights(old, sampled, config.tis_cap)
+                    per_token = per_token * weights
+                    sums["tis_weight"] += float((weights * mask).sum())
+                    sums["tis_capped"] += float(((weights >= config.tis_cap) * mask).sum())
+                if config.kl_in == "loss" and reference is not None and kl_control.beta > 0:
+                    ref = padded([s.ref_logps for s in ordered]).to(logps.device)
+                    per_token = per_token + kl_control.beta * kl_penalty(logps, ref, config.kl_estimator)
+                loss = reduce_per_token(per_token, mask, aggregation, normalizer=normalizer)
+                procs.backward(loss)
+                with torch.no_grad():
+                    sums["entropy"] += sum(float(token_entropy(part, config.temperature).sum())
+                                           for part in logits.detach().split(ENTROPY_CHUNK))
+                    update_loss += float(loss)
+                    sums["clipfrac"] += clipfrac
+                    sums["approx_kl"] += float((kl_penalty(old, logps, KLEstimator.k3) * mask).sum())
+                    sums["ratio_max"] = max(sums["ratio_max"], float(((logps - old).exp() * mask).max()))
+                    sums["tokens"] += float(mask.sum())
+                if critic is not None:
+                    with autocast(device, config.precision):
+                        values = padded(split_tokens(critic_forward(token_values, batch), ordered))
+                    old_values = padded([s.values for s in ordered]).to(values.device)
+                    returns = padded([s.returns for s in ordered]).to(values.device)
+                    value_loss = reduce_per_token(
+                        clipped_value_loss(values, old_values, returns, clip=config.value_clip or None), mask,
+                        Reduction.token_mean, normalizer=tokens)
+                    procs.backward(value_loss)
+                    value_total += float(value_loss.detach())
+        update_loss, value_total = procs.sum(update_loss, value_total)  # each rank's share of the update's mean
         # A non-finite update is skipped by optimizer_step (its norm comes back non-finite): counted, not averaged.
         grad_norm, sums["lr"] = optimizer_step(model, optimizer, scheduler, config.max_grad_norm, loss=update_loss)
         if math.isfinite(grad_norm):
@@ -656,23 +741,42 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
                 sums["value_skipped_updates"] += 1
 
     def evaluate() -> dict[str, float]:
-        """Greedy replies to the held-out prompts: mean reward (and the tiny world's gold metrics)."""
+        """Greedy replies to the held-out prompts: mean reward (and the tiny world's gold metrics); each rank
+        answers every world-th prompt."""
         if not eval_rows:
             return {}
-        prompts = [messages for messages, _ in eval_rows]
+        mine = eval_rows[procs.rank :: procs.world]
+        prompts = [messages for messages, _ in mine]
+        if config.rollout_engine == "vllm":  # the policy as trained so far, also after this step's updates
+            if config.vllm_sleep:
+                engine.wake_up()
+            sync_weights(engine, model)
         replies = [c[0] for c in engine.generate(prompts, SamplingParams(n=1, max_new_tokens=config.max_new_tokens,
                                                                          temperature=0.0))]
-        columns = reward_columns([extra for _, extra in eval_rows])
-        scores = [s for s in reward(prompts, [c.text for c in replies], **columns) if s is not None]
+        if config.rollout_engine == "vllm" and config.vllm_sleep:
+            engine.sleep()
+        columns = reward_columns([extra for _, extra in mine])
+        texts = [c.text for c in replies]
+        scored = reward(prompts, texts, **columns)
+        if procs.world > 1:
+            parts = procs.gather((prompts, texts, scored))
+            prompts, texts, scored = ([v for part in parts for v in part[i]] for i in range(3))
+        scores = [s for s in scored if s is not None]
         metrics = {"eval/reward": sum(scores) / len(scores) if scores else math.nan}
-        world = _world_rollout_metrics(prompts, [c.text for c in replies])
+        world = _world_rollout_metrics(prompts, texts)
         metrics.update({k.replace("rollout/", "eval/"): v for k, v in world.items()})
         return metrics
 
     with run:
         for step in run.steps():
             started = time.perf_counter()
-            indices = next(prompt_order)
+            sync_seconds = 0.0
+            if config.rollout_engine == "vllm":  # the engine samples from the policy as it is now (also on resume)
+                if config.vllm_sleep:
+                    engine.wake_up()
+                sync_weights(engine, model)
+                sync_seconds = time.perf_counter() - started
+            indices = procs.shard(next(prompt_order))  # this rank's prompts of the step's batch
             groups = rollout(indices, seed=rollout_seed(step, 0))
             generated = sum(len(s.token_ids) for g in groups for s in g)
             dropped = sum(1 for g in groups for s in g if math.isnan(s.reward))
@@ -683,20 +787,23 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
                 def informative(group: list[Sample]) -> bool:  # on the reward before shaping, as verl's DAPO
                     return len({s.score for s in group if s.trained}) > 1
 
-                generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+                generator = torch.Generator().manual_seed(rollout_seed(step, 0) if procs.world > 1
+                                                          else config.seed * 1_000_003 + step)
                 kept = [g for g in groups if informative(g)]
                 filtered = len(groups) - len(kept)
                 for refill in range(1, config.max_refills + 1):
-                    if len(kept) >= config.batch_size:
+                    if len(kept) >= len(indices):  # each rank fills its share of the batch
                         break
-                    extra = torch.randint(len(rows), (config.batch_size,), generator=generator).tolist()
+                    extra = torch.randint(len(rows), (len(indices),), generator=generator).tolist()
                     more = rollout(extra, seed=rollout_seed(step, refill))
                     generated += sum(len(s.token_ids) for g in more for s in g)
                     kept += [g for g in more if informative(g)]
-                groups = kept[: config.batch_size]
+                groups = kept[: len(indices)]
                 for g, group in enumerate(groups):
                     for s in group:
                         s.group = g
+            if config.rollout_engine == "vllm" and config.vllm_sleep:  # the trainer gets the GPU memory back
+                engine.sleep()
             generation_seconds = time.perf_counter() - started
             samples = [s for g in groups for s in g]
             sums = dict.fromkeys(("loss", "clipfrac", "approx_kl", "entropy", "tokens", "value_loss", "grad_norm",
@@ -708,15 +815,31 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
 
             training_started = time.perf_counter()
             shuffle = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 7919)
-            for epoch in range(config.ppo_epochs if groups else 0):
+            for epoch in range(config.ppo_epochs):
                 order = torch.randperm(len(groups), generator=shuffle).tolist() if config.ppo_epochs > 1 else \
                     list(range(len(groups)))
-                for part in micro_batches(order, config.num_minibatches):
-                    update([s for g in part for s in groups[g]], sums)
+                parts = micro_batches(order, config.num_minibatches) if order else []
+                # as many updates on every rank (each is a collective gradient reduction), some maybe empty here
+                for part in parts + [[]] * (config.num_minibatches - len(parts)):
+                    update([s for g in part for s in groups[g]], sums, filler=rollout_samples[0])
             training_seconds = time.perf_counter() - training_started
-            kl_control.update(kl_metrics["policy/kl"], len(samples))
 
-            lengths = [len(s.token_ids) for s in rollout_samples]
+            # Every metric is over all ranks' samples: sums reduced, the rollouts' small lists gathered.
+            for key in ("clipfrac", "approx_kl", "entropy", "tokens", "mismatch", "mismatch_tokens", "tis_weight",
+                        "tis_capped"):
+                sums[key] = procs.sum(sums[key])
+            sums["ratio_max"] = procs.max(sums["ratio_max"])
+            stats = {"rewards": rollout_rewards, "lengths": [len(s.token_ids) for s in rollout_samples],
+                       "truncated": [s.truncated for s in rollout_samples], "texts": [s.text for s in rollout_samples],
+                       "prompts": [rows[i][0] for i in indices for _ in range(config.group_size)],
+                       "counts": [dropped, len(groups), filtered, generated, len(samples)]}
+            if procs.world > 1:
+                parts = procs.gather(stats)
+                stats = {k: [v for part in parts for v in part[k]] for k in stats if k != "counts"}
+                stats["counts"] = [sum(part["counts"][i] for part in parts) for i in range(5)]
+            rollout_rewards, lengths = stats["rewards"], stats["lengths"]
+            dropped, trained_groups, filtered, generated, trained_samples = stats["counts"]
+            kl_control.update(kl_metrics["policy/kl"], trained_samples)
             mean_reward = sum(rollout_rewards) / len(rollout_rewards) if rollout_rewards else math.nan
             spread = sum((r - mean_reward) ** 2 for r in rollout_rewards)
             std_reward = (spread / max(len(rollout_rewards) - 1, 1)) ** 0.5
@@ -724,12 +847,11 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
             metrics = {
                 "rollout/reward_mean": mean_reward, "rollout/reward_std": std_reward,
                 "rollout/mean_length": sum(lengths) / len(lengths),
-                "rollout/truncated_rate": sum(s.truncated for s in rollout_samples) / len(rollout_samples),
+                "rollout/truncated_rate": sum(stats["truncated"]) / len(lengths),
                 "rollout/dropped": dropped,
-                "rollout/groups_trained": len(groups), "rollout/groups_filtered": filtered,
-                "rollout/generation_tokens_per_s": generated / max(generation_seconds, 1e-9),
-                **_world_rollout_metrics([rows[i][0] for i in indices for _ in range(config.group_size)],
-                                         [s.text for s in rollout_samples]),
+                "rollout/groups_trained": trained_groups, "rollout/groups_filtered": filtered,
+                "rollout/generation_tokens_per_s": generated / max(generation_seconds - sync_seconds, 1e-9),
+                **_world_rollout_metrics(stats["prompts"], stats["texts"]),
                 **kl_metrics,
                 "policy/clipfrac": sums["clipfrac"] / n_tokens, "policy/approx_kl": sums["approx_kl"] / n_tokens,
                 "policy/entropy": sums["entropy"] / n_tokens, "policy/ratio_max": sums["ratio_max"],
@@ -740,6 +862,8 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
                 "train/skipped_updates": sums["skipped_updates"], "train/lr": sums["lr"],
                 "train/training_tokens_per_s": sums["tokens"] / max(training_seconds, 1e-9),
             }
+            if config.rollout_engine == "vllm":
+                metrics["rollout/weight_sync_s"] = sync_seconds
             if config.tis_cap > 0:
                 metrics["rollout/tis_weight_mean"] = sums["tis_weight"] / n_tokens
                 metrics["rollout/tis_capped_frac"] = sums["tis_capped"] / n_tokens
@@ -748,12 +872,19 @@ def train_rl(config: RLConfig, *, on_step_end: Callable[[int, dict], None] | Non
                                    [torch.zeros(1)])
                 returns = torch.cat([s.returns for s in samples if s.trained and s.returns is not None] or
                                     [torch.zeros(1)])
-                variance = float(returns.var()) if returns.numel() > 1 else 0.0
+                if procs.world > 1:  # 1 - Var(returns - values) / Var(returns), over every rank's tokens
+                    r, d = returns.double(), (returns - values).double()
+                    n, r1, r2, d1, d2 = procs.sum(float(r.numel()), float(r.sum()), float((r ** 2).sum()),
+                                                  float(d.sum()), float((d ** 2).sum()))
+                    variance = (r2 - r1 * r1 / n) / (n - 1) if n > 1 else 0.0
+                    residual = (d2 - d1 * d1 / n) / (n - 1) if n > 1 else 0.0
+                else:
+                    variance = float(returns.var()) if returns.numel() > 1 else 0.0
+                    residual = float((returns - values).var()) if variance > 0 else 0.0
                 metrics["value/loss"] = _applied_mean(sums["value_loss"], sums["value_updates"],
                                                       sums["value_skipped_updates"])
                 metrics["value/skipped_updates"] = sums["value_skipped_updates"]
-                metrics["value/explained_variance"] = (1.0 - float((returns - values).var()) / variance
-                                                       if variance > 0 else math.nan)
+                metrics["value/explained_variance"] = 1.0 - residual / variance if variance > 0 else math.nan
             if eval_rows and run.eval_due(step):
                 run.log_metrics(step, evaluate())
             run.end_step(step, metrics, tokens=generated + int(sums["tokens"]), samples=rollout_samples,

@@ -30,6 +30,7 @@ from posttrain.data.packing import Example, collate_flat, collate_shared_prefix,
 from posttrain.data.render import RenderError, render_conversation
 from posttrain.maths import reward as losses
 from posttrain.maths.reward import RMLoss
+from posttrain.models.adapters import lora_from_config, quantization_config
 from posttrain.models import flat_hidden_states, load_tokenizer, prepare_for_training, resolve_device
 from posttrain.models.heads import load_head_model
 from posttrain.plumbing.config import ChatTrainConfig, option, stage_config
@@ -264,9 +265,9 @@ def evaluate_groups(model, groups: list[Group], loss_type: RMLoss, pad_id: int, 
     return report
 
 
-def _load_model(path: str, loss_type: RMLoss, tokenizer, device):
+def _load_model(path: str, loss_type: RMLoss, tokenizer, device, quantization=None):
     kind = "scalar" if loss_type.is_scalar else ("outcome" if loss_type == RMLoss.orm else "process")
-    return load_head_model(path, kind, tokenizer=tokenizer, device=device)
+    return load_head_model(path, kind, tokenizer=tokenizer, device=device, quantization=quantization)
 
 
 def _fill_world_defaults(config: RMConfig) -> RMConfig:
@@ -299,38 +300,50 @@ def train_rm(config: RMConfig, *, on_step_end: Callable[[int, dict], None] | Non
     step_size = config.batch_size * config.grad_accum
     steps_per_epoch, total_steps = step_counts(len(groups), config)
 
-    model = _load_model(config.model, loss_type, tokenizer, device)
-    prepare_for_training(model, gradient_checkpointing=config.gradient_checkpointing)
+    model = _load_model(config.model, loss_type, tokenizer, device, quantization_config(config))
+    prepare_for_training(model, gradient_checkpointing=config.gradient_checkpointing, compile=config.compile)
+    model = lora_from_config(model, config, config.model)  # LoRA adapters + the head in full, when --lora_r > 0
     optimizer, scheduler = optimizer_and_scheduler(model, config, total_steps)
+    procs = run.procs  # one process, or this rank of an accelerate launch (DDP / FSDP): plumbing/distributed.py
+    # forward(fn, ...) = fn(model, ...) through DDP/FSDP; the LM head of a head model gets no gradient
+    forward, optimizer = procs.prepare(model, optimizer, unused_parameters=True)
     run.start(total_steps, modules={"model": model}, optimizers={"model": optimizer},
               schedulers={"model": scheduler}, tokenizer=tokenizer)
     pad_id = tokenizer.pad_token_id
     batches = batch_indices(len(groups), step_size, config.seed, shuffle=config.shuffle, start_batch=run.start_step)
-    evaluate = lambda: evaluate_groups(model, eval_groups, loss_type, pad_id, device, config.batch_size)  # noqa: E731
+
+    def evaluate():
+        with procs.gathered(forward):
+            return evaluate_groups(model, eval_groups, loss_type, pad_id, device, config.batch_size)
 
     with run:
         for step in run.steps():
-            chunks = [[groups[i] for i in chunk] for chunk in micro_batches(next(batches), config.grad_accum)]
+            chunks = [[groups[i] for i in chunk]
+                      for chunk in micro_batches(procs.shard(next(batches)), config.grad_accum)]
             # Each micro-batch's loss is a mean over its units (pairs, rankings, tokens or steps); weighting it by its
-            # share of the step's units makes the accumulated gradient that of the whole step's mean.
+            # share of the step's units (over all ranks) makes the accumulated gradient that of the step's mean.
             units = [group_units(chunk, loss_type) for chunk in chunks]
+            step_units = procs.sum(float(sum(units)))
             means, step_loss = WeightedMeans(), 0.0
-            for chunk, n in zip(chunks, units):
-                with autocast(device, config.precision):
-                    loss, metrics, _ = group_loss(model, chunk, loss_type, pad_id, device)
-                (loss * (n / sum(units))).backward()
-                means.add(metrics, n / sum(units))
-                step_loss += float(loss.detach()) * n / sum(units)
+            for i, (chunk, n) in enumerate(zip(chunks, units)):
+                with procs.accumulating(forward, last=i == len(chunks) - 1):
+                    with autocast(device, config.precision):
+                        loss, metrics, _ = forward(group_loss, chunk, loss_type, pad_id, device)
+                    procs.backward(loss * (n / step_units))
+                means.add(metrics, n / step_units)
+                step_loss += float(loss.detach()) * n / step_units
+            step_loss = procs.sum(step_loss)
             grad_norm, lr = optimizer_step(model, optimizer, scheduler, config.max_grad_norm, loss=step_loss)
 
             if eval_groups and run.eval_due(step):
                 run.log_metrics(step, {f"eval/{k}": v for k, v in evaluate().items()})
-            logged = means.means()
-            tokens = sum(len(e) for chunk in chunks for g in chunk for e in g.examples)
+            logged = means.means(procs)
+            tokens, sequences = procs.sum(float(sum(len(e) for chunk in chunks for g in chunk for e in g.examples)),
+                                          float(sum(len(g.examples) for chunk in chunks for g in chunk)))
             logged.pop("loss", None)  # a non-finite loss is left out of the means: step_loss keeps it
             run.end_step(step, {"train/loss": step_loss, "train/lr": lr, "train/grad_norm": grad_norm,
                                 **{f"rm/{k}": v for k, v in logged.items()}},
-                         tokens=tokens, sequences=sum(len(g.examples) for chunk in chunks for g in chunk))
+                         tokens=int(tokens), sequences=int(sequences))
 
     report = evaluate() if eval_groups else {}
     if report:

@@ -19,6 +19,7 @@ import torch
 
 from posttrain.data import Example, collate_flat, first_fit_decreasing, load_sft_examples
 from posttrain.maths.sft import sft_loss
+from posttrain.models.adapters import lora_from_config, quantization_config
 from posttrain.models import (load_causal_lm, load_tokenizer, prepare_for_training, resize_for_tokenizer,
                               resolve_device, trained_token_logits)
 from posttrain.plumbing.config import ChatTrainConfig, option, stage_config
@@ -57,18 +58,27 @@ def _default_world_paths(config: SFTConfig) -> SFTConfig:
 
 
 @torch.no_grad()
-def evaluate_loss(model, examples: list[Example], *, batch_size: int, pad_id: int, device, precision) -> float:
-    """Token-mean NLL of the assistant tokens over all of ``examples``."""
+def evaluate_loss(model, examples: list[Example], *, batch_size: int, pad_id: int, device, precision,
+                  forward=None, procs=None) -> float:
+    """Token-mean NLL of the assistant tokens over all of ``examples`` (under DDP, ``procs``, each rank scores
+    every world-th example through ``forward`` and the sums are reduced; under FSDP every rank scores them all, as
+    every sharded forward is a collective)."""
+    forward = forward or (lambda fn, *args: fn(model, *args))
+    shard = procs is not None and procs.world > 1 and procs.kind != "fsdp"
+    if shard:
+        examples = examples[procs.rank :: procs.world]
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate_flat(examples[start : start + batch_size], pad_id).items()}
         with autocast(device, precision):
-            logits, targets = trained_token_logits(model, batch)
+            logits, targets = forward(trained_token_logits, batch)
         _, metrics = sft_loss(logits, targets)
         total += float(metrics["nll_sum"])
         count += int(metrics["tokens"])
     model.train()
+    if shard:
+        total, count = procs.sum(total, count)
     return total / max(count, 1)
 
 
@@ -101,35 +111,43 @@ def train_sft(config: SFTConfig, *, on_step_end: Callable[[int, dict], None] | N
     step_size = config.batch_size * config.grad_accum
     steps_per_epoch, total_steps = step_counts(len(items), config)
 
-    model = load_causal_lm(config.model, device=device)
+    model = load_causal_lm(config.model, device=device, quantization=quantization_config(config))
+    vocabulary = model.get_input_embeddings().weight.shape[0]
     resize_for_tokenizer(model, tokenizer)
-    prepare_for_training(model, gradient_checkpointing=config.gradient_checkpointing)
+    prepare_for_training(model, gradient_checkpointing=config.gradient_checkpointing, compile=config.compile)
+    model = lora_from_config(model, config, config.model,  # LoRA adapters (peft) when --lora_r > 0
+                             resized=model.get_input_embeddings().weight.shape[0] != vocabulary)
     optimizer, scheduler = optimizer_and_scheduler(model, config, total_steps)
+    procs = run.procs  # one process, or this rank of an accelerate launch (DDP / FSDP): plumbing/distributed.py
+    forward, optimizer = procs.prepare(model, optimizer)  # forward(fn, batch) = fn(model, batch) through DDP/FSDP
     run.start(total_steps, modules={"model": model}, optimizers={"model": optimizer},
               schedulers={"model": scheduler}, tokenizer=tokenizer)
     pad_id = tokenizer.pad_token_id
     batches = batch_indices(len(items), step_size, config.seed, shuffle=config.shuffle, start_batch=run.start_step)
     evaluate = lambda: evaluate_loss(model, eval_examples, batch_size=config.batch_size, pad_id=pad_id,  # noqa: E731
-                                     device=device, precision=config.precision)
+                                     device=device, precision=config.precision, forward=forward, procs=procs)
 
     with run:
         for step in run.steps():
-            # One padding-free row per micro-batch; the loss is normalised by the trained tokens of the WHOLE step.
+            # This rank's share of the step's global batch, one padding-free row per micro-batch; the loss is
+            # normalised by the trained tokens of the WHOLE step, summed over micro-batches and ranks.
             micro = [{k: v.to(device) for k, v in collate_flat([ex for i in chunk for ex in items[i]], pad_id).items()}
-                     for chunk in micro_batches(next(batches), config.grad_accum)]
-            num_tokens = sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro)
+                     for chunk in micro_batches(procs.shard(next(batches)), config.grad_accum)]
+            num_tokens = int(procs.sum(sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro)))
             loss_sum = 0.0
-            for batch in micro:
-                with autocast(device, config.precision):
-                    logits, targets = trained_token_logits(model, batch)
-                loss, metrics = sft_loss(logits, targets, num_tokens=num_tokens)
-                loss.backward()
+            for i, batch in enumerate(micro):
+                with procs.accumulating(forward, last=i == len(micro) - 1):  # gradients reduce on the last one
+                    with autocast(device, config.precision):
+                        logits, targets = forward(trained_token_logits, batch)
+                    loss, metrics = sft_loss(logits, targets, num_tokens=num_tokens)
+                    procs.backward(loss)
                 loss_sum += float(metrics["loss"])
+            loss_sum = procs.sum(loss_sum)
             grad_norm, lr = optimizer_step(model, optimizer, scheduler, config.max_grad_norm, loss=loss_sum)
 
             if eval_examples and run.eval_due(step):
                 run.log_metrics(step, {"eval/loss": evaluate()})
-            fed = sum(int((mb["input_ids"] != pad_id).sum()) for mb in micro)
+            fed = int(procs.sum(sum(int((mb["input_ids"] != pad_id).sum()) for mb in micro)))
             run.end_step(step, {"train/loss": loss_sum, "train/lr": lr, "train/grad_norm": grad_norm,
                                 "train/trained_tokens": num_tokens, "train/epoch": step / steps_per_epoch},
                          tokens=fed, trained_tokens=num_tokens, loss=loss_sum)
