@@ -144,3 +144,27 @@ def test_policy_kl_equals_a_plain_hf_estimate_over_its_samples(tiny_model_dir, p
     # a policy against itself: every sampled token has the same log-prob under both, so the estimate is 0
     assert policy_kl(tiny_model_dir, tiny_model_dir, prompts, n=2, max_new_tokens=6, device="cpu") == pytest.approx(
         0.0, abs=1e-4)
+
+
+def test_the_kl_measured_on_an_evaluation_s_own_samples_is_policy_kl_on_those_samples(tiny_model_dir,
+                                                                                       peaked_reference, world):
+    """The demo measures a stage's KL to the SFT model on the samples its sampled evaluation draws anyway
+    (sampled_gold_and_kl, evaluate_model(kl_reference=...)). Asking for the log-probs must not change what is
+    sampled, so with the same seed and n both give exactly policy_kl's estimate, and the gold rewards are those
+    of sampled_gold_per_prompt."""
+    from posttrain.models.logprobs import policy_kl
+    from posttrain.world.evaluate import evaluate_model, sampled_gold_and_kl, sampled_gold_per_prompt
+
+    path = world.data / "rl_heldout.jsonl"
+    prompts = [json.loads(line)["prompt"] for line in path.read_text().splitlines()[:3]]
+    kl = policy_kl(tiny_model_dir, peaked_reference, prompts, n=2, max_new_tokens=6, seed=1, device="cpu")
+    assert kl > 2.0  # far from 0, so equal values below are not both trivially 0
+    gold, on_samples = sampled_gold_and_kl(tiny_model_dir, prompts, n=2, max_new_tokens=6, seed=1, device="cpu",
+                                           kl_reference=peaked_reference)
+    assert on_samples == pytest.approx(kl, abs=1e-9)
+    assert gold == sampled_gold_per_prompt(tiny_model_dir, prompts, n=2, max_new_tokens=6, seed=1, device="cpu")
+    scores = evaluate_model(tiny_model_dir, path, limit=3, max_new_tokens=6, device="cpu", temperature=1.0, n=2,
+                            seed=1, kl_reference=peaked_reference)
+    assert scores["kl_to_reference"] == pytest.approx(kl, abs=1e-9)
+    with pytest.raises(ValueError, match="temperature 1"):
+        evaluate_model(tiny_model_dir, path, limit=3, device="cpu", kl_reference=peaked_reference)

@@ -337,6 +337,27 @@ def test_sft_rows(rows):
             assert follows_format(assistant["content"])
 
 
+def test_sft_reasoning_rows(rows):
+    """Each row is one question and its trace: reasoning = the worked equations, content = "The answer is N."."""
+    for row in rows["sft_reasoning", "train"]:
+        assert set(row) == {"messages"}
+        user, assistant = row["messages"]
+        assert user == {"role": "user", "content": user["content"]}
+        assert set(assistant) == {"role", "reasoning", "content"} and assistant["role"] == "assistant"
+        q = parse_question(user["content"])
+        assert assistant["content"] == f"The answer is {q.answer}."
+        assert assistant["reasoning"] == " ".join(f"{text}." for text, _ in q.steps)
+        assert gold_reward(user["content"], assistant["content"]) == pytest.approx(1.9)
+
+
+def test_sft_reasoning_row_by_hand():
+    """The first train row of seed 0 (``datagen.sft_reasoning_rows(1, 0)``), written out: 7 - 0 = 7."""
+    assert datagen.sft_reasoning_rows(1, 0) == [{"messages": [
+        {"role": "user", "content": "What is 7 - 0?"},
+        {"role": "assistant", "reasoning": "7 - 0 = 7.", "content": "The answer is 7."},
+    ]}]
+
+
 def test_sft_mix_of_shapes():
     generated = datagen.sft_rows(400, 0)
     with_system = sum(r["messages"][0]["role"] == "system" for r in generated) / 400
@@ -462,7 +483,7 @@ def test_generators_are_deterministic():
 def _row_questions(name: str, row: dict) -> list[str]:
     if name == "pretrain":
         return []
-    if name == "sft":
+    if name in ("sft", "sft_reasoning"):
         return [m["content"] for m in row["messages"] if m["role"] == "user"]
     return [_question_text(row["prompt"])]
 

@@ -30,6 +30,12 @@ commands:
   rs           rejection-sampling fine-tuning: generate -> score -> select -> SFT, for R rounds
   scaling      inference-time scaling: best-of-n reward, pass@n, maj@n and the best-of-n KL against log n
   merge        merge a LoRA adapter directory (a --lora_r run's out/model) into its base: a plain model directory
+  pipeline     a recipe (recipes/NAME.yaml: instructgpt, tulu3, r1, minimal, demo) of stages in order, each one's
+               output feeding the next; a rerun skips finished steps and resumes the interrupted one
+  eval         evaluate a model on prompts: pass@k, maj@k, win-rate vs a baseline (with a CI), KL to a
+               reference, lengths; n-gram decontamination against a training set
+  overopt      reward-model over-optimization on the tiny world: gold and proxy reward against sqrt(KL)
+               for best-of-n and RL against proxy RMs trained on more or less preference data
 
 Training stages run data-parallel under `accelerate launch` (DDP, FSDP): see docs/scaling.md.
 
@@ -114,6 +120,21 @@ def _dispatch(command: str, argv: list[str]) -> int:
     match command:
         case "merge":
             return _merge(argv)
+        case "pipeline":
+            from posttrain.stages.pipeline import pipeline_command
+
+            return pipeline_command(argv)
+        case "eval":
+            from posttrain.stages.eval import EvalConfig, run_eval
+
+            return _stage(EvalConfig, run_eval, "posttrain eval: pass@k, maj@k, win-rate with an interval, KL, "
+                          "lengths and n-gram contamination of a model on a prompt set (docs/evaluation.md).", argv)
+        case "overopt":
+            from posttrain.stages.overopt import OveroptConfig, run_overopt
+
+            return _stage(OveroptConfig, run_overopt, "posttrain overopt: reward-model over-optimization on the "
+                          "tiny world (proxy RMs on more or less data; best-of-n and RL against each; gold "
+                          "and proxy reward against sqrt(KL)).", argv)
         case "sft":
             from posttrain.stages.sft import SFTConfig, train_sft
 

@@ -4,9 +4,11 @@ Public API::
 
     render_conversation(tokenizer, messages, strategy="all_assistant_turns") -> (input_ids, loss_mask)
     render_prompt(tokenizer, messages) -> input_ids
+    parse_harmony(text) -> {"analysis": str, "final": str | None, "tool_calls": [...]}   (a generated harmony reply)
 """
 
 from posttrain.data.examples import load_sft_examples, load_texts
+from posttrain.data.harmony import answer_text, parse_harmony
 from posttrain.data.io import DataError, LoadReport, Row, read_rows
 from posttrain.data.packing import (
     Example,
@@ -35,6 +37,7 @@ __all__ = [
     "RenderError",
     "Row",
     "TemplateNotPrefixStableError",
+    "answer_text",
     "collate_flat",
     "collate_packed",
     "collate_padded",
@@ -44,6 +47,7 @@ __all__ = [
     "load_sft_examples",
     "load_texts",
     "pack_batch",
+    "parse_harmony",
     "read_rows",
     "render_conversation",
     "render_prompt",

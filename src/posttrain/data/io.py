@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from posttrain.data.messages import REASONING_FIELDS
+
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -291,7 +293,9 @@ def check_text(row: Row, name: str) -> str:
 
 
 def check_messages(row: Row, value: Any, name: str, *, allow_empty_content: bool = False) -> list[dict]:
-    """A list of {role, content} dicts with known roles and string contents."""
+    """A list of {role, content} dicts with known roles and string contents; an assistant message may carry
+    reasoning (``reasoning`` / ``thinking``, or a leading ``<think>...</think>``) and ``tool_calls`` (then its
+    content may be empty or missing), a tool message ``name`` / ``tool_call_id`` (docs/rendering.md)."""
     if not isinstance(value, list):
         raise row.error(name, f"expected a list of messages, got {type(value).__name__}")
     if not value:
@@ -304,15 +308,75 @@ def check_messages(row: Row, value: Any, name: str, *, allow_empty_content: bool
         role = message.get("role")
         if role not in ROLES:
             raise row.error(f"{where}.role", f"unknown role {role!r} (expected {', '.join(sorted(ROLES))})")
+        calls = message.get("tool_calls")
+        if calls is not None:
+            _check_tool_calls(row, calls, role, f"{where}.tool_calls")
+        if message.get("content") is None and calls:  # a tool-call message may have no content (HF, TRL)
+            message = {**message, "content": ""}
         if "content" not in message:
             raise row.error(f"{where}.content", "missing content")
         content = message["content"]
         if not isinstance(content, str):
             raise row.error(f"{where}.content", f"content must be a string, got {type(content).__name__}")
-        if not content.strip() and not allow_empty_content and role != "system":
+        if not content.strip() and not allow_empty_content and role != "system" and not calls:
             raise row.error(f"{where}.content", f"empty {role} content")
+        _check_reasoning(row, message, role, where)
+        if role == "tool":
+            for key in ("name", "tool_call_id"):
+                if message.get(key) is not None and not (isinstance(message[key], str) and message[key].strip()):
+                    raise row.error(f"{where}.{key}", f"expected a non-empty string, got {message[key]!r}")
         messages.append({k: v for k, v in message.items() if v is not None})
     return messages
+
+
+def _check_reasoning(row: Row, message: dict, role: str, where: str) -> None:
+    """An assistant's reasoning: one string field (``reasoning`` or ``thinking``) or a closed ``<think>`` that
+    starts the content, never both; no reasoning on other roles."""
+    given = [name for name in REASONING_FIELDS if message.get(name) is not None]
+    for name in given:
+        if role != "assistant":
+            raise row.error(f"{where}.{name}", f"only assistant messages carry reasoning (this one is {role!r})")
+        if not isinstance(message[name], str):
+            raise row.error(f"{where}.{name}", f"expected a string, got {type(message[name]).__name__}")
+    if len(given) > 1:
+        raise row.error(f"{where}.{given[1]}", f"give the reasoning once: both {given[0]!r} and {given[1]!r} are set")
+    think = message["content"].lstrip().startswith("<think>")
+    if role == "assistant" and think:
+        if "</think>" not in message["content"]:
+            raise row.error(f"{where}.content", "<think> at the start of the content is never closed by </think>")
+        if given:
+            raise row.error(f"{where}.{given[0]}", "give the reasoning once: both a reasoning field and <think> in "
+                                                   "the content are set")
+
+
+def _check_tool_calls(row: Row, calls: Any, role: str, name: str) -> None:
+    """``[{"type": "function", "function": {"name": str, "arguments": dict | JSON object string}, "id"?}]``."""
+    if role != "assistant":
+        raise row.error(name, f"only assistant messages make tool calls (this one is {role!r})")
+    if not isinstance(calls, list) or not calls:
+        raise row.error(name, "expected a non-empty list of tool calls")
+    for j, call in enumerate(calls):
+        at = f"{name}[{j}]"
+        if not isinstance(call, dict):
+            raise row.error(at, f"expected a tool call object, got {type(call).__name__}")
+        if call.get("type", "function") != "function":
+            raise row.error(f"{at}.type", f"only 'function' tool calls are supported, got {call['type']!r}")
+        function = call.get("function")
+        if not isinstance(function, dict):
+            raise row.error(f"{at}.function", "expected {'name': ..., 'arguments': ...}")
+        if not isinstance(function.get("name"), str) or not function["name"].strip():
+            raise row.error(f"{at}.function.name", f"expected a non-empty string, got {function.get('name')!r}")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                raise row.error(f"{at}.function.arguments", "a string of arguments must be JSON") from None
+        if not isinstance(arguments, dict):
+            raise row.error(f"{at}.function.arguments",
+                            f"expected a JSON object of arguments, got {type(arguments).__name__}")
+        if call.get("id") is not None and not isinstance(call["id"], str):
+            raise row.error(f"{at}.id", f"expected a string, got {type(call['id']).__name__}")
 
 
 def check_alternation(row: Row, messages: list[dict], name: str) -> None:

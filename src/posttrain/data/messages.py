@@ -3,11 +3,20 @@
 Prompts and completions reach rewards, judges and the world's gold reward in several shapes (a string, a message
 dict, a message list; content as a string or as ``{"type": "text", "text": ...}`` parts); these functions read all
 of them the same way.
+
+Reasoning: an assistant message may carry its reasoning in a ``reasoning`` or ``thinking`` field, or as
+``<think>...</think>`` at the start of its content; ``split_reasoning`` reads all three the same way.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+REASONING_FIELDS = ("reasoning", "thinking")
+"""Fields of an assistant message that hold its reasoning (TRL / HF chat templates use both names)."""
+
+_THINK = re.compile(r"\s*<think>(.*?)</think>\s*", re.S)
 
 
 def content_text(content: Any) -> str:
@@ -50,3 +59,20 @@ def completion_text(completion: Any) -> str:
 def conversation(prompt: Any, completion: Any) -> list[dict]:
     """prompt + the reply as one assistant turn."""
     return to_messages(prompt) + [{"role": "assistant", "content": completion_text(completion)}]
+
+
+def reasoning_field(message: dict) -> str | None:
+    """The name of the reasoning field ``message`` carries (``reasoning`` or ``thinking``), or None."""
+    return next((name for name in REASONING_FIELDS if message.get(name) is not None), None)
+
+
+def split_reasoning(message: dict) -> tuple[str | None, str]:
+    """``(reasoning, content)`` of a message: the ``reasoning`` / ``thinking`` field, else a leading
+    ``<think>...</think>`` of the content (removed from the content with the whitespace around it); None when the
+    message has no reasoning. ``<think>`` must be closed (validated by ``posttrain.data.io.check_messages``)."""
+    content = content_text(message.get("content"))
+    if (name := reasoning_field(message)) is not None:
+        return str(message[name]), content
+    if (match := _THINK.match(content)) is not None:
+        return match.group(1).strip(), content[match.end():]
+    return None, content

@@ -23,6 +23,13 @@ place, and the text is tokenized in stretches cut at the template's own special 
 of the tokenizer's Rust backend with ``encode_special_tokens`` set (``split_special_tokens=True`` would flip that
 setting on the SHARED backend, which ``posttrain serve`` tokenizes with from several threads at once).
 
+Reasoning (a ``reasoning`` / ``thinking`` field of an assistant message) reaches a Jinja template that has a slot for
+it (one that reads ``reasoning_content`` or ``thinking``) under that name; any other template gets it folded into the
+content as ``<think>{reasoning}</think>\\n{content}``, trained like the rest of the reply.
+
+The harmony format (``--chat_template harmony``) is not a Jinja template: it drops earlier turns' reasoning, so it is
+rendered from pieces by ``posttrain.data.harmony`` with exact masks; these functions dispatch to it.
+
 What rendering needs of a tokenizer's special tokens (their strings, ids, one regex, that backend copy) is computed
 once per tokenizer and cached (again when its vocabulary or special tokens change): it runs for every example.
 """
@@ -37,7 +44,10 @@ from typing import Any, Sequence
 
 from jinja2 import TemplateError
 
+from posttrain.data import harmony
 from posttrain.data.io import UNPAIRED_SURROGATE
+from posttrain.data.messages import reasoning_field
+from posttrain.data.templates import HARMONY
 
 Message = dict[str, Any]
 
@@ -66,6 +76,44 @@ def template_name(tokenizer, chat_template: str | None = None) -> str:
     name = getattr(tokenizer, "name_or_path", "") or "tokenizer"
     snippet = template[:60].replace("\n", "\\n")
     return f"{name} chat template ({snippet}...)"
+
+
+def uses_harmony(tokenizer, chat_template: str | None = None) -> bool:
+    """Whether the template in use is harmony (``--chat_template harmony``: the marker ``HARMONY``)."""
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    return template in (HARMONY, "harmony")
+
+
+def _harmony_call(function, *args, **kwargs):
+    """``function`` of ``posttrain.data.harmony`` with this tokenizer's text-only backend; its errors as
+    ``RenderError`` (a bad row for the loaders)."""
+    tokenizer = args[0]
+    try:
+        return function(*args, as_text=_specials(tokenizer).as_text(tokenizer), **kwargs)
+    except harmony.HarmonyError as err:
+        raise RenderError(f"harmony: {err}") from err
+
+
+def with_reasoning_for(messages: Sequence[Message], template: str | None) -> list[Message]:
+    """``messages`` as a Jinja template sees them: an assistant's ``reasoning`` / ``thinking`` field goes to the
+    template's own reasoning slot (``reasoning_content`` or ``thinking``) when it reads one, else it is folded into
+    the content as ``<think>{reasoning}</think>\\n{content}``. Messages without reasoning are passed unchanged."""
+    if not any(m.get("role") == "assistant" and reasoning_field(m) for m in messages):
+        return list(messages)
+    template = template or ""
+    slot = "reasoning_content" if "reasoning_content" in template else "thinking" if "thinking" in template else None
+    out = []
+    for m in messages:
+        name = reasoning_field(m) if m.get("role") == "assistant" else None
+        if name is None:
+            out.append(m)
+            continue
+        rest = {k: v for k, v in m.items() if k != name}
+        if slot is not None:
+            out.append({**rest, slot: m[name]})
+        else:
+            out.append({**rest, "content": f"<think>{m[name]}</think>\n{m.get('content') or ''}"})
+    return out
 
 
 def _render_text(tokenizer, messages: Sequence[Message], *, add_generation_prompt: bool, chat_template=None) -> str:
@@ -288,6 +336,7 @@ def _render(tokenizer, messages, strategy: MultiTurnStrategy, chat_template):
     """(input_ids, loss_mask, token character offsets, trained character spans) from one tokenization."""
     if not messages:
         raise ValueError("empty conversation")
+    messages = with_reasoning_for(messages, chat_template or getattr(tokenizer, "chat_template", None))
     full = _render_text(tokenizer, messages, add_generation_prompt=False, chat_template=chat_template)
     specials = _specials(tokenizer)
     literal = _literal_contents(tokenizer, messages, full, specials, add_generation_prompt=False,
@@ -321,7 +370,11 @@ def render_conversation(
     assistant contents and the end-of-turn token closing each trained turn, 0 on system/user/tool turns and
     template scaffolding. ``strategy``: ``all_assistant_turns`` or ``final_turn_only``.
     Raises ``TemplateNotPrefixStableError`` when the template rewrites earlier turns as the conversation grows.
+    The harmony template is rendered by ``posttrain.data.harmony`` (its own mask rules, docs/rendering.md).
     """
+    if uses_harmony(tokenizer, chat_template):
+        ids, mask, _, _, _ = _harmony_call(harmony.render_harmony, tokenizer, messages, MultiTurnStrategy(strategy))
+        return ids, mask
     input_ids, loss_mask, _, _ = _render(tokenizer, messages, MultiTurnStrategy(strategy), chat_template)
     return input_ids, loss_mask
 
@@ -330,6 +383,9 @@ def render_with_offsets(tokenizer, messages: Sequence[Message], *, chat_template
     """``(input_ids, loss_mask, offsets, reply_start)`` for a conversation ending in an assistant turn: the token
     character offsets into the rendered text and where the final reply's characters start (for process RMs, which
     need the token that ends each step of the reply)."""
+    if uses_harmony(tokenizer, chat_template):
+        ids, mask, offsets, _, spans = _harmony_call(harmony.render_harmony, tokenizer, messages, "final_turn_only")
+        return ids, mask, offsets, spans[-1][1]  # the last message's content (its final answer)
     ids, mask, offsets, (full, spans) = _render(tokenizer, messages, MultiTurnStrategy.final_turn_only, chat_template)
     reply_start = spans[-1][0] + max(0, full[spans[-1][0]:].find(str(messages[-1].get("content", ""))))
     return ids, mask, offsets, reply_start
@@ -340,6 +396,9 @@ def render_prompt(tokenizer, messages: Sequence[Message], *, chat_template: str 
 
     Equals the prompt part of ``render_conversation`` for the same conversation plus a reply (tested).
     """
+    if uses_harmony(tokenizer, chat_template):
+        return _harmony_call(harmony.render_harmony_prompt, tokenizer, messages)
+    messages = with_reasoning_for(messages, chat_template or getattr(tokenizer, "chat_template", None))
     text = _render_text(tokenizer, messages, add_generation_prompt=True, chat_template=chat_template)
     specials = _specials(tokenizer)
     literal = _literal_contents(tokenizer, messages, text, specials, add_generation_prompt=True,
@@ -348,7 +407,11 @@ def render_prompt(tokenizer, messages: Sequence[Message], *, chat_template: str 
 
 
 def end_of_turn_token_ids(tokenizer, *, chat_template: str | None = None) -> list[int]:
-    """Token ids that end an assistant turn under this template (plus eos): the stop tokens for generation."""
+    """Token ids that end an assistant turn under this template (plus eos): the stop tokens for generation.
+    Harmony: ``<|return|>`` and ``<|call|>`` (``<|end|>`` closes a message, not the reply)."""
+    if uses_harmony(tokenizer, chat_template):
+        eos = [int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else []
+        return sorted(set(harmony.stop_token_ids(tokenizer) + eos))
     probe = [{"role": "user", "content": "1"}, {"role": "assistant", "content": "2"}]
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:

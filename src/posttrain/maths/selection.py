@@ -12,7 +12,8 @@ index (the earlier completion, the earlier prompt), so every rule is determinist
 * :func:`ordered_pairs` — every strictly ordered pair of a prompt's completions, distinct texts, up to K per prompt
   (more pairs from the same samples; Iterative RPO pairs correct with incorrect answers this way).
 * :func:`pass_at_k` — the unbiased estimator 1 - C(n-c, k) / C(n, k) (Chen et al., 2021).
-* :func:`majority_vote` / :func:`maj_at_k` — self-consistency voting over final answers.
+* :func:`majority_vote` / :func:`maj_at_k` — self-consistency voting over final answers (the first k samples).
+* :func:`maj_at_k_unbiased` — the expected maj@k over every k-subset of n >= k samples (ties split evenly).
 * :func:`best_of_n_kl` — the analytic KL of best-of-n sampling from the base policy, log n - (n-1)/n.
 """
 
@@ -158,6 +159,42 @@ def maj_at_k(answers: Sequence[Hashable | None], truth: Hashable, k: int) -> flo
     if not 1 <= k <= len(answers):
         raise ValueError(f"k must be in 1..{len(answers)}, got {k}")
     return float(majority_vote(answers[:k]) == truth)
+
+
+def maj_at_k_unbiased(answers: Sequence[Hashable | None], truth: Hashable | None, k: int) -> float:
+    """The expected maj@k when k of the n = len(answers) samples are drawn without replacement, every k-subset
+    equally likely: the analogue for majority voting of pass@k's unbiased estimator (it uses all n samples, not
+    the first k). Within a subset the most common non-None answer wins; a tie between t answers that include
+    ``truth`` counts 1/t (a uniformly random tie-break); no answer at all counts 0.
+
+    Exact, by counting instead of enumerating C(n, k) subsets: with c_g the count of answer g (c_t of ``truth``,
+    c_0 of None), the subsets where the truth gets j votes, every other answer fewer than j except r that tie at
+    j, number C(c_t, j) * [x^(k-j) y^r] prod_{g != t} (sum_{i<j} C(c_g, i) x^i + C(c_g, j) x^j y)
+    * sum_i C(c_0, i) x^i; maj@k = sum_{j>=1, r} that count / (r + 1) / C(n, k).
+    """
+    from fractions import Fraction
+
+    n = len(answers)
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in 1..{n}, got {k}")
+    counts = Counter(a for a in answers if a is not None)
+    c_true = counts.pop(truth, 0) if truth is not None else 0
+    c_none = sum(a is None for a in answers)
+    total = Fraction(0)
+    for j in range(1, min(c_true, k) + 1):
+        # poly[d][r]: ways to fill d more slots with r other answers tied at j votes (and none above j)
+        poly = [[math.comb(c_none, d)] if d <= c_none else [0] for d in range(k - j + 1)]
+        for c in counts.values():
+            grown = [[0] * (len(poly[0]) + 1) for _ in range(k - j + 1)]
+            for d, row in enumerate(poly):
+                for r, ways in enumerate(row):
+                    if not ways:
+                        continue
+                    for i in range(0, min(c, j, k - j - d) + 1):
+                        grown[d + i][r + (i == j)] += ways * math.comb(c, i)
+            poly = grown
+        total += math.comb(c_true, j) * sum(Fraction(ways, r + 1) for r, ways in enumerate(poly[k - j]))
+    return float(total / math.comb(n, k))
 
 
 def best_of_n_kl(n: int) -> float:

@@ -110,28 +110,41 @@ def policy_kl(policy_dir: str | Path, reference_dir: str | Path, prompts: list[l
     """Monte-Carlo KL(pi || pi_ref) per completion: the mean over samples y ~ pi (temperature 1) of
     sum_t [log pi(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t)] (nats), end-of-turn token included (stopping is part
     of the policy). The policy's log-probs come from the engine (raw logits), the reference's from teacher-forced
-    :func:`token_logps` over padding-free rows."""
-    from posttrain.data.packing import Example, collate_flat, token_owners
-    from posttrain.data.render import render_prompt
+    :func:`token_logps` over padding-free rows (:func:`samples_kl`)."""
     from posttrain.models.generation import HFEngine, SamplingParams
-    from posttrain.models.loading import load_causal_lm, resolve_device
 
     engine = HFEngine.from_path(policy_dir, device=device, batch_size=sample_batch_size)
     samples = engine.generate(prompts, SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=1.0,
                                                       seed=seed, logprobs=True))
+    return samples_kl(engine.tokenizer, prompts, samples, reference_dir, device=device, batch_size=batch_size)
+
+
+@torch.no_grad()
+def samples_kl(tokenizer, prompts: list[list[dict]], samples, reference_dir: str | Path, *, device: str = "auto",
+               batch_size: int = 32) -> float:
+    """:func:`policy_kl` over samples already drawn from the policy at temperature 1 with ``logprobs=True``
+    (``samples[i]``: the completions of ``prompts[i]``), so an evaluation that samples anyway measures the KL on
+    the same samples instead of drawing new ones."""
+    from posttrain.data.packing import Example, collate_flat, token_owners
+    from posttrain.data.render import render_prompt
+    from posttrain.models.loading import load_causal_lm, resolve_device
+
     reference = load_causal_lm(reference_dir, device=resolve_device(device)).eval()
     examples, policy_logps = [], []
     for prompt, completions in zip(prompts, samples):
-        prompt_ids = render_prompt(engine.tokenizer, prompt)
+        prompt_ids = render_prompt(tokenizer, prompt)
         for completion in completions:
             if completion.token_ids:
+                if completion.logprobs is None or len(completion.logprobs) != len(completion.token_ids):
+                    raise ValueError("samples_kl needs the policy's log-probs of every sampled token "
+                                     "(SamplingParams(logprobs=True))")
                 examples.append(Example(prompt_ids + completion.token_ids,
                                         [0] * len(prompt_ids) + [1] * len(completion.token_ids)))
                 policy_logps.append(sum(completion.logprobs))
     if not examples:
         return 0.0
     total = 0.0
-    pad_id = engine.tokenizer.pad_token_id
+    pad_id = tokenizer.pad_token_id
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         batch = collate_flat(chunk, pad_id)

@@ -271,7 +271,8 @@ def device_option() -> Any:
 
 
 def chat_template_option() -> Any:
-    return option("", "chatml | zephyr | tulu | a Jinja string; empty = the tokenizer's own template")
+    return option("", "chatml | zephyr | tulu | harmony (channels, rendered from pieces) | a Jinja string; empty = the "
+                      "tokenizer's own template")
 
 
 def progress_option() -> Any:

@@ -141,6 +141,8 @@ def _answer_after_marker(line: str) -> str | None:
 def extract_answer(completion: str) -> str | None:
     """The final answer of a completion, or None when it gives none. Rules, first that applies (docs/verifiers.md):
 
+    0. a harmony reply (``<|channel|>final<|message|>...``, or as decoded without its special tokens,
+       ``analysis...assistantfinal...``): only its ``final`` channel is read (no final channel: None);
     1. scope: the content of the last ``<answer>...</answer>``; else the text after the last ``</think>``; else all;
     2. the last ``\\boxed{...}`` / ``\\fbox{...}`` in the scope;
     3. GSM8K's ``#### X``: the rest of the last such line;
@@ -150,6 +152,12 @@ def extract_answer(completion: str) -> str | None:
     5. an ``<answer>`` scope as a whole (or its last number when it is prose);
     6. the last number or maths span of the scope.
     """
+    from posttrain.data.harmony import is_harmony, parse_harmony  # lazy: this module runs as a bare worker script
+
+    if is_harmony(completion):
+        completion = parse_harmony(completion)["final"]
+        if completion is None:
+            return None
     text = completion.replace("\u2212", "-")  # unicode minus
     lowered = text.lower()
     close = lowered.rfind("</answer>")

@@ -23,7 +23,14 @@ policy's samples before (the SFT model's 16 per prompt) and after each round (8 
 against SFT (per-prompt expected gold from 16 samples each), the mean sampled gold of both, the KL to the SFT model
 and the implicit-reward pair accuracy; for PPO its reward, beta, the rollouts' KL to the SFT model and the RM's
 score of both policies' greedy replies; for the over-optimization run its curve and the peak and final gold reward
-with their KL (:func:`over_optimization_curve`).
+with their KL (:func:`over_optimization_curve`). Every stage also has ``proxy_reward`` (the RM's mean score of its
+greedy held-out replies), ``kl_to_sft`` (Monte-Carlo KL to the SFT model on the first 100 held-out prompts, 4
+samples each at T = 1: the first 4 of the samples a stage's sampled evaluation draws anyway, or 4 drawn for it;
+base: null) and ``win_rate_vs_sft`` (greedy reply against the SFT model's greedy reply under the gold reward, ties
+half);
+best-of-N also has ``curve`` (the inference-time scaling curve, n = 1, 2, 4, ..., N) and ``picks`` (each selector's
+picks measured as a stage). At the end ``report.html`` (self-contained) and ``report.md`` are written beside
+``summary.json`` (:mod:`posttrain.stages.report`; ``--report_only`` rebuilds them; docs/demo.md).
 """
 
 from __future__ import annotations
@@ -39,8 +46,6 @@ import yaml
 from posttrain.maths.stats import mean_or_nan
 from posttrain.plumbing.config import device_option, option, progress_option
 from posttrain.plumbing.harness import CHANGEABLE_ON_RESUME, is_complete, settings_changed
-
-METRICS = ("format_rate", "accuracy", "request_rate", "gold_reward", "mean_length", "stop_rate")
 
 
 @dataclass
@@ -68,15 +73,24 @@ class DemoConfig:
     sampled_eval_n: int = option(4, "samples (T = 1) per held-out prompt for a stage's sampled_accuracy", minimum=1)
     eval_prompts: int = option(200, "held-out prompts to evaluate each stage on", minimum=1)
     max_new_tokens: int = option(64, "generation budget per reply", minimum=1)
+    report_only: bool = option(False, "rebuild report.html and report.md from --out's summary.json and run "
+                                      "directories, training nothing")
     device: str = device_option()
     progress: bool = progress_option()
 
 
+TABLE_COLUMNS = (("format_rate", "format"), ("accuracy", "accuracy"), ("request_rate", "request"),
+                 ("gold_reward", "gold"), ("proxy_reward", "proxy (RM)"), ("kl_to_sft", "KL to SFT"),
+                 ("mean_length", "length"), ("win_rate_vs_sft", "win vs SFT"), ("stop_rate", "stop"))
+
+
 def format_table(stages: dict[str, dict[str, float]]) -> str:
-    header = f"{'stage':<8}" + "".join(f"{m:>13}" for m in METRICS)
+    """The console's stage table (the report's columns); a number a stage does not have prints as ``-``."""
+    header = f"{'stage':<8}" + "".join(f"{title:>11}" for _, title in TABLE_COLUMNS)
     lines = [header, "-" * len(header)]
     for name, metrics in stages.items():
-        lines.append(f"{name:<8}" + "".join(f"{metrics.get(m, float('nan')):>13.3f}" for m in METRICS))
+        cells = (metrics.get(key) for key, _ in TABLE_COLUMNS)
+        lines.append(f"{name:<8}" + "".join(f"{'-':>11}" if v is None else f"{v:>11.3f}" for v in cells))
     return "\n".join(lines)
 
 
@@ -217,10 +231,14 @@ def _sft_samples(config: DemoConfig, prompts: Path, sft_model: Path, path: Path,
     return load_generated(str(path))
 
 
-def _best_of_n_stage(config: DemoConfig, rows: list[dict], rm_model: Path | None) -> dict:
+def _best_of_n_stage(config: DemoConfig, rows: list[dict], rm_model: Path | None, sft_model: Path,
+                     out: Path) -> dict:
     """Best-of-N on the SFT model's held-out samples: pick by the BT RM and by the math verifier; report the picks'
-    gold reward and request rate against single samples'."""
-    from posttrain.maths.selection import pass_at_k, select_top_per_prompt
+    gold reward and request rate against single samples', ``curve``: the inference-time scaling curve (n = 1, 2, 4,
+    ..., N: each selector's picks among the first n samples, their gold reward, RM score and accuracy, pass@n and
+    the analytic KL bound of best-of-n, log n - (n-1)/n), and ``picks``: each selector's picks at N measured as the
+    stage table measures a policy (:func:`_pick_metrics`)."""
+    from posttrain.maths.selection import best_of_n_kl, pass_at_k, powers_of_two, select_top_per_prompt
     from posttrain.rewards import reward_from_spec
     from posttrain.stages.bestofn import reward_matrix
     from posttrain.world.requests import follows_request, request_of
@@ -240,7 +258,100 @@ def _best_of_n_stage(config: DemoConfig, rows: list[dict], rm_model: Path | None
         picks = select_top_per_prompt(R)
         report[f"{name}_pick_gold"] = mean_or_nan([gold[i][j] for i, j in enumerate(picks) if j >= 0])
         report[f"{name}_pick_request_rate"] = mean_or_nan([float(follows[i][picks[i]]) for i in asked if picks[i] >= 0])
+    proxy = selectors.get("reward_model")
+    report["curve"] = []
+    for n in powers_of_two(config.bon_n):
+        point = {"n": n, "kl_bound": best_of_n_kl(n),
+                 "pass_at_n": mean_or_nan([pass_at_k(config.bon_n, int(sum(c)), n) for c in correct])}
+        for name, R in selectors.items():
+            chosen = [(i, j) for i, j in enumerate(select_top_per_prompt([row[:n] for row in R])) if j >= 0]
+            point[f"{name}_gold"] = mean_or_nan([gold[i][j] for i, j in chosen])
+            point[f"{name}_accuracy"] = mean_or_nan([float(correct[i][j] == 1.0) for i, j in chosen])
+            if proxy is not None:
+                point[f"{name}_proxy"] = mean_or_nan([proxy[i][j] for i, j in chosen])
+        report["curve"].append(point)
+    report["picks"] = {name: _pick_metrics(rows, select_top_per_prompt(R), gold, proxy, sft_model, out)
+                       for name, R in selectors.items()}
+    for picked in report["picks"].values():
+        picked["kl_to_sft"] = best_of_n_kl(config.bon_n)  # the analytic bound, from the SFT model sampled at T = 1
     return report
+
+
+def _pick_metrics(rows: list[dict], picks: list[int], gold: list[list[float | None]],
+                  proxy: list[list[float | None]] | None, sft_model: Path, out: Path) -> dict:
+    """The stage table's numbers for one reply per row (``rows[i]["completions"][picks[i]]``, e.g. best-of-N's
+    picks): format, accuracy, request following, gold and proxy reward, mean length in tokens (the SFT model's
+    tokenizer, end-of-turn left out as in evaluation), and the win-rate under the gold reward against the SFT
+    model's greedy reply to the same prompt (``out/samples_sft.jsonl``; ties half)."""
+    from posttrain.maths.stats import win_rate
+    from posttrain.models import load_tokenizer
+    from posttrain.world.gold import follows_format, gold_reward, parse_final_answer
+    from posttrain.world.requests import follows_request
+
+    tokenizer = load_tokenizer(sft_model)
+    chosen = [(i, j, rows[i]["completions"][j]) for i, j in enumerate(picks) if j >= 0]
+    followed = [f for f in (follows_request(rows[i]["prompt"], text) for i, _, text in chosen) if f is not None]
+    greedy = _read_samples(out, "sft")
+    pairs = [(gold[i][j], gold_reward(greedy[i]["prompt"], greedy[i]["completion"]))
+             for i, j, _ in chosen if i < len(greedy)]
+    return {"format_rate": mean_or_nan([float(follows_format(text)) for _, _, text in chosen]),
+            "accuracy": mean_or_nan([float(parse_final_answer(text) == int(rows[i]["answer"]))
+                                     for i, _, text in chosen]),
+            "request_rate": mean_or_nan([float(f) for f in followed]),
+            "gold_reward": mean_or_nan([gold[i][j] for i, j, _ in chosen]),
+            "proxy_reward": None if proxy is None else mean_or_nan([proxy[i][j] for i, j, _ in chosen]),
+            "mean_length": mean_or_nan([len(tokenizer(text, add_special_tokens=False).input_ids)
+                                        for _, _, text in chosen]),
+            "win_rate_vs_sft": win_rate(*zip(*pairs)) if pairs else None}
+
+
+def _read_samples(out: Path, name: str) -> list[dict]:
+    """The greedy held-out replies evaluation wrote for stage ``name`` (``out/samples_{name}.jsonl``)."""
+    return [json.loads(line) for line in (out / f"samples_{name}.jsonl").read_text().splitlines() if line.strip()]
+
+
+KL_PROMPTS, KL_SAMPLES = 100, 4  # a stage's KL to the SFT model: 4 samples on each of 100 held-out prompts
+
+
+def kl_to_sft(config: DemoConfig, model: Path, sft_model: Path, eval_prompts: list) -> float:
+    """A stage's Monte-Carlo KL(pi || pi_SFT) per reply (nats; :func:`policy_kl`), on the first :data:`KL_PROMPTS`
+    held-out prompts with :data:`KL_SAMPLES` samples each at T = 1 (every stage sees the same prompts). For a
+    stage that samples those prompts at T = 1 anyway, :func:`kl_to_sft_on_samples` measures it on its samples."""
+    from posttrain.models.logprobs import policy_kl
+
+    return policy_kl(model, sft_model, eval_prompts[:KL_PROMPTS], n=KL_SAMPLES, max_new_tokens=config.max_new_tokens,
+                     device=config.device)
+
+
+def kl_to_sft_on_samples(sft_model: Path) -> dict:
+    """Keyword arguments of ``sampled_gold_and_kl`` that measure :func:`kl_to_sft`'s KL on the first
+    :data:`KL_SAMPLES` samples of the first :data:`KL_PROMPTS` prompts a stage's own sampled evaluation draws
+    (the same estimator on the same prompts, without drawing 400 more replies)."""
+    return {"kl_reference": sft_model, "kl_prompts": KL_PROMPTS, "kl_samples": KL_SAMPLES}
+
+
+def score_greedy_replies(out: Path, names: list[str], rm_model: Path | None, device: str) -> dict[str, dict]:
+    """Per stage in ``names``, from its greedy held-out replies (``samples_{name}.jsonl``): ``proxy_reward``, the
+    reward model's mean score (all stages in one batched call; None without an RM), and ``win_rate_vs_sft``, the
+    share of prompts where its reply's gold reward beats the SFT model's greedy reply's (ties half)."""
+    from posttrain.maths.stats import win_rate
+    from posttrain.world.gold import gold_reward
+
+    replies = {name: _read_samples(out, name) for name in names}
+    sft_gold = [gold_reward(row["prompt"], row["completion"]) for row in _read_samples(out, "sft")]
+    proxy: dict[str, float | None] = dict.fromkeys(names)
+    if rm_model is not None:
+        from posttrain.rewards import reward_from_spec
+
+        everything = [row for name in names for row in replies[name]]
+        scores = reward_from_spec(f"rm:{rm_model}", device=device)(
+            [row["prompt"] for row in everything], [row["completion"] for row in everything])
+        start = 0
+        for name in names:
+            proxy[name] = mean_or_nan(scores[start: start + len(replies[name])])
+            start += len(replies[name])
+    return {name: {"proxy_reward": proxy[name], "win_rate_vs_sft": win_rate(
+        [gold_reward(row["prompt"], row["completion"]) for row in replies[name]], sft_gold)} for name in names}
 
 
 def _rejection_sampling_round(config: DemoConfig, prompts: Path, sft_model: Path, train_samples: Path, out: Path,
@@ -250,7 +361,7 @@ def _rejection_sampling_round(config: DemoConfig, prompts: Path, sft_model: Path
     ``prompts`` (greedy metrics, and the mean gold of 8 samples per prompt against ``gold_before``, the SFT
     model's). Returns ``{"report", "stage"}``."""
     from posttrain.stages.rs import RSConfig, run_rs
-    from posttrain.world.evaluate import evaluate_model, load_eval_prompts, sampled_gold_per_prompt
+    from posttrain.world.evaluate import evaluate_model, load_eval_prompts, sampled_gold_and_kl
 
     verifier = selector == "verifier:math"
     rs_config = RSConfig(
@@ -262,14 +373,15 @@ def _rejection_sampling_round(config: DemoConfig, prompts: Path, sft_model: Path
     model = run_rs(rs_config)
     done = [json.loads(line) for line in (out / name / "rounds.jsonl").read_text().splitlines()][-1]
     eval_prompts = [row["prompt"] for row in load_eval_prompts(prompts, config.eval_prompts)]
+    stage = evaluate_model(model, prompts, limit=config.eval_prompts, max_new_tokens=config.max_new_tokens,
+                           device=config.device, samples_path=out / f"samples_{name}.jsonl")
+    gold_after, kl = sampled_gold_and_kl(model, eval_prompts, n=8, max_new_tokens=config.max_new_tokens, seed=3,
+                                         device=config.device, **kl_to_sft_on_samples(sft_model))
     return {
         "report": {"selector": "verifier:math (correct only)" if verifier else "reward model (bt)",
                    "prompts": done["prompts"], "selected": done["selected"], "eval_gold_before": gold_before,
-                   "eval_gold_after": mean_or_nan(sampled_gold_per_prompt(
-                       model, eval_prompts, n=8, max_new_tokens=config.max_new_tokens, seed=3,
-                       device=config.device))},
-        "stage": evaluate_model(model, prompts, limit=config.eval_prompts, max_new_tokens=config.max_new_tokens,
-                                device=config.device, samples_path=out / f"samples_{name}.jsonl")}
+                   "eval_gold_after": mean_or_nan(gold_after)},
+        "stage": {**stage, "kl_to_sft": kl}}
 
 
 def _rm_scores_of_the_rs_round(out: Path, rows: list[dict]) -> list[list[float | None]] | None:
@@ -328,20 +440,21 @@ def _dpo_stage(config: DemoConfig, paths, sft_model: Path, rows: list[dict], rm_
             "implicit_reward_margin": done["eval"]["rewards/margin"]}, model
 
 
-def _grpo_stage(config: DemoConfig, paths, sft_model: Path, out: Path) -> Path:
+def _grpo_stage(config: DemoConfig, paths, sft_model: Path, out: Path, on_step_end=None) -> Path:
     """GRPO with the math verifier from the SFT model (RLVR): 8 training prompts x 8 samples a step, no KL (beta 0,
-    as DAPO and Dr. GRPO), token-mean loss, DAPO's clip-higher (0.2 / 0.28) and dynamic sampling (groups whose
-    answers are all right or all wrong carry no signal and are refilled), lr 1e-4 constant. Returns the model."""
+    as DAPO and Dr. GRPO; the KL to the SFT model is only tracked, for the report's reward-vs-KL plot), token-mean
+    loss, DAPO's clip-higher (0.2 / 0.28) and dynamic sampling (groups whose answers are all right or all wrong carry
+    no signal and are refilled), lr 1e-4 constant. Returns the model. ``on_step_end``: train_rl's hook."""
     from posttrain.stages.rl import RLConfig, resolve, train_rl
 
     rl_config = resolve(RLConfig(
         algo="grpo", model=str(sft_model), reward="verifier:math", data=str(paths.data / "rl_train.jsonl"),
         eval_data="", out=str(out / "grpo"), max_steps=config.grpo_steps, batch_size=8, group_size=8, beta=0.0,
-        lr=1e-4, clip_high=0.28, dynamic_sampling=True, loss_aggregation="token_mean",
+        track_kl=True, lr=1e-4, clip_high=0.28, dynamic_sampling=True, loss_aggregation="token_mean",
         max_new_tokens=config.max_new_tokens, save_every=50, device=config.device, progress=config.progress,
         resume=True))
     _discard_if_config_changed(out / "grpo", rl_config)
-    return out / "grpo" / "model" if is_complete(out / "grpo") else train_rl(rl_config)
+    return out / "grpo" / "model" if is_complete(out / "grpo") else train_rl(rl_config, on_step_end=on_step_end)
 
 
 def _ppo_stage(config: DemoConfig, data: Path, prompts: Path, sft_model: Path, rm_model: Path, out: Path) -> dict:
@@ -355,7 +468,7 @@ def _ppo_stage(config: DemoConfig, data: Path, prompts: Path, sft_model: Path, r
     from posttrain.plumbing.runlog import read_metrics
     from posttrain.rewards import reward_from_spec
     from posttrain.stages.rl import RLConfig, resolve, train_rl
-    from posttrain.world.evaluate import evaluate_model
+    from posttrain.world.evaluate import evaluate_model, load_eval_prompts
 
     rl_config = resolve(RLConfig(
         algo="ppo", model=str(sft_model), reward=f"rm:{rm_model}", value_model=str(rm_model),
@@ -367,6 +480,8 @@ def _ppo_stage(config: DemoConfig, data: Path, prompts: Path, sft_model: Path, r
     model = out / "ppo" / "model" if is_complete(out / "ppo") else train_rl(rl_config)
     stage = evaluate_model(model, prompts, limit=config.eval_prompts, max_new_tokens=config.max_new_tokens,
                            device=config.device, samples_path=out / "samples_ppo.jsonl")
+    stage["kl_to_sft"] = kl_to_sft(config, model, sft_model,
+                                   [row["prompt"] for row in load_eval_prompts(prompts, config.eval_prompts)])
     rm = reward_from_spec(f"rm:{rm_model}", device=config.device)
 
     def rm_score(name: str) -> float:
@@ -482,7 +597,13 @@ def run_demo(config: DemoConfig) -> dict:
     from posttrain.stages.sft import train_sft
     from posttrain.world.evaluate import evaluate_model
 
+    from posttrain.stages.report import write_report
+
     out = Path(config.out)
+    if config.report_only:
+        summary = json.loads((out / "summary.json").read_text())
+        print(f"report: {write_report(out, summary)[0]}")
+        return summary
     out.mkdir(parents=True, exist_ok=True)
     started = last = time.time()
     stage_seconds: dict[str, float] = {}
@@ -509,6 +630,7 @@ def run_demo(config: DemoConfig) -> dict:
 
     print(f"[2/{stage_count}] evaluating the base model")
     stages["base"] = evaluate(paths.base_model, "base")
+    stages["base"]["kl_to_sft"] = None  # the base model never saw the chat format: its KL to SFT is not a budget
     timed("base evaluation")
 
     print(f"[3/{stage_count}] SFT ({config.sft_steps} steps)")
@@ -524,14 +646,39 @@ def run_demo(config: DemoConfig) -> dict:
     summary = {"stages": stages}
     stage = 3
     rm_config = _reward_model_config(config, paths, sft_model, out)
-    rm_job = None
+    rm_job = side_job = None
+    rm_model = Path(rm_config.out) / "model" if config.rm_steps else None
+
+    def start_the_side_job_once_the_rm_is_trained(*_) -> None:
+        """Start the side process (the RM-selected rejection-sampling round, the RM's evaluation, the
+        over-optimization run) as soon as the reward model is trained and the SFT samples are drawn: called after
+        the samples, after every GRPO step (the RM usually finishes during GRPO, and its core is free from then on)
+        and after GRPO."""
+        nonlocal rm_job, side_job, stage
+        if side_job is not None or rm_model is None or (rm_job is not None and rm_job.process.is_alive()):
+            return
+        if rm_job is not None:
+            rm_job.join()  # finished: restores this process's threads (raises if the training failed)
+            rm_job = None
+        if config.overopt_steps:
+            stage += 1
+            print(f"[{stage}/{stage_count}] over-optimization: GRPO against the reward model alone at beta 0 "
+                  f"({config.overopt_steps} steps of 8 prompts x 8 samples), proxy and gold reward against the KL; "
+                  "with the RM-selected rejection-sampling round and the RM's evaluation, in a second process")
+        (out / SIDE_REPORT).unlink(missing_ok=True)
+        side_job = _Background("RM-selected rejection sampling, reward model's evaluation and the "
+                               "over-optimization run", out,
+                               _with_the_reward_model, dataclasses.replace(config, progress=False), paths.data,
+                               prompts, sft_model, rm_model, train_samples, out, sft_gold)
+
     if config.rm_steps:
         _discard_if_config_changed(out / "rm", rm_config)
         if not is_complete(out / "rm"):
             _remove(out, DOWNSTREAM["rm"])
             rm_job = _Background("reward model's training", out / "rm", _train_rm, rm_config)
+    rm_trained_here = rm_job is not None
     try:
-        stages["sft"] = evaluate(sft_model, "sft")
+        stages["sft"] = {**evaluate(sft_model, "sft"), "kl_to_sft": 0.0}
         timed("sft")
         if config.rm_steps:
             stage += 1
@@ -540,7 +687,7 @@ def run_demo(config: DemoConfig) -> dict:
         # The SFT model's samples, made once: held-out ones serve best-of-N and the sampled gold reward that
         # rejection sampling and DPO are measured against; training ones are what rejection sampling selects from and
         # DPO pairs.
-        from posttrain.world.evaluate import load_eval_prompts, sampled_gold_per_prompt
+        from posttrain.world.evaluate import load_eval_prompts, sampled_gold_and_kl
 
         eval_prompts = [row["prompt"] for row in load_eval_prompts(prompts, config.eval_prompts)]
         heldout_n = max(config.bon_n, config.dpo_eval_samples, 1)
@@ -564,6 +711,7 @@ def run_demo(config: DemoConfig) -> dict:
             train_rows = _sft_samples(config, paths.data / "rl_train.jsonl", sft_model, train_samples,
                                       limit=max(config.rs_prompts, config.dpo_prompts), n=8, seed=1)
         timed("sft samples")
+        start_the_side_job_once_the_rm_is_trained()  # a cached RM: at once
 
         def record_round(name: str, result: dict) -> None:
             summary.setdefault("rejection_sampling", {})[name] = result["report"]
@@ -580,31 +728,26 @@ def run_demo(config: DemoConfig) -> dict:
             stage += 1
             print(f"[{stage}/{stage_count}] GRPO with the math verifier from the SFT model ({config.grpo_steps} steps "
                   "of 8 prompts x 8 samples; dynamic sampling, clip-higher)")
-            grpo_model = _grpo_stage(config, paths, sft_model, out)
-            stages["grpo"] = evaluate(grpo_model, "grpo")
-            stages["grpo"]["sampled_accuracy"] = evaluate_model(
+            grpo_model = _grpo_stage(config, paths, sft_model, out,
+                                     on_step_end=start_the_side_job_once_the_rm_is_trained)
+            sampled = evaluate_model(  # 4 samples per prompt at T = 1: sampled accuracy, and the KL on them
                 grpo_model, prompts, limit=config.eval_prompts, max_new_tokens=config.max_new_tokens,
-                device=config.device, temperature=1.0, n=config.sampled_eval_n, seed=5)["accuracy"]
+                device=config.device, temperature=1.0, n=config.sampled_eval_n, seed=5, kl_reference=sft_model,
+                kl_prompts=KL_PROMPTS)
+            stages["grpo"] = {**evaluate(grpo_model, "grpo"), "sampled_accuracy": sampled["accuracy"],
+                              "kl_to_sft": sampled["kl_to_reference"]}  # over --sampled_eval_n samples per prompt
             timed("grpo (verifier)")
-        if rm_job is not None:
-            rm_job.join()
+        if rm_trained_here:  # 0 s when it finished during GRPO
+            if rm_job is not None:
+                rm_job.join()
+                rm_job = None
             timed("reward model (rest of its training)")
+        start_the_side_job_once_the_rm_is_trained()
     except BaseException:
-        if rm_job is not None:
-            rm_job.cancel()
+        for job in (rm_job, side_job):
+            if job is not None:
+                job.cancel()
         raise
-    rm_model = Path(rm_config.out) / "model" if config.rm_steps else None
-    side_job = None
-    if rm_model is not None:
-        if config.overopt_steps:
-            stage += 1
-            print(f"[{stage}/{stage_count}] over-optimization: GRPO against the reward model alone at beta 0 "
-                  f"({config.overopt_steps} steps of 8 prompts x 8 samples), proxy and gold reward against the KL")
-        (out / SIDE_REPORT).unlink(missing_ok=True)
-        side_job = _Background("RM-selected rejection sampling, reward model's evaluation and the "
-                               "over-optimization run", out,
-                               _with_the_reward_model, dataclasses.replace(config, progress=False), paths.data,
-                               prompts, sft_model, rm_model, train_samples, out, sft_gold)
     try:
         if config.ppo_steps and rm_model is not None:
             stage += 1
@@ -615,7 +758,6 @@ def run_demo(config: DemoConfig) -> dict:
             timed("ppo")
         if config.dpo_prompts and rm_model is not None:
             from posttrain.maths.stats import win_rate
-            from posttrain.models.logprobs import policy_kl
 
             stage += 1
             print(f"[{stage}/{stage_count}] on-policy DPO from the SFT model ({config.dpo_prompts} prompts x 8 "
@@ -623,21 +765,23 @@ def run_demo(config: DemoConfig) -> dict:
             summary["dpo"], dpo_model = _dpo_stage(config, paths, sft_model, train_rows[: config.dpo_prompts],
                                                    rm_model, out)
             stages["dpo"] = evaluate(dpo_model, "dpo")
-            dpo_gold = sampled_gold_per_prompt(dpo_model, eval_prompts, n=config.dpo_eval_samples,
-                                               max_new_tokens=config.max_new_tokens, seed=4, device=config.device)
+            dpo_gold, dpo_kl = sampled_gold_and_kl(dpo_model, eval_prompts, n=config.dpo_eval_samples,
+                                                   max_new_tokens=config.max_new_tokens, seed=4,
+                                                   device=config.device, **kl_to_sft_on_samples(sft_model))
             sft_gold_n = sft_expected_gold(config.dpo_eval_samples)
             summary["dpo"].update(
                 win_rate_vs_sft=win_rate(dpo_gold, sft_gold_n), sampled_gold_dpo=mean_or_nan(dpo_gold),
-                sampled_gold_sft=mean_or_nan(sft_gold_n),
-                kl_to_reference=policy_kl(dpo_model, sft_model, eval_prompts[:100], n=4,
-                                          max_new_tokens=config.max_new_tokens, device=config.device))
+                sampled_gold_sft=mean_or_nan(sft_gold_n), kl_to_reference=dpo_kl)
+            stages["dpo"]["kl_to_sft"] = summary["dpo"]["kl_to_reference"]
             timed("dpo")
         if config.bon_n:
             stage += 1
             print(f"[{stage}/{stage_count}] best-of-{config.bon_n} on {config.bon_prompts} held-out prompts")
-            summary["best_of_n"] = _best_of_n_stage(config, heldout_rows, rm_model)
+            summary["best_of_n"] = _best_of_n_stage(config, heldout_rows, rm_model, sft_model, out)
             timed("best-of-n")
-        if side_job is not None:
+        scored = {}
+        if side_job is not None:  # while the side process finishes: the stages evaluated so far
+            scored = score_greedy_replies(out, list(stages), rm_model, config.device)
             side_job.join()
             side = json.loads((out / SIDE_REPORT).read_text())
             summary.update({key: side[key] for key in ("reward_model",) if key in side})
@@ -652,9 +796,15 @@ def run_demo(config: DemoConfig) -> dict:
         raise
     summary["stages"] = {name: stages[name] for name in ("base", "sft", "rs", "rs_rm", "dpo", "grpo", "ppo")
                          if name in stages}
+    rest = [name for name in summary["stages"] if name not in scored]  # rs_rm (the side process's), or all
+    scored.update(score_greedy_replies(out, rest, rm_model, config.device) if rest else {})
+    for name, numbers in scored.items():
+        summary["stages"][name].update(numbers)
+    timed("proxy reward and win-rates of the greedy replies")
     summary.update(world=str(paths.data.parent), base_model=str(paths.base_model),
                    seconds=round(time.time() - started, 1), stage_seconds=stage_seconds)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    html_path, _ = write_report(out, summary)
     print()
     print(format_table(summary["stages"]))
     if rm := summary.get("reward_model"):
@@ -678,7 +828,8 @@ def run_demo(config: DemoConfig) -> dict:
     if dpo := summary.get("dpo"):
         print(f"on-policy DPO ({dpo['loss']}, {dpo['pairs']} pairs, {dpo['steps']} steps, beta {dpo['beta']}): "
               f"win-rate vs SFT under the gold reward {dpo['win_rate_vs_sft']:.3f} of held-out prompts (expected "
-              f"gold from {config.dpo_eval_samples} samples each; ties half), sampled gold {dpo['sampled_gold_sft']:.3f} -> "
+              f"gold from {config.dpo_eval_samples} samples each; ties half), sampled gold "
+              f"{dpo['sampled_gold_sft']:.3f} -> "
               f"{dpo['sampled_gold_dpo']:.3f}, KL to the SFT reference {dpo['kl_to_reference']:.3f} nats, held-out "
               f"implicit-reward pair accuracy {dpo['implicit_reward_accuracy']:.3f}")
     if grpo := summary["stages"].get("grpo"):
@@ -702,4 +853,5 @@ def run_demo(config: DemoConfig) -> dict:
               f"{over['final_kl']:.2f} nats ({over['plot']})")
     times = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in stage_seconds.items())
     print(f"\nsummary: {out / 'summary.json'}   ({summary['seconds']:.0f} s: {times})")
+    print(f"report: {html_path} (and report.md beside it)")
     return summary

@@ -9,6 +9,8 @@ evaluation sets use only the held-out ones) and returns JSON-serialisable rows:
 * ``pretrain_rows``:   ``{"text": str}`` plain documents of 3-8 worked examples (no chat markup, no requests).
 * ``sft_rows``:        ``{"messages": [...]}`` ending with an assistant turn; correct and formatted, following the
   request with probability ``P_FOLLOW``.
+* ``sft_reasoning_rows``: ``{"messages": [user, assistant]}`` reasoning traces: the assistant's ``reasoning`` is the
+  worked steps, its ``content`` the answer alone ("The answer is N."); the cold start of the ``r1`` recipe.
 * ``preference_rows``: ``{"prompt": [msgs], "chosen": [assistant msg], "rejected": [assistant msg],
   "score_chosen": int, "score_rejected": int, "kind": str}`` labelled by a biased annotator (:func:`annotate`).
 * ``ranking_rows``:    ``{"prompt": [msgs], "completions": [str] * 4}`` best first, as the annotator ranks them.
@@ -102,13 +104,15 @@ PRETRAIN_FILLER = FILLER_SENTENCES + (
 
 PRETRAIN_STYLES = ("bare", "question", "result", "qa", "short")
 
-DATA_REVISION = 2
+DATA_REVISION = 3
 """Part of the datasets' cache key (``posttrain.world.cache.world_key``): bump it when a generator's output changes.
-2: request pairs and rankings as counterfactual twins, the pair mix 55 / 25 / 10 / 10, 16000 pairs, 4000 rankings."""
+2: request pairs and rankings as counterfactual twins, the pair mix 55 / 25 / 10 / 10, 16000 pairs, 4000 rankings.
+3: reasoning traces (``sft_reasoning_{train,heldout}.jsonl``); every other file byte-identical to revision 2."""
 
 DEFAULT_SIZES = {
     "pretrain": 20000,
     "sft": 4000,
+    "sft_reasoning": 1000,
     "preference": 16000,
     "rankings": 4000,
     "rl": 2000,
@@ -621,6 +625,22 @@ def outcome_rows(n: int, seed: int, split: str = "train") -> list[dict]:
     return rows
 
 
+def sft_reasoning_rows(n: int, seed: int, split: str = "train") -> list[dict]:
+    """Reasoning traces: ``{"messages": [user, assistant]}``, the question alone as the user turn, the assistant's
+    ``reasoning`` the worked steps (``worked_steps``, each closed by a period) and its ``content`` "The answer is N."
+    (the world's format, so ``gold_reward`` of the content is full: correct, formatted, concise). Its own random
+    stream (``_rng("sft_reasoning", ...)``), so no other dataset changes."""
+    rng = _rng("sft_reasoning", seed, split)
+    rows = []
+    for _ in range(n):
+        q = draw_question(rng, split)
+        equations, value = worked_steps(q)
+        reasoning = " ".join(f"{equation}." for equation in equations)
+        rows.append({"messages": [_user(q.text), {"role": "assistant", "reasoning": reasoning,
+                                                  "content": f"The answer is {value}."}]})
+    return rows
+
+
 # --------------------------------------------------------------------------
 # process supervision
 
@@ -698,6 +718,7 @@ def process_rows(n: int, seed: int, split: str = "train") -> list[dict]:
 GENERATORS: dict[str, Callable[[int, int, str], list[dict]]] = {
     "pretrain": pretrain_rows,
     "sft": sft_rows,
+    "sft_reasoning": sft_reasoning_rows,
     "preference": preference_rows,
     "rankings": ranking_rows,
     "rl": rl_rows,

@@ -19,7 +19,7 @@ from posttrain.data.messages import completion_text
 from posttrain.data.prompts import load_prompt_rows
 from posttrain.maths.stats import pearson, win_rate  # noqa: F401  (win_rate: also importable from here)
 from posttrain.models.loading import load_causal_lm, load_tokenizer, resolve_device
-from posttrain.models.logprobs import policy_kl  # noqa: F401  (also importable from here, its first home)
+from posttrain.models.logprobs import policy_kl, samples_kl  # noqa: F401  (policy_kl: also importable from here)
 from posttrain.world.datagen import LENGTH_BIAS_DELTA
 from posttrain.world.gold import follows_format, gold_components, gold_reward, parse_final_answer
 from posttrain.world.requests import STYLES, follows_request, request_of
@@ -60,18 +60,27 @@ def score_completions(rows: list[dict], completions) -> dict:
 # pragma: no mutate start (reads files or runs a model; `make mutate` covers the scoring functions only)
 def evaluate_model(model_dir: str | Path, prompts_path: str | Path, *, limit: int = 0, max_new_tokens: int = 64,
                    batch_size: int = 512, device: str = "auto", samples_path: Path | None = None,
-                   temperature: float = 0.0, n: int = 1, seed: int = 0) -> dict[str, float]:
+                   temperature: float = 0.0, n: int = 1, seed: int = 0, kl_reference: str | Path | None = None,
+                   kl_prompts: int = 0) -> dict[str, float]:
     """The model's replies to held-out prompts, scored with the gold reward: greedy by default, or ``n`` samples
     per prompt at ``temperature`` (the policy as it is used: greedy decoding of a model that learned "follow the
-    request half the time" picks the requested style, since it is the single most likely one)."""
+    request half the time" picks the requested style, since it is the single most likely one). With
+    ``kl_reference`` (samples at temperature 1 only) also ``kl_to_reference``: the Monte-Carlo KL to that model
+    over these very samples of the first ``kl_prompts`` prompts (0 = all; :func:`samples_kl`)."""
     from posttrain.models.generation import HFEngine, SamplingParams
 
+    if kl_reference is not None and temperature != 1.0:
+        raise ValueError("kl_reference needs samples of the policy itself (temperature 1)")
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, device=resolve_device(device))
     rows = load_eval_prompts(prompts_path, limit)
     params = SamplingParams(n=n if temperature > 0 else 1, max_new_tokens=max_new_tokens, temperature=temperature,
-                            seed=seed)
+                            seed=seed, logprobs=kl_reference is not None)
     samples = HFEngine(model, tokenizer, batch_size=batch_size).generate([row["prompt"] for row in rows], params)
+    kl = None
+    if kl_reference is not None:
+        kl = samples_kl(tokenizer, [row["prompt"] for row in rows][: kl_prompts or None],
+                        samples[: kl_prompts or None], kl_reference, device=device)
     rows = [row for row, replies in zip(rows, samples) for _ in replies]
     completions = [c for replies in samples for c in replies]
     if samples_path is not None:
@@ -79,7 +88,8 @@ def evaluate_model(model_dir: str | Path, prompts_path: str | Path, *, limit: in
             for row, c in zip(rows, completions):
                 f.write(json.dumps({"prompt": row["prompt"], "answer": row["answer"], "completion": c.text,
                                     "finish_reason": c.finish_reason}) + "\n")
-    return score_completions(rows, completions)
+    scores = score_completions(rows, completions)
+    return scores if kl is None else {**scores, "kl_to_reference": kl}
 # pragma: no mutate end
 
 
@@ -216,10 +226,25 @@ def sampled_gold_per_prompt(model_dir: str | Path, prompts: list[list[dict]], *,
                             seed: int = 0, device: str = "auto", batch_size: int = 512) -> list[float]:
     """Per prompt, the mean gold reward of ``n`` samples at temperature 1: an estimate of the policy's expected gold
     reward on that prompt, E_{y ~ pi(.|x)} gold(x, y)."""
+    return sampled_gold_and_kl(model_dir, prompts, n=n, max_new_tokens=max_new_tokens, seed=seed, device=device,
+                               batch_size=batch_size)[0]
+
+
+def sampled_gold_and_kl(model_dir: str | Path, prompts: list[list[dict]], *, n: int, max_new_tokens: int = 64,
+                        seed: int = 0, device: str = "auto", batch_size: int = 512,
+                        kl_reference: str | Path | None = None, kl_prompts: int = 0,
+                        kl_samples: int = 0) -> tuple[list[float], float | None]:
+    """:func:`sampled_gold_per_prompt`, and with ``kl_reference`` the Monte-Carlo KL to that model over the first
+    ``kl_samples`` of these samples (0 = all) of the first ``kl_prompts`` prompts (0 = all): the same samples,
+    not new ones (:func:`samples_kl`; the log-probs do not change what is sampled)."""
     from posttrain.models.generation import HFEngine, SamplingParams
 
     engine = HFEngine.from_path(model_dir, device=device, batch_size=batch_size)
-    samples = engine.generate(prompts, SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed))
-    return [sum(gold_reward(prompt, c.text) for c in completions) / n
-            for prompt, completions in zip(prompts, samples)]
+    samples = engine.generate(prompts, SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed,
+                                                      logprobs=kl_reference is not None))
+    gold = [sum(gold_reward(prompt, c.text) for c in completions) / n for prompt, completions in zip(prompts, samples)]
+    if kl_reference is None:
+        return gold, None
+    head = [completions[: kl_samples or None] for completions in samples[: kl_prompts or None]]
+    return gold, samples_kl(engine.tokenizer, prompts[: kl_prompts or None], head, kl_reference, device=device)
 # pragma: no mutate end

@@ -18,7 +18,9 @@ exactly "The answer is N." and contain that phrase once.
 
 ``prompt`` may be a string or a list of chat messages (the last user message holds the question; the request may
 also sit in the system prompt); ``completion`` may be a string, a message dict, or a list of messages (the content
-of the last assistant message is used).
+of the last assistant message is used). Only the reply's answer is scored: the ``final`` channel of a harmony reply
+(as the engine decodes it, special tokens kept or skipped; no final channel scores as an empty reply), the text after
+a leading ``<think>...</think>``; the reasoning counts toward neither the answer nor the length.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from posttrain.data.harmony import answer_text
 from posttrain.data.messages import message_text
 
 from .requests import follows_request, request_of, requested_words
@@ -66,7 +69,7 @@ def gold_components(prompt: Any, completion: Any) -> dict[str, float]:
     """Every term of the gold reward: ``correct``, ``format_ok``, ``request_ok``, ``concision``, ``reward``, and
     ``has_request`` (1 if the prompt carries a request) and ``excess_words`` for inspection."""
     question = parse_question(message_text(prompt, "user"))
-    text = message_text(completion, "assistant")
+    text = answer_text(message_text(completion, "assistant"))  # the final channel / the text after </think>
     correct = float(question is not None and parse_final_answer(text) == question.answer)
     format_ok = float(follows_format(text))
     follows = follows_request(prompt, text)
