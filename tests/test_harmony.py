@@ -341,7 +341,8 @@ def _row(messages) -> Row:
     ({"role": "assistant", "content": "c", "reasoning": "a", "thinking": "b"}, "messages[1].thinking", "once"),
     ({"role": "assistant", "content": "<think>a</think>c", "reasoning": "b"}, "messages[1].reasoning", "once"),
     ({"role": "assistant", "content": "c", "reasoning": 3}, "messages[1].reasoning", "expected a string"),
-    ({"role": "assistant", "content": "", "tool_calls": []}, "messages[1].tool_calls", "non-empty list"),
+    ({"role": "assistant", "content": "", "tool_calls": []}, "messages[1].content", "empty assistant content"),
+    ({"role": "assistant", "content": "", "tool_calls": "f()"}, "messages[1].tool_calls", "expected a list"),
     ({"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"arguments": {}}}]},
      "messages[1].tool_calls[0].function.name", "non-empty string"),
     ({"role": "assistant", "content": "", "tool_calls": [{"type": "retrieval", "function": {"name": "f"}}]},
@@ -406,3 +407,68 @@ def test_sft_with_harmony_on_the_reasoning_traces(world, tiny_model_dir, tmp_pat
     stops = set(end_of_turn_token_ids(tokenizer))
     assert {tokenizer.convert_tokens_to_ids(t) for t in ("<|return|>", "<|call|>")} <= stops
     assert len(completion.token_ids) <= 4
+
+
+# --------------------------------------------------------------------------
+# fixes from review: whole-token contents, decoded replies re-rendered, dataset nulls, template field reads
+
+
+def test_a_content_that_is_exactly_a_harmony_token_stays_text(harmony_tokenizer):
+    """A user content of exactly "<|end|>" and a reply of exactly "<|return|>" are text too (not only contents
+    that contain such a string): 2 real <|end|> (system, user) and 1 real <|return|> (the reply's close); the
+    trained span is the reply's text followed by its one real close."""
+    messages = [{"role": "user", "content": "<|end|>"}, {"role": "assistant", "content": "<|return|>"}]
+    ids, mask = render_conversation(harmony_tokenizer, messages)
+    special = {t: harmony_tokenizer.convert_tokens_to_ids(t) for t in HARMONY_TOKENS}
+    assert ids.count(special["<|end|>"]) == 2 and ids.count(special["<|return|>"]) == 1
+    assert trained_spans(harmony_tokenizer, ids, mask) == ["<|channel|>final<|message|><|return|><|return|>"]
+    prompt = render_prompt(harmony_tokenizer, messages[:1])
+    assert prompt.count(special["<|end|>"]) == 2  # the prompt path too
+
+
+def test_a_decoded_harmony_reply_is_rendered_back_into_its_channels(harmony_tokenizer):
+    """What the engine returns for a harmony reply (special tokens skipped) becomes reasoning + content again
+    (completion_message), so rejection sampling's SFT rows and select's pairs render the reasoning in analysis and
+    the answer in final, not "analysis...assistantfinal..." inside the final channel; the lower-case answer is
+    split off too."""
+    from posttrain.data.harmony import completion_message
+    from posttrain.stages.bestofn import select_rows
+
+    decoded = "analysis3 + 4 = 7.assistantfinalthe answer is 7."
+    assert completion_message(decoded) == {"role": "assistant", "content": "the answer is 7.",
+                                           "reasoning": "3 + 4 = 7."}
+    assert completion_message("plain reply") == {"role": "assistant", "content": "plain reply"}
+    rows = [{"prompt": [{"role": "user", "content": "3 + 4?"}], "completions": [decoded, "analysiscut off"],
+             "rewards": [1.0, 0.5]}]
+    (sft_row,) = select_rows(rows, "top_per_prompt")
+    ids, mask = render_conversation(harmony_tokenizer, sft_row["messages"])
+    assert trained_spans(harmony_tokenizer, ids, mask) == [
+        "<|channel|>analysis<|message|>3 + 4 = 7.<|end|><|start|>assistant<|channel|>final<|message|>"
+        "the answer is 7.<|return|>"]
+    # a reply cut off while reasoning has no answer to train on: never picked, never paired
+    assert select_rows([{**rows[0], "rewards": [0.0, 1.0]}], "top_per_prompt") == []
+
+
+def test_dataset_nulls_in_tool_fields_are_no_tool_calls():
+    """Arrow / parquet chat datasets give every message every field: "tool_calls": [] is no tool calls, a call's
+    "type": null is a function call and "arguments": null is no arguments."""
+    messages = sft_messages(_row([
+        {"role": "user", "content": "q", "tool_calls": []},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"type": None, "function": {"name": "f", "arguments": None}}]},
+        {"role": "tool", "content": "1", "name": "f"}, {"role": "assistant", "content": "a", "tool_calls": []}]))
+    assert "tool_calls" not in messages[0] and "tool_calls" not in messages[3]
+    assert messages[1]["tool_calls"] == [{"type": None, "function": {"name": "f", "arguments": None}}]
+
+
+def test_a_template_that_only_mentions_thinking_gets_the_reasoning_folded_in(chatml_tokenizer):
+    """A template that says ``enable_thinking`` but reads no ``thinking`` field of a message must not be handed
+    the reasoning under that name (it would be dropped): it is folded into the content as <think>...</think>."""
+    template = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                "{% if enable_thinking is defined and not enable_thinking %}{{ '<think></think>' }}{% endif %}"
+                "{% endif %}")
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "thinking": "r", "content": "c"}]
+    ids, _ = render_conversation(chatml_tokenizer, messages, chat_template=template)
+    assert decode(chatml_tokenizer, ids) == (
+        "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n<think>r</think>\nc<|im_end|>\n")

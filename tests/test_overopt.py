@@ -120,3 +120,5 @@ def test_cli_overopt_help_and_a_bad_size(tmp_path, capsys):
     assert "--rm_pairs" in capsys.readouterr().out
     assert main(["overopt", "--rm_pairs=ten", f"--model={tmp_path}", f"--out={tmp_path / 'o'}"]) == 2
     assert "--rm_pairs" in capsys.readouterr().err
+    assert main(["overopt", "--bon_n=0", "--rl_steps=0", f"--model={tmp_path}", f"--out={tmp_path / 'o'}"]) == 2
+    assert "nothing would be optimised" in capsys.readouterr().err

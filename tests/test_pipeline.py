@@ -5,6 +5,7 @@ recipes/ end to end on the tiny world at the smallest sizes (a random tiny model
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -200,6 +201,13 @@ def test_failed_step_is_named_and_rerun_resumes_there(world, tiny_model_dir, tmp
     assert "step 2/3 gen (generate) failed" in capsys.readouterr().err
     state = json.loads((tmp_path / "run" / "pipeline.json").read_text())
     assert state["steps"]["sft"]["status"] == "done" and state["steps"]["gen"]["status"] == "failed"
+    # its input runs again (its model was deleted): the failed step's half-done work is stale, started over
+    shutil.rmtree(tmp_path / "run" / "sft" / "model")
+    (tmp_path / "run" / "gen" / "stale.txt").write_text("from the failed try")
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        run_pipeline(recipe, args)
+    assert "gen (generate): its input sft ran again; running it again from scratch" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "gen" / "stale.txt").exists()
     (tmp_path / "missing.jsonl").write_text((world.data / "rl_heldout.jsonl").read_text())
     assert _steps(run_pipeline(recipe, args)) == {"sft": "skipped", "gen": "ran", "scored": "ran"}
     assert "gen (generate): failed last time; resuming it" in capsys.readouterr().out

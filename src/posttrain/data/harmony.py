@@ -164,9 +164,11 @@ class _Builder:
         self.offsets: list[tuple[int, int]] = []
         self.text = ""
 
-    def add(self, piece: str, trained: bool) -> None:
+    def add(self, piece: str, trained: bool, special: bool = False) -> None:
+        """Append ``piece``: one harmony token when ``special`` (the format's own), else text, tokenized with
+        special-token strings as text (a content that is exactly ``<|end|>`` stays text)."""
         start = len(self.text)
-        if piece in self.special:
+        if special:
             ids, offsets = [self.special[piece]], [(0, len(piece))]
         elif piece:
             encoded = self.as_text.encode(piece, add_special_tokens=False)
@@ -200,11 +202,11 @@ def render_harmony(tokenizer, messages: Sequence[dict], strategy: str, *, as_tex
         # the model writes <|start|>assistant itself after an assistant message it closed with <|end|>
         continued = trained and previous is not None and previous.assistant and previous.close == END
         for k, piece in enumerate(part.pieces):
-            build.add(piece, trained and (k >= 2 or continued))
+            build.add(piece, trained and (k >= 2 or continued), special=piece in HARMONY_TOKENS)
         content_start = len(build.text)
         build.add(part.content, trained)
         spans.append((part, content_start, len(build.text)))
-        build.add(part.close, trained and part.close_trained)
+        build.add(part.close, trained and part.close_trained, special=True)
         previous = part
     return build.ids, build.mask, build.offsets, build.text, spans
 
@@ -214,10 +216,12 @@ def render_harmony_prompt(tokenizer, messages: Sequence[dict], *, as_text) -> li
     the last user message) followed by the generation prompt ``<|start|>assistant``."""
     build = _Builder(tokenizer, as_text)
     for part in harmony_parts(messages, training=False):
-        for piece in part.pieces + [part.content, part.close]:
-            build.add(piece, False)
+        for piece in part.pieces:
+            build.add(piece, False, special=piece in HARMONY_TOKENS)
+        build.add(part.content, False)
+        build.add(part.close, False, special=True)
     for piece in GENERATION_PROMPT:
-        build.add(piece, False)
+        build.add(piece, False, special=piece in HARMONY_TOKENS)
     return build.ids
 
 
@@ -232,17 +236,18 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 _MESSAGE_RE = re.compile(r"<\|start\|>(.*?)<\|message\|>(.*?)(?:<\|end\|>|<\|call\|>|<\|return\|>|(?=<\|start\|>)|$)",
                          re.S)
-_SKIPPED_START = re.compile(r"(?:analysis|final)(?=[^\sa-z])|commentary to=")  # a channel glued to its content
-_SKIPPED_SPLIT = re.compile(r"assistant(?=(?:analysis|commentary|final)(?![a-z]))")
+# a channel glued to its content: "analysis" before any non-space (no English word continues it), "final" before
+# anything but a space or a lower-case letter ("finally", "finalize")
+_SKIPPED_START = re.compile(r"analysis(?=\S)|final(?=[^\sa-z])|commentary to=")
+_SKIPPED_SPLIT = re.compile(r"assistant(?=analysis|commentary|final)")  # the content may start in lower case
 _SKIPPED_HEADER = re.compile(r"(analysis|commentary|final)(?: to=(\S+) ?(?:json)?)?")
 
 
 def is_harmony(text: str) -> bool:
     """Whether ``text`` reads as a harmony reply: with its special tokens (``<|channel|>``), or as decoded with
-    ``skip_special_tokens=True``: ``analysis`` or ``final`` glued to a content that does not start with a lowercase
-    letter or a space (``analysisUser asks...``, ``finalThe answer...``), ``commentary to=``, or ``analysis`` followed
-    somewhere by ``assistantfinal`` / ``assistantcommentary`` / ``assistantanalysis``. Plain prose ("final answer:
-    5", "analysis of ...") is not harmony."""
+    ``skip_special_tokens=True``: ``analysis`` glued to its content (``analysisUser asks...``, ``analysiswe need``),
+    ``final`` glued to a content that does not start with a lower-case letter (``finalThe answer...``; not
+    "finally"), or ``commentary to=``. Plain prose ("final answer: 5", "analysis of ...") is not harmony."""
     if CHANNEL in text or MESSAGE in text:
         return True
     text = text.lstrip()
@@ -311,3 +316,25 @@ def answer_text(text: str) -> str:
         end = stripped.find("</think>")
         return "" if end < 0 else stripped[end + len("</think>"):].lstrip()
     return text
+
+
+def completion_message(completion: Any) -> dict:
+    """A generated reply as the assistant message to train on or to score: a harmony reply (as the engine decodes
+    it, special tokens skipped) becomes ``{"content": its final answer, "reasoning": its analysis, "tool_calls":
+    its calls}``, so that rendering it again puts each part back in its channel (not the decoded text, channel
+    names and all, into the final channel); any other string is the content as it is; a message dict (or the last
+    assistant message of a list) is kept as it is."""
+    if isinstance(completion, list) and completion and all(isinstance(m, dict) for m in completion):
+        completion = ([m for m in completion if m.get("role") == "assistant"] or completion)[-1]
+    if isinstance(completion, dict):
+        return {**completion, "role": "assistant"}
+    text = content_text(completion)
+    if not is_harmony(text):
+        return {"role": "assistant", "content": text}
+    parsed = parse_harmony(text)
+    message = {"role": "assistant", "content": parsed["final"] or ""}
+    if parsed["analysis"]:
+        message["reasoning"] = parsed["analysis"]
+    if parsed["tool_calls"]:
+        message["tool_calls"] = parsed["tool_calls"]
+    return message

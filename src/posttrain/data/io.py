@@ -309,7 +309,7 @@ def check_messages(row: Row, value: Any, name: str, *, allow_empty_content: bool
         if role not in ROLES:
             raise row.error(f"{where}.role", f"unknown role {role!r} (expected {', '.join(sorted(ROLES))})")
         calls = message.get("tool_calls")
-        if calls is not None:
+        if calls is not None and calls != []:  # null or [] = no tool calls (datasets give every row every field)
             _check_tool_calls(row, calls, role, f"{where}.tool_calls")
         if message.get("content") is None and calls:  # a tool-call message may have no content (HF, TRL)
             message = {**message, "content": ""}
@@ -325,7 +325,7 @@ def check_messages(row: Row, value: Any, name: str, *, allow_empty_content: bool
             for key in ("name", "tool_call_id"):
                 if message.get(key) is not None and not (isinstance(message[key], str) and message[key].strip()):
                     raise row.error(f"{where}.{key}", f"expected a non-empty string, got {message[key]!r}")
-        messages.append({k: v for k, v in message.items() if v is not None})
+        messages.append({k: v for k, v in message.items() if v is not None and not (k == "tool_calls" and v == [])})
     return messages
 
 
@@ -353,20 +353,22 @@ def _check_tool_calls(row: Row, calls: Any, role: str, name: str) -> None:
     """``[{"type": "function", "function": {"name": str, "arguments": dict | JSON object string}, "id"?}]``."""
     if role != "assistant":
         raise row.error(name, f"only assistant messages make tool calls (this one is {role!r})")
-    if not isinstance(calls, list) or not calls:
-        raise row.error(name, "expected a non-empty list of tool calls")
+    if not isinstance(calls, list):
+        raise row.error(name, f"expected a list of tool calls, got {type(calls).__name__}")
     for j, call in enumerate(calls):
         at = f"{name}[{j}]"
         if not isinstance(call, dict):
             raise row.error(at, f"expected a tool call object, got {type(call).__name__}")
-        if call.get("type", "function") != "function":
+        if (call.get("type") or "function") != "function":
             raise row.error(f"{at}.type", f"only 'function' tool calls are supported, got {call['type']!r}")
         function = call.get("function")
         if not isinstance(function, dict):
             raise row.error(f"{at}.function", "expected {'name': ..., 'arguments': ...}")
         if not isinstance(function.get("name"), str) or not function["name"].strip():
             raise row.error(f"{at}.function.name", f"expected a non-empty string, got {function.get('name')!r}")
-        arguments = function.get("arguments", {})
+        arguments = function.get("arguments")
+        if arguments is None:  # no arguments (rendered as {})
+            arguments = {}
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments)

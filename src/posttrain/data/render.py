@@ -94,6 +94,12 @@ def _harmony_call(function, *args, **kwargs):
         raise RenderError(f"harmony: {err}") from err
 
 
+def _reads_field(template: str, name: str) -> bool:
+    """Whether a Jinja template reads a message's field ``name`` (``message.thinking``, ``m['thinking']``), not
+    merely mentions the word (``enable_thinking``, ``/think``)."""
+    return re.search(rf"""\.{name}\b|\[\s*['"]{name}['"]\s*\]""", template) is not None
+
+
 def with_reasoning_for(messages: Sequence[Message], template: str | None) -> list[Message]:
     """``messages`` as a Jinja template sees them: an assistant's ``reasoning`` / ``thinking`` field goes to the
     template's own reasoning slot (``reasoning_content`` or ``thinking``) when it reads one, else it is folded into
@@ -101,7 +107,7 @@ def with_reasoning_for(messages: Sequence[Message], template: str | None) -> lis
     if not any(m.get("role") == "assistant" and reasoning_field(m) for m in messages):
         return list(messages)
     template = template or ""
-    slot = "reasoning_content" if "reasoning_content" in template else "thinking" if "thinking" in template else None
+    slot = next((name for name in ("reasoning_content", "thinking") if _reads_field(template, name)), None)
     out = []
     for m in messages:
         name = reasoning_field(m) if m.get("role") == "assistant" else None

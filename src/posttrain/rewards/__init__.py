@@ -22,7 +22,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from posttrain.data.messages import completion_text, conversation, to_messages
+from posttrain.data.harmony import completion_message
+from posttrain.data.messages import completion_text, to_messages
 from posttrain.data.packing import Example
 from posttrain.data.render import render_conversation
 
@@ -96,7 +97,8 @@ class _ModelReward:
     def encode(self, prompts, completions) -> list[Example | None]:
         examples: list[Example | None] = []
         for prompt, completion in zip(prompts, completions):
-            ids, mask = render_conversation(self.tokenizer, conversation(prompt, completion), "final_turn_only")
+            ids, mask = render_conversation(self.tokenizer, to_messages(prompt) + [completion_message(completion)],
+                                            "final_turn_only")
             if len(ids) > self.max_length:
                 self.skipped += 1
                 examples.append(None)

@@ -18,6 +18,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from posttrain.data.harmony import completion_message
 from posttrain.data.io import write_jsonl
 from posttrain.data.prompts import GENERATED_KEYS, load_generated, load_prompt_rows
 from posttrain.maths.selection import best_worst_pairs, mean_or_nan, ordered_pairs, select_top_k, select_top_per_prompt
@@ -150,15 +151,21 @@ class SelectConfig:
 
 def _without_empty(rows: list[dict], R) -> list[list]:
     """``R`` with empty replies unscored: nothing to train on (SFT and DPO refuse them), so never picked or paired."""
-    return [[None if not c.strip() else x for c, x in zip(r["completions"], rewards)] for r, rewards in zip(rows, R)]
+    return [[x if _trainable(c) else None for c, x in zip(r["completions"], rewards)] for r, rewards in zip(rows, R)]
+
+
+def _trainable(completion: str) -> bool:
+    """The reply has something to train on: a content (a harmony reply's final answer) or a tool call."""
+    message = completion_message(completion)
+    return bool(message["content"].strip() or message.get("tool_calls"))
 
 
 def pair_rows(rows: list[dict], R, chosen_pairs) -> list[dict]:
     """Preference rows (``prompt``/``chosen``/``rejected``, the rows' extra columns, both rewards) for
     ``(prompt, better, worse)`` index triples into ``rows``' completions."""
     return [{"prompt": rows[i]["prompt"], **{key: v for key, v in rows[i].items() if key not in GENERATED_KEYS},
-             "chosen": [{"role": "assistant", "content": rows[i]["completions"][better]}],
-             "rejected": [{"role": "assistant", "content": rows[i]["completions"][worse]}],
+             "chosen": [completion_message(rows[i]["completions"][better])],
+             "rejected": [completion_message(rows[i]["completions"][worse])],
              "reward_chosen": R[i][better], "reward_rejected": R[i][worse]}
             for i, better, worse in chosen_pairs]
 
@@ -198,9 +205,9 @@ def select_rows(rows: list[dict], strategy: str, k: int = 0, pairs: str = "",
         picks = [divmod(index, n) for index in select_top_k(R, k)]
     else:
         raise ValueError(f"unknown strategy {strategy!r}")
-    return [{"messages": rows[i]["prompt"] + [{"role": "assistant", "content": rows[i]["completions"][j]}],
+    return [{"messages": rows[i]["prompt"] + [completion_message(rows[i]["completions"][j])],
              **extra[i], "reward": R[i][j]} for i, j in picks
-            if R[i][j] >= min_reward and rows[i]["completions"][j].strip()]
+            if R[i][j] >= min_reward and _trainable(rows[i]["completions"][j])]
 
 
 def run_select(config: SelectConfig) -> Path:

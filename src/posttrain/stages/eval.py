@@ -215,7 +215,10 @@ def run_eval(config: EvalConfig) -> dict:
             for row in rows:
                 row["answers"] = [extract_answer(c) or None for c in row["completions"]]
                 ids = answer_groups(row["answers"], _same_answer)
-                representative = {g: a for g, a in zip(ids, row["answers"]) if g is not None}
+                representative: dict[int, str] = {}  # each group's first answer (the one it was formed around)
+                for g, a in zip(ids, row["answers"]):
+                    if g is not None:
+                        representative.setdefault(g, a)
                 truth = next((g for g, a in sorted(representative.items())
                               if math_reward(f"\\boxed{{{a}}}", row["answer"]) == 1.0), None)
                 row["answer_groups"] = ids

@@ -231,6 +231,8 @@ def run_overopt(config: OveroptConfig) -> dict:
     from posttrain.stages.demo import _sft_samples
 
     sizes = parse_sizes(config.rm_pairs)
+    if not config.bon_n and not config.rl_steps:
+        raise ValueError("--bon_n and --rl_steps are both 0: nothing would be optimised against the proxies")
     if config.rl_steps and config.rl_steps < config.window:
         raise ValueError(f"--rl_steps ({config.rl_steps}) must be at least one --window ({config.window})")
     out = Path(config.out)

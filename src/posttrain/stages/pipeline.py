@@ -404,7 +404,7 @@ def run_pipeline(recipe_path_or_name: str | Path, overrides: dict[str, str] | No
             print(f"{label}: settings changed ({_describe_change(record['settings'], p.settings)}); running it again "
                   f"from scratch")
             shutil.rmtree(p.dir, ignore_errors=True)
-        elif record and record["status"] == "done" and rerun_inputs:  # e.g. an input's output was deleted
+        elif record and rerun_inputs:  # an input ran again (its output was deleted): done or half-done work is stale
             print(f"{label}: its input{'s' if len(rerun_inputs) > 1 else ''} {', '.join(rerun_inputs)} ran again; "
                   "running it again from scratch")
             shutil.rmtree(p.dir, ignore_errors=True)
