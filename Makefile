@@ -23,9 +23,9 @@ world: setup
 	$(VENV)/bin/posttrain world build --base-model
 
 # Two pytest-xdist workers, one thread each; --dist loadfile keeps a file on one worker, so the tests that share the
-# demo run (tests/test_learning.py) run it once.
+# demo run (tests/test_learning.py) run it once; --no-loadscope-reorder keeps conftest's order (the demo first).
 test: world
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

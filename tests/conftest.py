@@ -19,6 +19,22 @@ _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 
 
+# `make test` hands whole files to two pytest-xdist workers in collection order (--dist loadfile
+# --no-loadscope-reorder; xdist's default order is "most tests first", which put the demo's few tests last and left
+# the other worker idle through it). The shared demo run is the longest job of the suite (about 10 min, with its own
+# second process), so its file goes first and the rest run beside it on the other worker; the RM learning tests go
+# last, when the demo's SFT model they start from (demo_sft_model) has long been trained.
+FIRST_FILES, LAST_FILES = ("test_learning.py",), ("test_rm_learning.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return 0 if name in FIRST_FILES else 2 if name in LAST_FILES else 1
+
+    items.sort(key=rank)  # stable: each group keeps its order
+
+
 @pytest.fixture(scope="session")
 def world():
     """Tokenizer and datasets of the tiny world (no base model)."""
@@ -55,14 +71,50 @@ def tiny_model_dir(world, world_tokenizer, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def demo_run(world_with_base, tmp_path_factory):
-    """`posttrain demo` end to end, once per test session, shared by every learning test: base model (cached) ->
-    SFT -> evaluation on held-out prompts -> BT RM -> best-of-16 -> rejection sampling (RM and verifier) -> DPO.
-    Returns ``(out_dir, summary)``."""
+def demo_dir(tmp_path_factory):
+    """The shared demo run's directory: one per test session, common to every pytest-xdist worker (their base's
+    parent), so the demo's SFT model can serve tests on another worker."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    path = root / "demo"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_sft_model(world_with_base, demo_dir):
+    """The demo's SFT model (demo_sft_config), trained once per session by whichever of the demo run and the RM
+    learning tests asks first, under a file lock: the other waits for it, and the demo then finds its SFT stage
+    complete and goes on from it."""
+    import fcntl
+
+    from posttrain.plumbing.harness import is_complete
+    from posttrain.stages.demo import DemoConfig, train_demo_sft
+
+    sft_dir = demo_dir / "sft"
+    with open(demo_dir / "sft.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not is_complete(sft_dir):  # as the demo trains it
+            train_demo_sft(DemoConfig(out=str(demo_dir), progress=False, device="cpu"), world_with_base, sft_dir)
+    return sft_dir / "model"
+
+
+@pytest.fixture(scope="session")
+def demo_run(world_with_base, demo_sft_model, demo_dir):
+    """`posttrain demo` end to end, once per test session, shared by every learning test of test_learning.py: base
+    model (cached) -> SFT (demo_sft_model) -> evaluation on held-out prompts -> BT RM -> best-of-16 -> rejection
+    sampling (RM and verifier) -> DPO -> GRPO -> PPO -> over-optimization. Returns ``(out_dir, summary)``."""
+    import fcntl
+    import json
+
     from posttrain.stages.demo import DemoConfig, run_demo
 
-    out = tmp_path_factory.mktemp("demo")
-    return out, run_demo(DemoConfig(out=str(out), progress=False, device="cpu"))
+    with open(demo_dir / "demo.lock", "w") as lock:  # once, even if test_learning.py's tests land on two workers
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (demo_dir / "summary.json").exists():  # the other worker ran it
+            return demo_dir, json.loads((demo_dir / "summary.json").read_text())
+        return demo_dir, run_demo(DemoConfig(out=str(demo_dir), progress=False, device="cpu"))
 
 
 # The templates the rendering tests run under: the tiny world's own, and the built-in ones set on its tokenizer.

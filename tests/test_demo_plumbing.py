@@ -50,5 +50,29 @@ def test_over_optimization_curve_averages_windows_that_end_at_the_last_step():
     assert curve["peak_steps"] == [2, 4]
     assert curve["final_gold"] == pytest.approx(1 / 3) and curve["final_kl"] == pytest.approx(6.0)
     assert curve["first_proxy"] == pytest.approx(0.3) and curve["final_proxy"] == pytest.approx(0.6)
+    assert curve["proxy_rise"] == pytest.approx(0.6)  # every step's proxy, step 1 too: slope 0.1 over 6 steps
+    # a zig-zag proxy 0 1 0 1 over steps 1-4: least-squares slope 1.0 / 5 (cov / var about 2.5), over 3 steps 0.6
+    zigzag = [{"step": s, "policy/kl": 1.0, "rollout/reward_mean": float(s % 2 == 0), "rollout/gold_reward": 0.0}
+              for s in range(1, 5)]
+    assert over_optimization_curve(zigzag, 2)["proxy_rise"] == pytest.approx(0.6)
     with pytest.raises(ValueError, match="fewer than one window of 8"):
         over_optimization_curve(rows, 8)
+
+
+def test_demo_sft_over_two_processes(world_with_base, tmp_path):
+    """--sft_processes=2: the demo's SFT under torchrun (2 CPU processes, gloo): a complete run recording both
+    processes and the global batch; a run the launched processes refuse (a negative learning rate) is a
+    ChildProcessError (the CLI's exit 1), not a silent fallback."""
+    import yaml
+
+    from posttrain.stages.demo import DemoConfig, train_demo_sft
+
+    out = tmp_path / "sft"
+    model = train_demo_sft(DemoConfig(out=str(tmp_path), sft_steps=3, sft_processes=2, progress=False, device="cpu"),
+                           world_with_base, out)
+    assert model == out / "model" and (model / "complete.json").exists()
+    launch = yaml.safe_load((out / "config.yaml").read_text())["launch"]
+    assert launch["num_processes"] == 2 and launch["global_batch_size"] == 32
+    with pytest.raises(ChildProcessError, match="failed with exit code [1-9]"):
+        train_demo_sft(DemoConfig(out=str(tmp_path), sft_steps=3, sft_processes=2, sft_lr=-1.0, progress=False,
+                                  device="cpu"), world_with_base, tmp_path / "bad")

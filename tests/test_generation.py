@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
 from posttrain.data.render import render_conversation, render_prompt
-from posttrain.models.generation import HFEngine, SamplingParams, load_engine
+from posttrain.models.generation import HFEngine, SamplingParams, _Sampler, inverse_cdf_draw, load_engine
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +164,37 @@ def test_unseeded_sampling_differs_between_calls(engine, prompts):
     first = [[c.token_ids for c in s] for s in engine.generate(prompts, params)]
     second = [[c.token_ids for c in s] for s in engine.generate(prompts, params)]
     assert first != second
+
+
+def test_inverse_cdf_draw_by_hand():
+    """probs [0.2, 0, 0.5, 0.3] (cumulative 0.2, 0.2, 0.7, 1.0): u < 0.2 -> 0, [0.2, 0.7) -> 2, [0.7, 1) -> 3; the
+    zero-probability token 1 owns no interval. Unnormalised rows scale u by their total; a target that would round
+    up to the total (here: u = 1) still lands on the last token with probability, not on a cut tail or past the end."""
+    probs = torch.tensor([[0.2, 0.0, 0.5, 0.3]]).expand(7, 4)
+    uniform = torch.tensor([0.0, 0.1999, 0.2, 0.6999, 0.7, 0.9999, 1 - 2**-53], dtype=torch.float64)
+    assert inverse_cdf_draw(probs, uniform).tolist() == [0, 0, 2, 2, 3, 3, 3]
+    unnormalised = torch.tensor([[2.0, 0.0, 6.0]]).expand(2, 3)  # cumulative 2, 2, 8: u * 8 < 2 -> 0, else 2
+    assert inverse_cdf_draw(unnormalised, torch.tensor([0.2499, 0.25], dtype=torch.float64)).tolist() == [0, 2]
+    tail_cut = torch.tensor([[0.25, 0.75, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    assert inverse_cdf_draw(tail_cut, torch.tensor([1 - 2**-53, 1 - 2**-53], dtype=torch.float64)).tolist() == [1, 0]
+    assert inverse_cdf_draw(tail_cut, torch.tensor([1.0, 1.0], dtype=torch.float64)).tolist() == [1, 0]
+
+
+def test_sampler_draws_the_warped_softmax_distribution():
+    """200,000 draws of one row's next token at T = 0.7 with top-k 3: each of the 3 kept tokens within 4.5 standard
+    errors of softmax(logits / T) renormalised over them, every other token never."""
+    logits = torch.tensor([2.0, -1.0, 1.5, 0.3, 1.9, -3.0])
+    rows = 200_000
+    drawn = _Sampler(SamplingParams(temperature=0.7, top_k=3, seed=0), torch.device("cpu"))(logits.expand(rows, 6))
+    counts = torch.bincount(drawn, minlength=6).double()
+    kept = torch.tensor([0, 2, 4])
+    expected = torch.zeros(6, dtype=torch.float64)
+    expected[kept] = torch.softmax(logits[kept].double() / 0.7, -1)
+    share = counts / rows
+    assert share[[1, 3, 5]].sum() == 0
+    with pytest.raises(ValueError, match="nothing to sample"):  # a row masked everywhere: no token is possible
+        _Sampler(SamplingParams(seed=0), torch.device("cpu"))(torch.tensor([[0.0, 1.0], [-math.inf, -math.inf]]))
+    assert ((share[kept] - expected[kept]).abs() <= 4.5 * (expected[kept] * (1 - expected[kept]) / rows).sqrt()).all()
 
 
 def test_bad_sampling_parameters_are_rejected():

@@ -243,16 +243,17 @@ def test_demo_ppo_raises_gold_and_request_rate_by_0_2(demo_summary):
 
 
 def test_demo_over_optimization_proxy_rises_while_gold_falls_from_its_peak(demo_summary):
-    """GRPO against the same RM at beta 0 (30 steps of 8 x 8, lr 2e-4, the KL only tracked): over windows of 5 steps
-    of rollouts the proxy (the RM's score) ends >= 0.15 above where it started while the gold reward ends >= 0.15
-    below its peak, at a larger KL; summary.json holds the curve, the peak and the final point, and the run's plot of
-    both against the KL exists. Measured from the demo's SFT model and RM with two sampling seeds: proxy 0.51 ->
-    0.86 / 0.51 -> 0.94, gold 1.201 at KL 1.7 -> 0.801 at KL 14.7 / 1.176 at KL 0.7 -> 0.739 at KL 26; in `make
-    test`'s run (another RM) proxy 0.40 -> 1.06, gold 1.128 at KL 0.7 -> 0.718 at KL 19.7."""
+    """GRPO against the same RM at beta 0 (30 steps of 8 x 8, lr 2e-4, the KL only tracked): the proxy (the RM's
+    score of the rollouts) rises >= 0.15 over the run (the least-squares line through every step's mean) while the
+    gold reward, over windows of 5 steps, ends >= 0.15 below its peak, at a larger KL; summary.json holds the curve,
+    the peak and the final point, and the run's plot of both against the KL exists. Measured from one SFT model and
+    RM with six sampling seeds: fitted proxy rise 0.49 / 0.98 / 0.29 / 0.27 / 0.40 / 0.26, gold 0.16 / 0.26 / 0.37 /
+    0.39 / 0.40 / 0.27 below its peak at KL 7-21 (first to last window the proxy rose 0.11-0.72: a window of 5 steps
+    is too noisy to compare two of them, so the fitted line is asserted)."""
     out, summary = demo_summary
     over = summary["over_optimization"]
     assert over["beta"] == 0.0 and over["reward"].startswith("rm:") and len(over["curve"]) == 6
-    assert over["final_proxy"] >= over["first_proxy"] + 0.15, over
+    assert over["proxy_rise"] >= 0.15, over
     assert over["final_gold"] <= over["peak_gold"] - 0.15, over
     assert over["final_kl"] > over["peak_kl"], over
     assert over["peak_gold"] == max(point["gold"] for point in over["curve"])

@@ -86,7 +86,7 @@ def test_references_resolve_with_types_and_inputs(world, tmp_path):
     assert plan(recipe, {"steps": "2"}, world)[1][0].hash == steps[0].hash
 
 
-def test_arguments_and_builtin_recipes():
+def test_arguments_and_builtin_recipes(monkeypatch):
     assert parse_arguments(["r.yaml", "--model", "DIR", "--sft.max_steps=2", "--progress"]) == (
         "r.yaml", {"model": "DIR", "sft.max_steps": "2", "progress": "true"})
     with pytest.raises(RecipeError, match="needs a recipe"):
@@ -94,6 +94,8 @@ def test_arguments_and_builtin_recipes():
     names = {p.stem for p in RECIPES_DIR.glob("*.yaml")}
     assert {"instructgpt", "tulu3", "r1", "minimal", "demo"} <= names
     assert recipe_path("minimal") == RECIPES_DIR / "minimal.yaml"
+    monkeypatch.chdir("/")  # outside a checkout (an installed package): the headers' recipes/NAME.yaml is built in
+    assert recipe_path("recipes/tulu3.yaml") == RECIPES_DIR / "tulu3.yaml"
     with pytest.raises(FileNotFoundError, match="no recipe 'nope'"):
         recipe_path("nope")
     for name in names:  # the header gives the exact command

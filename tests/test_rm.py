@@ -104,7 +104,8 @@ def test_length_correlation_report_is_the_pearson_correlation_of_scores_and_leng
     held-out completion and its length in trained tokens (the reply and its end-of-turn token)."""
     import statistics
 
-    from posttrain.data.messages import conversation
+    from posttrain.data.harmony import completion_message
+    from posttrain.data.messages import to_messages
     from posttrain.data.render import render_conversation
     from posttrain.models import load_tokenizer
 
@@ -115,7 +116,8 @@ def test_length_correlation_report_is_the_pearson_correlation_of_scores_and_leng
                                                         [r["chosen"], r["rejected"]])]
     scores = ScalarRewardModel(path, device="cpu")([p for p, _ in pairs], [c for _, c in pairs])
     tokenizer = load_tokenizer(path)
-    lengths = [float(sum(render_conversation(tokenizer, conversation(p, c), "final_turn_only")[1])) for p, c in pairs]
+    lengths = [float(sum(render_conversation(tokenizer, to_messages(p) + [completion_message(c)],
+                                             "final_turn_only")[1])) for p, c in pairs]
     assert records[-1]["eval/length_correlation"] == pytest.approx(statistics.correlation(scores, lengths), abs=1e-3)
 
 
@@ -245,14 +247,16 @@ def _hf_token_logits(path, ids: list[int]) -> torch.Tensor:
 
 def _hf_completion_probabilities(path, prompts, completions) -> list[list[float]]:
     """ORM: sigmoid of the logit at every token of the reply (as trained: the reply and its end-of-turn token)."""
-    from posttrain.data.messages import conversation
+    from posttrain.data.harmony import completion_message
+    from posttrain.data.messages import to_messages
     from posttrain.data.render import render_conversation
     from posttrain.models import load_tokenizer
 
     tokenizer = load_tokenizer(path)
     out = []
     for prompt, completion in zip(prompts, completions):
-        ids, mask = render_conversation(tokenizer, conversation(prompt, completion), "final_turn_only")
+        ids, mask = render_conversation(tokenizer, to_messages(prompt) + [completion_message(completion)],
+                                        "final_turn_only")
         logits = _hf_token_logits(path, ids)[:, 0]
         out.append([float(torch.sigmoid(logits[t])) for t in range(len(ids)) if mask[t]])
     return out

@@ -1,8 +1,8 @@
 """Reward-model learning tests on the tiny world (fixed seeds; slow, run in CI).
 
-The margin and Plackett-Luce RMs start from the demo's SFT model (trained here with the demo's settings, so this file
-runs beside the demo on the other pytest-xdist worker) and train on the annotators' noisy, length-biased data; they
-are scored against the gold reward on held-out questions. The ORM and the PRM start from the base model. Whether a
+The margin and Plackett-Luce RMs start from the demo's SFT model (conftest.demo_sft_model: trained once per session
+and shared with the demo run, whichever pytest-xdist worker asks first) and train on the annotators' noisy,
+length-biased data; they are scored against the gold reward on held-out questions. The ORM and the PRM start from the base model. Whether a
 stated answer is right stays out of reach of a 2 M-parameter RM (docs/reward-models.md), so the answer-check pairs
 are reported, not required.
 """
@@ -20,16 +20,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def sft_model(world_with_base, tmp_path_factory):
-    """The demo's SFT model, trained here with the demo's own settings (demo_sft_config): on the same machine and
-    thread count it comes out the same as the demo's, and this file can run on the other pytest-xdist worker while
-    the demo runs (tests/test_learning.py)."""
-    from posttrain.stages.demo import DemoConfig, demo_sft_config
-    from posttrain.stages.sft import train_sft
-
-    out = tmp_path_factory.mktemp("sft-as-in-the-demo")
-    return train_sft(demo_sft_config(DemoConfig(out=str(out), progress=False, device="cpu"), world_with_base,
-                                     out / "sft"))
+def sft_model(demo_sft_model):
+    """The demo's SFT model (conftest.demo_sft_model: trained once per session, shared with the demo run)."""
+    return demo_sft_model
 
 
 def test_margin_rm_learns_requests_and_surface(sft_model, world_with_base, train_rm_briefly):

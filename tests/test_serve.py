@@ -1,8 +1,10 @@
 """``posttrain serve`` in process: what reaches the model (the whole conversation, rendered as in training) and what
-reaches generation (temperature, top_p, seed, max_tokens) from a chat-completions request; then the server's
-defences against abuse: malformed numbers and bodies, the reply budget against the context and the limit, the body
-size and time limits, the bounded queue, stopping a generation whose client has gone or whose time is up, and
-SIGINT / SIGTERM during a long generation (a real ``posttrain serve`` process).
+reaches generation (temperature, top_p, seed, max_tokens) from a chat-completions request; tool calls, tool results
+and reasoning in requests, and a harmony model's reply as OpenAI's content, reasoning_content and tool_calls (with
+``posttrain chat``'s harmony REPL, which shares the parsing); then the server's defences against abuse: malformed
+numbers and bodies, the reply budget against the context and the limit, the body size and time limits, the bounded
+queue, stopping a generation whose client has gone or whose time is up, and SIGINT / SIGTERM during a long
+generation (a real ``posttrain serve`` process).
 
 A stub generate function records what ``create_app`` passes it (or stands in for a slow model that honours the stop
 hook); the tiny random Llama checks the real path: the token ids the model is given, that the seed makes sampling
@@ -12,9 +14,11 @@ end-to-end judge are tested in test_judge.py.) Tests never assert speed: the sec
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -45,6 +49,12 @@ CONVERSATION = [
     {"role": "assistant", "content": "2 + 3 = 5. The answer is 5."},
     {"role": "user", "content": "And 4 + 4?"},
 ]
+
+# any JSON value, for the request parsers' fuzz tests
+_SCALARS = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4)
+            | st.sampled_from([2**63, 2**64, -(2**63) - 1, 10**400]))
+_JSON = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -177,6 +187,333 @@ def test_seed_makes_sampling_reproducible(tiny):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Harmony, reasoning and tool calls: what an OpenAI / vLLM client sends and gets back.
+
+CALL_ID = re.compile(r"call_[0-9a-f]{24}")
+ANALYSIS = "<|channel|>analysis<|message|>Need the tool.<|end|>"
+WEATHER_CALL = ('<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>'
+                '{"city": "Paris"}<|call|>')
+
+
+@pytest.fixture(scope="module")
+def harmony_tokenizer(world_tokenizer):
+    """The tiny world tokenizer with ``--chat_template harmony`` (its seven tokens added), as test_harmony.py makes
+    it; served beside the tiny Llama, whose generation the tests script."""
+    from posttrain.data import set_chat_template
+
+    return set_chat_template(copy.deepcopy(world_tokenizer), "harmony")
+
+
+def harmony_completion(tokenizer, generated: str, finish_reason: str = "stop") -> Completion:
+    """What the engine returns for a reply that reads ``generated`` (the text after the prompt's
+    ``<|start|>assistant``, its stop token included when ``finish_reason`` is "stop"): the token ids, and the text
+    decoded with special tokens skipped."""
+    ids = tokenizer.encode(generated, add_special_tokens=False)
+    text = tokenizer.decode(ids[:-1] if finish_reason == "stop" else ids, skip_special_tokens=True)
+    return Completion(text=text, token_ids=ids, finish_reason=finish_reason)
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """generate() replaced by a stub that returns the completions of ``script`` in turn (append before each
+    request) and records a copy of each conversation it is given; (script, seen)."""
+    import posttrain.models.generation as generation
+
+    script, seen = [], []
+
+    def fake_generate(model, tokenizer, prompts, **kwargs):
+        seen.append(copy.deepcopy(prompts[0]))
+        return [script.pop(0)]
+
+    monkeypatch.setattr(generation, "generate", fake_generate)
+    return script, seen
+
+
+@pytest.mark.parametrize("generated, finish_reason, message, expected_finish", [
+    (ANALYSIS + WEATHER_CALL, "stop",  # reasoning, then a call that stops the reply: no answer yet
+     {"role": "assistant", "content": None, "reasoning": "Need the tool.", "reasoning_content": "Need the tool.",
+      "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
+     "tool_calls"),
+    (ANALYSIS + "<|start|>assistant<|channel|>final<|message|>It is 20 C.<|return|>", "stop",
+     {"role": "assistant", "content": "It is 20 C.", "reasoning": "Need the tool.",
+      "reasoning_content": "Need the tool."}, "stop"),
+    ("<|channel|>final<|message|>5<|return|>", "stop", {"role": "assistant", "content": "5"}, "stop"),
+    ("<|channel|>analysis<|message|>2 + 3 is", "length",  # cut while reasoning: no answer, and "length"
+     {"role": "assistant", "content": None, "reasoning": "2 + 3 is", "reasoning_content": "2 + 3 is"}, "length"),
+    (ANALYSIS + '<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"ci',
+     "length",  # cut inside the call's arguments: no call (it could not be sent back nor run), and "length"
+     {"role": "assistant", "content": None, "reasoning": "Need the tool.", "reasoning_content": "Need the tool."},
+     "length"),
+    ("The answer is 5.<|return|>", "stop",  # an untrained model's plain text: the content, as decoded
+     {"role": "assistant", "content": "The answer is 5."}, "stop"),
+], ids=["tool-call", "answer", "answer-only", "cut-reasoning", "cut-call", "not-harmony"])
+def test_a_harmony_reply_comes_back_in_openai_fields(tiny, harmony_tokenizer, scripted, generated, finish_reason,
+                                                      message, expected_finish):
+    """The completion's tokens decoded with their special tokens and parsed: the final channel is ``content`` (null
+    without one), the analysis ``reasoning`` and ``reasoning_content`` (vLLM's names; absent when empty), a call to
+    functions.NAME an OpenAI tool call (arguments a JSON string, a ``call_`` id), finish_reason "tool_calls" when
+    the reply stopped at ``<|call|>``; usage counts every generated token, the stop token included."""
+    script, _ = scripted
+    completion = harmony_completion(harmony_tokenizer, generated, finish_reason)
+    script.append(completion)
+    with _client(tiny[0], harmony_tokenizer) as client:
+        response = client.post("/v1/chat/completions", json={"messages": QUESTION})
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    got = choice["message"]
+    for call in got.get("tool_calls", []):
+        assert CALL_ID.fullmatch(call.pop("id"))
+    assert got == message
+    assert choice["finish_reason"] == expected_finish
+    assert response.json()["usage"]["completion_tokens"] == len(completion.token_ids)
+
+
+def test_each_tool_call_gets_its_own_id(tiny, harmony_tokenizer, scripted):
+    """Two calls in one reply (the first closed by <|end|>), and the same call in two replies: four distinct ids."""
+    script, _ = scripted
+    two = ('<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>{}<|end|>' + WEATHER_CALL)
+    script += [harmony_completion(harmony_tokenizer, two), harmony_completion(harmony_tokenizer, two)]
+    with _client(tiny[0], harmony_tokenizer) as client:
+        replies = [client.post("/v1/chat/completions", json={"messages": QUESTION}).json() for _ in range(2)]
+    calls = [call for reply in replies for call in reply["choices"][0]["message"]["tool_calls"]]
+    assert [call["function"] for call in calls] == 2 * [{"name": "get_time", "arguments": "{}"},
+                                                        {"name": "get_weather", "arguments": '{"city":"Paris"}'}]
+    assert len({call["id"] for call in calls}) == 4
+
+
+def test_a_tool_call_reply_sent_back_with_its_result_is_rendered_in_harmony(tiny, harmony_tokenizer, scripted):
+    """The client sends back the assistant message it got (content null, reasoning under both names, the call with
+    its id and arguments as a JSON string) and a tool message answering that id: the model is given posttrain's
+    schema (arguments a dict, reasoning once) and so the harmony rendering of training, this turn's reasoning kept,
+    the call in commentary to=functions.get_weather and the result from functions.get_weather."""
+    script, seen = scripted
+    script += [harmony_completion(harmony_tokenizer, ANALYSIS + WEATHER_CALL),
+               harmony_completion(harmony_tokenizer, "<|channel|>final<|message|>20 C.<|return|>")]
+    with _client(tiny[0], harmony_tokenizer) as client:
+        first = client.post("/v1/chat/completions", json={"messages": QUESTION}).json()["choices"][0]["message"]
+        call_id = first["tool_calls"][0]["id"]
+        follow_up = QUESTION + [first, {"role": "tool", "tool_call_id": call_id, "content": '{"temp": 20}'}]
+        response = client.post("/v1/chat/completions", json={"messages": follow_up})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"] == {"role": "assistant", "content": "20 C."}
+    expected = QUESTION + [
+        {"role": "assistant", "content": "", "reasoning": "Need the tool.",
+         "tool_calls": [{"id": call_id, "type": "function",
+                         "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": '{"temp": 20}', "tool_call_id": call_id}]
+    assert seen[1] == expected
+    prompt = render_prompt(harmony_tokenizer, expected)
+    assert harmony_tokenizer.decode(prompt, skip_special_tokens=False).endswith(
+        "<|start|>user<|message|>What is 2 + 3?<|end|>" + "<|start|>assistant" + ANALYSIS + WEATHER_CALL.replace(
+            '{"city": "Paris"}', '{"city":"Paris"}')
+        + '<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{"temp": 20}<|end|>'
+        "<|start|>assistant")
+    assert response.json()["usage"]["prompt_tokens"] == len(prompt)
+
+
+def test_a_tool_result_harmony_cannot_attribute_is_a_400(tiny, harmony_tokenizer, scripted):
+    """A tool message whose tool_call_id no earlier call has cannot be rendered (harmony names the tool in the
+    result's header): a 400 naming the message, and the model is not asked."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    messages = QUESTION + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                           {"role": "tool", "tool_call_id": "call_2", "content": "20"}]
+    with _client(tiny[0], harmony_tokenizer) as client:
+        response = client.post("/v1/chat/completions", json={"messages": messages})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages"
+    assert "message 2 (tool): no earlier tool call has id 'call_2'" in response.json()["error"]["message"]
+    assert scripted[1] == []
+
+
+def test_a_non_harmony_model_replies_as_decoded_and_takes_tool_messages(stubbed):
+    """The tiny Llama's own template: its reply is the content as decoded, never parsed (text that looks like a
+    harmony reply stays as it is), and tool calls, tool results and reasoning reach its template in posttrain's
+    schema (the arguments a dict, as Hugging Face templates expect them)."""
+    client, calls = stubbed
+    messages = QUESTION + [
+        {"role": "assistant", "content": None, "reasoning_content": "Use the calculator.",
+         "tool_calls": [{"id": "call_1", "type": "function",
+                         "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "name": "add", "content": "5"}]
+    response = client.post("/v1/chat/completions", json={"messages": messages, "tool_choice": "auto", "tools": []})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"] == {"role": "assistant", "content": "The answer is 8."}
+    assert calls[0]["prompts"] == [QUESTION + [
+        {"role": "assistant", "content": "", "reasoning": "Use the calculator.",
+         "tool_calls": [{"id": "call_1", "type": "function",
+                         "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+        {"role": "tool", "content": "5", "tool_call_id": "call_1", "name": "add"}]]
+
+
+def test_a_non_harmony_model_never_parses_its_reply(tiny, scripted):
+    """A reply that reads like harmony from a model without the harmony template is the content verbatim."""
+    script, _ = scripted
+    script.append(Completion(text="analysisThe user asks.assistantfinal5", token_ids=[5, 6], finish_reason="length"))
+    with _client(*tiny) as client:
+        body = client.post("/v1/chat/completions", json={"messages": QUESTION}).json()
+    assert body["choices"][0] == {"index": 0, "finish_reason": "length", "logprobs": None,
+                                  "message": {"role": "assistant", "content": "analysisThe user asks.assistantfinal5"}}
+
+
+_CALL = {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}
+
+
+@pytest.mark.parametrize("messages, extra, param, words", [
+    ([{"role": "user", "content": "Hi", "tool_calls": [_CALL]}], {}, "messages[0].tool_calls",
+     "only assistant messages make tool calls"),
+    ([{"role": "assistant", "content": None, "tool_calls": _CALL}], {}, "messages[0].tool_calls",
+     "must be a list of tool calls"),
+    ([{"role": "assistant", "tool_calls": ["add"]}], {}, "messages[0].tool_calls[0]", "must be a tool call object"),
+    ([{"role": "assistant", "tool_calls": [{**_CALL, "type": "retrieval"}]}], {}, "messages[0].tool_calls[0].type",
+     "must be 'function'"),
+    ([{"role": "assistant", "tool_calls": [{"id": "c", "type": "function"}]}], {},
+     "messages[0].tool_calls[0].function", "must be an object with 'name' and 'arguments'"),
+    ([{"role": "assistant", "tool_calls": [{"function": {"name": " ", "arguments": "{}"}}]}], {},
+     "messages[0].tool_calls[0].function.name", "must be a non-empty string"),
+    ([{"role": "assistant", "tool_calls": [{"function": {"name": "add", "arguments": "{a: 1}"}}]}], {},
+     "messages[0].tool_calls[0].function.arguments", "must be a JSON object encoded as a string, got '{a: 1}'"),
+    ([{"role": "assistant", "tool_calls": [{"function": {"name": "add", "arguments": "[1, 2]"}}]}], {},
+     "messages[0].tool_calls[0].function.arguments", "must be a JSON object"),
+    ([{"role": "assistant", "tool_calls": [{**_CALL, "id": 7}]}], {}, "messages[0].tool_calls[0].id",
+     "must be a string, got 7"),
+    ([{"role": "user", "content": "Hi", "reasoning": "Hmm."}], {}, "messages[0].reasoning",
+     "only assistant messages carry reasoning (this one is 'user')"),
+    ([{"role": "assistant", "content": "5", "reasoning_content": 5}], {}, "messages[0].reasoning_content",
+     "must be a string, got 5"),
+    ([{"role": "assistant", "content": "5", "reasoning": "a", "reasoning_content": "b"}], {},
+     "messages[0].reasoning_content", "give the reasoning once ('reasoning' and 'reasoning_content' differ)"),
+    ([{"role": "tool", "content": "5", "tool_call_id": ""}], {}, "messages[0].tool_call_id",
+     "must be a non-empty string"),
+    ([{"role": "tool", "content": "5", "name": 3}], {}, "messages[0].name", "must be a non-empty string, got 3"),
+    (QUESTION, {"tools": [{"type": "function", "function": {"name": "add", "parameters": {}}}]}, "tools",
+     "tool definitions ('tools') are not supported"),
+    (QUESTION, {"functions": [{"name": "add"}]}, "functions", "tool definitions ('functions') are not supported"),
+    (QUESTION, {"tool_choice": "required"}, "tool_choice", "'tool_choice' must be 'auto'"),
+], ids=lambda value: None)
+def test_malformed_tool_calls_reasoning_and_tools_get_a_400_naming_the_field(stubbed, messages, extra, param,
+                                                                                words):
+    """Each is an OpenAI-format 400 whose ``param`` names the message and field, and the model is not asked. Tool
+    definitions are refused, not ignored: no template posttrain renders would show them to the model."""
+    client, calls = stubbed
+    response = client.post("/v1/chat/completions", json={"messages": messages, **extra})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+    assert words in error["message"]
+    assert calls == []
+
+
+def test_a_reply_sent_back_with_reasoning_under_both_names_and_null_fields_is_accepted():
+    """What an OpenAI client sends back of a reply: the same reasoning as ``reasoning`` and ``reasoning_content``,
+    ``tool_calls: []`` or null, ``refusal: null``; read as one reasoning and no tool calls. Empty arguments are {}."""
+    messages, _ = parse_request({"messages": QUESTION + [
+        {"role": "assistant", "content": "5", "reasoning": "2 + 3.", "reasoning_content": "2 + 3.",
+         "tool_calls": [], "refusal": None},
+        {"role": "user", "content": "Again", "tool_calls": None, "reasoning_content": None},
+        {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": ""}}]}]})
+    assert messages[1:] == [{"role": "assistant", "content": "5", "reasoning": "2 + 3."},
+                            {"role": "user", "content": "Again"},
+                            {"role": "assistant", "content": "",
+                             "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]}]
+
+
+_TEXT = st.none() | st.text(max_size=3)
+_ARGUMENTS = (st.sampled_from(['{"a": 1}', "{}", "", None, {"a": [1]}])
+              | st.sampled_from(["[1]", "nope", '"x"', "[" * 3000]) | _JSON)
+_REASONING = ["reasoning", "reasoning_content", "thinking"]
+
+
+@st.composite
+def _message(draw) -> dict:
+    """A message with the fields its role may carry (one reasoning field), holding text or null (a plausible
+    message), or, half the time, any of the fields holding any JSON (a wild one)."""
+    wild = draw(st.booleans())
+    role = draw(st.sampled_from(["system", "user", "assistant", "tool"]))
+    value = (_TEXT | _JSON) if wild else _TEXT
+    call = st.fixed_dictionaries({"function": st.fixed_dictionaries(
+        {"name": st.just("add") | value}, optional={"arguments": _ARGUMENTS})},
+        optional={"type": st.sampled_from(["function", None]) | value, "id": value})
+    if wild:
+        keys = draw(st.lists(st.sampled_from(["tool_calls", "tool_call_id", "name", *_REASONING]), unique=True))
+    else:
+        keys = {"assistant": ["tool_calls", draw(st.sampled_from(_REASONING))], "tool": ["tool_call_id", "name"]}
+        keys = draw(st.lists(st.sampled_from(keys[role]), unique=True)) if role in keys else []
+    message = {"role": role, "content": draw(value)}
+    for key in keys:
+        message[key] = draw(st.lists(call, min_size=1, max_size=2) | value if key == "tool_calls" else value)
+    return message
+
+
+@settings(max_examples=300, deadline=None)
+@given(messages=st.lists(_message(), min_size=1, max_size=3), options=st.dictionaries(
+    st.sampled_from(["tools", "functions", "tool_choice"]), st.sampled_from([None, [], "auto"]) | _JSON))
+def test_any_message_fields_are_read_into_posttrains_schema_or_refused(messages, options):
+    """parse_request raises nothing but BadRequest whatever the tool calls, reasoning and tool fields hold, and
+    the messages it accepts pass posttrain's own message validation (``check_messages``, what the loaders apply)."""
+    from posttrain.data.io import Row, check_messages
+
+    try:
+        accepted, _ = parse_request({"messages": messages, **options})
+    except BadRequest:
+        return
+    assert check_messages(Row({}, "request", "body"), accepted, "messages", allow_empty_content=True) == accepted
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# posttrain chat with a harmony model.
+
+
+@pytest.fixture
+def chat_model(tiny, monkeypatch):
+    """``posttrain chat``'s model loader gives the loaded tiny Llama (no progress bar on stderr)."""
+    monkeypatch.setattr("posttrain.models.load_causal_lm", lambda path, **kwargs: tiny[0])
+
+
+def test_chat_shows_reasoning_and_tool_calls_and_keeps_the_history_in_posttrains_schema(
+        tiny_model_dir, chat_model, harmony_tokenizer, scripted, monkeypatch, capsys):
+    """``posttrain chat --chat_template harmony`` on stdin: a question the model answers with a tool call (its
+    reasoning and the call on stderr, no reply on stdout), ``/tool`` answering it, then the answer (on stdout), a
+    second question. The history keeps each reply as content, reasoning and tool calls, so the next prompt renders
+    the first turn's call and result but none of its reasoning (harmony drops earlier turns' reasoning)."""
+    import io
+
+    from posttrain.stages.chat import ChatConfig, run_chat
+
+    script, seen = scripted
+    script += [harmony_completion(harmony_tokenizer, ANALYSIS + WEATHER_CALL),
+               harmony_completion(harmony_tokenizer, "<|channel|>analysis<|message|>It is 20.<|end|>"
+                                                     "<|start|>assistant<|channel|>final<|message|>20 C.<|return|>"),
+               harmony_completion(harmony_tokenizer, "<|channel|>final<|message|>No tool for that.<|return|>")]
+    monkeypatch.setattr("sys.stdin", io.StringIO('Weather in Paris?\n/tool {"temp": 20}\n/tool late\nAnd Rome?\n'))
+    run_chat(ChatConfig(model=str(tiny_model_dir), chat_template="harmony", device="cpu"))
+    out, err = capsys.readouterr()
+    assert out == "20 C.\nNo tool for that.\n"
+    assert err == ('thinking: Need the tool.\ntool call: get_weather({"city": "Paris"})\n'
+                   "(answer it with /tool RESULT)\nthinking: It is 20.\nno tool call is waiting for a result\n")
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    turn = [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "", "reasoning": "Need the tool.", "tool_calls": [call]},
+            {"role": "tool", "name": "get_weather", "content": '{"temp": 20}'}]
+    assert seen == [turn[:1], turn, turn + [{"role": "assistant", "content": "20 C.", "reasoning": "It is 20."},
+                                           {"role": "user", "content": "And Rome?"}]]
+    last_prompt = harmony_tokenizer.decode(render_prompt(harmony_tokenizer, seen[2]), skip_special_tokens=False)
+    assert "to=functions.get_weather" in last_prompt and '{"temp": 20}' in last_prompt and "20 C." in last_prompt
+    assert "Need the tool." not in last_prompt and "It is 20." not in last_prompt
+
+
+def test_chat_one_shot_prints_only_the_final_answer(tiny_model_dir, chat_model, scripted, capsys):
+    """``--prompt``: stdout is the final answer alone (scripts read it), the reasoning goes to stderr."""
+    from posttrain.models import load_tokenizer
+    from posttrain.stages.chat import ChatConfig, run_chat
+
+    tokenizer = load_tokenizer(tiny_model_dir, "harmony")
+    scripted[0].append(harmony_completion(tokenizer, "<|channel|>analysis<|message|>2 + 3.<|end|>"
+                                                     "<|start|>assistant<|channel|>final<|message|>5<|return|>"))
+    run_chat(ChatConfig(model=str(tiny_model_dir), chat_template="harmony", prompt="What is 2 + 3?", device="cpu"))
+    assert capsys.readouterr() == ("5\n", "thinking: 2 + 3.\n")
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Abuse: what a hostile or careless client must not be able to do to the server.
 
 
@@ -219,10 +556,6 @@ def test_a_failure_inside_the_server_is_a_500_in_openai_format(tiny, monkeypatch
     assert "RuntimeError" in response.json()["error"]["message"]
 
 
-_SCALARS = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4)
-            | st.sampled_from([2**63, 2**64, -(2**63) - 1, 10**400]))
-_JSON = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=3)
-                     | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
 _KEYS = ["max_tokens", "max_completion_tokens", "seed", "temperature", "top_p", "n", "stream"]
 
 

@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             ValueError) as err:
         print(f"posttrain {argv[0]}: error: {err}", file=sys.stderr)
         return 2
-    except (CheckpointError, NonFiniteError) as err:  # the run stopped; what is on disk is intact (the message says)
+    except (CheckpointError, NonFiniteError, ChildProcessError) as err:  # the run stopped; what is on disk is intact
         print(f"posttrain {argv[0]}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

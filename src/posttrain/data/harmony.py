@@ -29,18 +29,36 @@ sampling, so the header after them is prompt. One exception: an earlier turn's `
 closing ``<|end|>`` (the model ended it with ``<|return|>``, which the history rewrites to ``<|end|>``; training that
 ``<|end|>`` would teach the model not to stop after an answer).
 
-Text between two special tokens (role names, channels, contents) is tokenized on its own, special-token strings in it
-as text (``split_special_tokens=True``, through ``render.py``'s private backend copy): a content that spells
-``<|end|>`` can never end its message.
+**Tokenization.** The ids are those of the whole rendered text as the tokenizer encodes it in one call,
+``tokenizer(text, add_special_tokens=False)`` (what a server that tokenizes the rendered prompt feeds the model), not
+pieces tokenized apart and joined: the tokenizers library cuts a text at its added tokens and handles each stretch
+between them on its own (``added_vocabulary.rs``), but a stretch's tokens can depend on where it sits. A ``Metaspace``
+pre-tokenizer with ``prepend_scheme="first"`` (transformers' Llama / Mistral SentencePiece conversions with
+``legacy=False``) prefixes "▁" only to a stretch at the start of the string (``metaspace.rs``), so every piece encoded
+alone gained a "▁" the whole string has not; an ``AddedToken`` with ``lstrip`` / ``rstrip`` takes the whitespace beside
+it into the token. (``prepend_scheme="always"``, the legacy ``Prepend("▁")`` normalizer and byte-level
+``add_prefix_space=True`` prefix every stretch alike, alone or not.) tests/test_harmony.py checks the ids and mask
+against that one-call encoding on each of these kinds. Tokenizing the whole string and masking by character offsets
+would not keep a content that spells ``<|end|>`` as text; so the format's own tokens are written into the text as
+private-use placeholders, which a copy of the tokenizer's text-only backend (``render.py``'s: it tokenizes special-token
+strings as text, as ``split_special_tokens=True``) knows as added tokens with the flags of the tokens they stand for: it
+cuts and strips exactly where the tokenizer does, and a spelled ``<|end|>`` can never end its message. A token's mask
+bit is that of the piece it comes from, found by order (pieces alternate between harmony tokens and text, and no text
+token crosses a harmony token), which no offset quirk (a "▁" or a stripped space given to a neighbour) can shift.
+Refused (``HarmonyError``, a bad row): a content that spells a whole placeholder, and, as ``render.py`` refuses it, a
+tokenizer that makes a special token out of a content's text.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from posttrain.data.io import UNPAIRED_SURROGATE
 from posttrain.data.messages import content_text, split_reasoning
 from posttrain.data.templates import HARMONY_TOKENS
 
@@ -88,12 +106,12 @@ def _result_tool(messages: Sequence[dict], i: int) -> str:
     message = messages[i]
     if message.get("name"):
         return _tool_name(message["name"], f"message {i} (tool) name")
-    calls_before = [(j, c) for j in range(i) for c in messages[j].get("tool_calls") or []]
     wanted = message.get("tool_call_id")
-    if wanted is not None:
-        for _, call in calls_before:
-            if call.get("id") == wanted:
-                return _tool_name(call["function"]["name"], f"message {i} (tool)")
+    if wanted is not None:  # the nearest earlier call with that id (scanning back: no list of every call per message)
+        for j in range(i - 1, -1, -1):
+            for call in messages[j].get("tool_calls") or []:
+                if call.get("id") == wanted:
+                    return _tool_name(call["function"]["name"], f"message {i} (tool)")
         raise HarmonyError(f"message {i} (tool): no earlier tool call has id {wanted!r}")
     last = max((j for j in range(i) if messages[j].get("role") == "assistant"), default=None)
     calls = (messages[last].get("tool_calls") or []) if last is not None else []
@@ -153,32 +171,98 @@ def _token_ids(tokenizer) -> dict[str, int]:
     return {t: vocab[t] for t in HARMONY_TOKENS}
 
 
+# Each harmony token is written into the text to tokenize as a placeholder of its own length (so character offsets
+# carry over): a private-use character of its own, then a filler that no placeholder starts with, so that a
+# placeholder can only match where one was written (a content spelling a whole one is caught by the order check).
+_PLACEHOLDERS = {t: chr(0xE100 + k) + "\ue1ff" * (len(t) - 1) for k, t in enumerate(HARMONY_TOKENS)}
+_IN_CONTEXT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # text-only backend -> _in_context(it)
+_IN_CONTEXT_LOCK = threading.Lock()
+
+
+def _in_context(as_text):
+    """``(backend, {placeholder id: harmony token}, {special token id: its string})``. ``backend``: a copy of
+    ``as_text`` (special-token strings are text) that also knows each placeholder as a non-special added token with
+    the flags (lstrip, rstrip, single_word, normalized) of the harmony token it stands for, so it cuts and strips
+    the text around it as the tokenizer does around that token. Built once per backend, then only read (encoding is
+    safe from any thread)."""
+    with _IN_CONTEXT_LOCK:
+        cached = _IN_CONTEXT.get(as_text)
+        if cached is None:
+            from tokenizers import AddedToken, Tokenizer
+
+            backend = Tokenizer.from_str(as_text.to_str())
+            backend.encode_special_tokens = True  # not kept by to_str
+            added = {str(t.content): t for t in as_text.get_added_tokens_decoder().values()}
+            for token, placeholder in _PLACEHOLDERS.items():
+                original = added.get(token)
+                flags = ({"normalized": False} if original is None else  # in the model's vocabulary, not added
+                         {"single_word": original.single_word, "lstrip": original.lstrip, "rstrip": original.rstrip,
+                          "normalized": original.normalized})
+                backend.add_tokens([AddedToken(placeholder, special=False, **flags)])
+            placeholders = {backend.token_to_id(p): t for t, p in _PLACEHOLDERS.items()}
+            specials = {i: str(t.content) for i, t in as_text.get_added_tokens_decoder().items() if t.special}
+            cached = _IN_CONTEXT[as_text] = (backend, placeholders, specials)
+        return cached
+
+
 class _Builder:
-    """Token ids, mask, character offsets and text, appended piece by piece."""
+    """The rendered text piece by piece, each piece a harmony token or text with its mask bit; ``encode`` tokenizes
+    it in one piece (module docstring, "Tokenization")."""
 
     def __init__(self, tokenizer, as_text):
         self.special = _token_ids(tokenizer)
         self.as_text = as_text  # a tokenizers.Tokenizer that keeps special-token strings as text
-        self.ids: list[int] = []
-        self.mask: list[int] = []
-        self.offsets: list[tuple[int, int]] = []
-        self.text = ""
+        self.pieces: list[tuple[str, bool, bool]] = []  # (text, is a harmony token, trained)
+        self.length = 0
 
     def add(self, piece: str, trained: bool, special: bool = False) -> None:
-        """Append ``piece``: one harmony token when ``special`` (the format's own), else text, tokenized with
-        special-token strings as text (a content that is exactly ``<|end|>`` stays text)."""
-        start = len(self.text)
-        if special:
-            ids, offsets = [self.special[piece]], [(0, len(piece))]
-        elif piece:
-            encoded = self.as_text.encode(piece, add_special_tokens=False)
-            ids, offsets = encoded.ids, encoded.offsets
-        else:
-            return
-        self.ids += ids
-        self.mask += [int(trained)] * len(ids)
-        self.offsets += [(a + start, b + start) for a, b in offsets]
-        self.text += piece
+        """Append ``piece``: one harmony token when ``special`` (the format's own), else text (never right after
+        text: ``encode`` relies on the alternation)."""
+        if piece:
+            assert special or not self.pieces or self.pieces[-1][1], "two text pieces in a row"
+            self.pieces.append((piece, special, trained))
+            self.length += len(piece)
+
+    def encode(self) -> tuple[list[int], list[int], list[tuple[int, int]], str]:
+        """``(input_ids, loss_mask, offsets, text)``. Pieces alternate between harmony tokens and text, so a text
+        token belongs to the text piece after the last harmony token before it."""
+        backend, harmony_token, specials = _in_context(self.as_text)
+        text = "".join(piece for piece, _, _ in self.pieces)
+        written = "".join(_PLACEHOLDERS[piece] if special else piece for piece, special, _ in self.pieces)
+        try:
+            encoding = backend.encode(written, add_special_tokens=False)
+        except TypeError as err:  # the Rust tokenizer rejects str with lone surrogates with a TypeError
+            if UNPAIRED_SURROGATE.search(text):
+                raise HarmonyError("the conversation holds an unpaired surrogate (e.g. a lone \\ud800 escape): not "
+                                   "valid Unicode text") from err
+            raise
+        ids, mask = [], []
+        written_tokens = [k for k, (_, special, _) in enumerate(self.pieces) if special]  # pieces, in order
+        placed = 0  # harmony tokens met so far
+        current = -1  # the piece of the last one
+        for token, (start, end) in zip(encoding.ids, encoding.offsets):
+            name = harmony_token.get(token)
+            if name is not None:  # a harmony token: it must be the next one written
+                if placed == len(written_tokens) or self.pieces[written_tokens[placed]][0] != name:
+                    break
+                current = written_tokens[placed]
+                placed += 1
+                ids.append(self.special[name])
+                mask.append(int(self.pieces[current][2]))
+            else:
+                following = self.pieces[current + 1] if current + 1 < len(self.pieces) else None
+                if following is None or following[1]:
+                    break
+                if token in specials and text[start:end] == specials[token]:  # spelled, not an unknown character
+                    raise HarmonyError(f"the tokenizer makes the special token {specials[token]!r} from plain text, "
+                                       "so it cannot be kept as text inside a message; remove it from the data")
+                ids.append(token)
+                mask.append(int(following[2]))
+        if len(ids) != len(encoding.ids) or placed != len(written_tokens):
+            raise HarmonyError("the harmony tokens could not be placed in the tokenized text (a content spells "
+                               "posttrain's private-use placeholder U+E100..U+E1FF, or the tokenizer normalizes the "
+                               "harmony tokens away)")
+        return ids, mask, [tuple(o) for o in encoding.offsets], text
 
 
 def _trained_sources(messages: Sequence[dict], strategy: str) -> set[int]:
@@ -203,12 +287,13 @@ def render_harmony(tokenizer, messages: Sequence[dict], strategy: str, *, as_tex
         continued = trained and previous is not None and previous.assistant and previous.close == END
         for k, piece in enumerate(part.pieces):
             build.add(piece, trained and (k >= 2 or continued), special=piece in HARMONY_TOKENS)
-        content_start = len(build.text)
+        content_start = build.length
         build.add(part.content, trained)
-        spans.append((part, content_start, len(build.text)))
+        spans.append((part, content_start, build.length))
         build.add(part.close, trained and part.close_trained, special=True)
         previous = part
-    return build.ids, build.mask, build.offsets, build.text, spans
+    ids, mask, offsets, text = build.encode()
+    return ids, mask, offsets, text, spans
 
 
 def render_harmony_prompt(tokenizer, messages: Sequence[dict], *, as_text) -> list[int]:
@@ -222,7 +307,7 @@ def render_harmony_prompt(tokenizer, messages: Sequence[dict], *, as_text) -> li
         build.add(part.close, False, special=True)
     for piece in GENERATION_PROMPT:
         build.add(piece, False, special=piece in HARMONY_TOKENS)
-    return build.ids
+    return build.encode()[0]
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -266,7 +351,13 @@ def _header(header: str) -> tuple[str | None, str | None]:
 
 
 def _call(recipient: str | None, content: str) -> dict | None:
+    """A commentary message addressed ``to=functions.NAME`` as a tool call (arguments parsed when they are JSON, else
+    the text as written, e.g. cut off); None for other recipients and for a NAME that could not be rendered back."""
     if not recipient or not recipient.startswith("functions."):
+        return None
+    try:
+        _tool_name(recipient.removeprefix("functions."), "a tool call's recipient")
+    except HarmonyError:
         return None
     try:
         arguments = json.loads(content)
@@ -329,12 +420,30 @@ def completion_message(completion: Any) -> dict:
     if isinstance(completion, dict):
         return {**completion, "role": "assistant"}
     text = content_text(completion)
-    if not is_harmony(text):
-        return {"role": "assistant", "content": text}
-    parsed = parse_harmony(text)
+    return parsed_message(parse_harmony(text)) if is_harmony(text) else {"role": "assistant", "content": text}
+
+
+def parsed_message(parsed: dict) -> dict:
+    """A parsed harmony reply (``parse_harmony`` / ``parse_completion``) as posttrain's assistant message: content the
+    final answer ("" without one), ``reasoning`` the analysis, ``tool_calls`` in the HF / TRL schema."""
     message = {"role": "assistant", "content": parsed["final"] or ""}
     if parsed["analysis"]:
         message["reasoning"] = parsed["analysis"]
     if parsed["tool_calls"]:
         message["tool_calls"] = parsed["tool_calls"]
     return message
+
+
+def parse_completion(tokenizer, completion) -> dict | None:
+    """An engine's completion (``token_ids``, ``content_ids``, ``finish_reason``) of a harmony prompt as
+    ``parse_harmony`` reads it (``{"analysis", "final", "tool_calls"}``) plus ``"called"``: whether the reply ended by
+    calling a tool (generation stopped at ``<|call|>`` after a call to ``functions.NAME``), so a tool must now run. The
+    tokens are decoded with their special tokens kept, so channel names and recipients are never mistaken for
+    content. None when the reply does not read as harmony at all (an untrained model's): it is then plain text."""
+    text = tokenizer.decode(completion.content_ids, skip_special_tokens=False)  # without the stop token
+    if not is_harmony(text):
+        return None
+    parsed = parse_harmony(text)
+    stopped_at_call = (completion.finish_reason == "stop" and completion.token_ids
+                       and completion.token_ids[-1] == tokenizer.convert_tokens_to_ids(CALL))
+    return {**parsed, "called": bool(stopped_at_call and parsed["tool_calls"])}

@@ -1,4 +1,4 @@
-"""Chat messages as plain values: text of a message or reply, a prompt as a message list, a full conversation.
+"""Chat messages as plain values: text of a message or reply, a prompt as a message list.
 
 Prompts and completions reach rewards, judges and the world's gold reward in several shapes (a string, a message
 dict, a message list; content as a string or as ``{"type": "text", "text": ...}`` parts); these functions read all
@@ -54,11 +54,6 @@ def to_messages(prompt: Any) -> list[dict]:
 def completion_text(completion: Any) -> str:
     """The reply's text: a string, a message dict, or the last assistant message of a list."""
     return message_text(completion, "assistant")
-
-
-def conversation(prompt: Any, completion: Any) -> list[dict]:
-    """prompt + the reply as one assistant turn."""
-    return to_messages(prompt) + [{"role": "assistant", "content": completion_text(completion)}]
 
 
 def reasoning_field(message: dict) -> str | None:

@@ -21,6 +21,26 @@ def _parse(line: str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
+class StageClock:
+    """Wall-clock seconds of each named stage of a multi-stage command (demo, overopt): ``timed("sft")`` records the
+    time since the previous call (or since the clock started) under "sft", and prints it when ``echo``."""
+
+    def __init__(self, echo: bool = False):
+        self.started = self.last = time.time()
+        self.seconds: dict[str, float] = {}
+        self.echo = echo
+
+    def __call__(self, name: str) -> None:
+        now = time.time()
+        self.seconds[name] = round(now - self.last, 1)
+        self.last = now
+        if self.echo:
+            print(f"    ({name}: {self.seconds[name]:.0f} s)")
+
+    def total(self) -> float:
+        return round(time.time() - self.started, 1)
+
+
 class MetricsLog:
     """Appends ``{"step": k, "train/loss": ...}`` lines to ``metrics.jsonl`` and mirrors them to TensorBoard.
 

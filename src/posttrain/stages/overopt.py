@@ -28,13 +28,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain.maths.selection import best_of_n_kl, powers_of_two
 from posttrain.maths.stats import mean_or_nan, pearson
 from posttrain.plumbing.config import device_option, option, progress_option
+from posttrain.plumbing.runlog import StageClock
 
 
 @dataclass
@@ -61,6 +61,8 @@ class OveroptConfig:
     window: int = option(5, "RL curve: steps averaged into one point (one step's rollouts are few and noisy)",
                          minimum=1)
     max_new_tokens: int = option(64, "generation budget per reply", minimum=1)
+    sft_processes: int = option(1, "data-parallel processes of the SFT run on a CPU (the demo's --sft_processes); "
+                                   "1 = in this process", minimum=1)
     seed: int = option(0, "seed of the RM and RL runs")
     device: str = device_option()
     progress: bool = progress_option()
@@ -151,15 +153,14 @@ def _demo_settings(config: OveroptConfig):
     from posttrain.stages.demo import DemoConfig
 
     return DemoConfig(out=config.out, device=config.device, progress=config.progress,
-                      max_new_tokens=config.max_new_tokens)
+                      max_new_tokens=config.max_new_tokens, sft_processes=config.sft_processes)
 
 
 def _sft_model(config: OveroptConfig, paths, out: Path) -> Path:
     """``--model``, or the demo's SFT recipe trained into ``out/sft`` (reused when complete; a new one voids every
     product made from the old)."""
     from posttrain.plumbing.harness import is_complete
-    from posttrain.stages.demo import _discard_if_config_changed, demo_sft_config
-    from posttrain.stages.sft import train_sft
+    from posttrain.stages.demo import _discard_if_config_changed, demo_sft_config, train_demo_sft
 
     if config.model:
         return Path(config.model)
@@ -169,7 +170,7 @@ def _sft_model(config: OveroptConfig, paths, out: Path) -> Path:
         return out / "sft" / "model"
     for stale in [*out.glob("rm_*"), *out.glob("rl_*"), out / "data"]:
         shutil.rmtree(stale, ignore_errors=True)
-    return train_sft(sft_config)
+    return train_demo_sft(_demo_settings(config), paths, out / "sft")
 
 
 def _proxy_rm(config: OveroptConfig, paths, sft_model: Path, out: Path, pairs: int) -> Path:
@@ -237,13 +238,7 @@ def run_overopt(config: OveroptConfig) -> dict:
         raise ValueError(f"--rl_steps ({config.rl_steps}) must be at least one --window ({config.window})")
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    started = last = time.time()
-    seconds: dict[str, float] = {}
-
-    def timed(name: str) -> None:
-        nonlocal last
-        seconds[name] = round(time.time() - last, 1)
-        last = time.time()
+    timed = StageClock()
 
     paths = build.ensure_world(base_model=not config.model, progress=config.progress)
     sft_model = _sft_model(config, paths, out)
@@ -282,7 +277,7 @@ def run_overopt(config: OveroptConfig) -> dict:
               "normalisation": "proxy * scale + shift, matching the gold's mean and std on the shared SFT samples",
               "proxies": proxies, "curves": curves, "points": points}
     plot_overopt(result, out / "overopt.png")
-    result.update(plot=str(out / "overopt.png"), seconds=round(time.time() - started, 1), stage_seconds=seconds)
+    result.update(plot=str(out / "overopt.png"), seconds=timed.total(), stage_seconds=timed.seconds)
     (out / "overopt.json").write_text(json.dumps(result, indent=2))
     print(format_overopt(result))
     return result

@@ -78,7 +78,7 @@ SET_BY_PIPELINE = ("out", "resume", "overwrite")  # every step's own directory, 
 PIPELINE_OPTIONS = ("out", "model", "device", "progress")  # --KEY=VALUE of the pipeline itself
 STEP_KEYS = ("name", "stage", "options")
 REFERENCE = re.compile(r"\$\{([^}]*)\}")
-RECIPES_DIR = Path(__file__).resolve().parents[3] / "recipes"  # the source checkout's recipes/
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # package data; the checkout's recipes/ links to it
 
 
 class RecipeError(ConfigError):
@@ -108,11 +108,12 @@ def _closest(key: str, valid) -> str:
 
 
 def recipe_path(name_or_path: str) -> Path:
-    """A recipe file: the path itself, else ``recipes/NAME.yaml`` of the source checkout."""
+    """A recipe file: the path itself, else the built-in recipe NAME (``recipes/NAME.yaml``, shipped in the package)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    builtin = RECIPES_DIR / f"{name_or_path}.yaml"
+    name = path.stem if path.parent == Path("recipes") and path.suffix == ".yaml" else name_or_path
+    builtin = RECIPES_DIR / f"{name}.yaml"  # NAME, or recipes/NAME.yaml as each recipe's header writes it
     if builtin.is_file():
         return builtin
     known = ", ".join(p.stem for p in sorted(RECIPES_DIR.glob("*.yaml"))) or "none found"
@@ -464,7 +465,7 @@ Run the same command again and finished steps are skipped ("done, skipped"), a s
 from scratch (saying what changed), and so does every later step that read its output; an interrupted step resumes
 (a training stage from its last checkpoint).
 
-RECIPE: a YAML file, or the name of a recipe in the checkout's recipes/ folder.
+RECIPE: a YAML file, or the name of a built-in recipe (recipes/NAME.yaml, shipped in the package).
 
 options:
   --out=DIR            the run directory (default runs/RECIPE)
@@ -494,7 +495,7 @@ recipe format:
 
 
 def recipe_summaries() -> list[str]:
-    """``NAME  first header line`` of each recipe in the checkout's recipes/ folder."""
+    """``NAME  first header line`` of each built-in recipe."""
     lines = []
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
         first = next((line.lstrip("# ").strip() for line in path.read_text(encoding="utf-8").splitlines()
