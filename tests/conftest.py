@@ -21,16 +21,22 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 
 # `make test` hands whole files to two pytest-xdist workers in collection order (--dist loadfile
 # --no-loadscope-reorder; xdist's default order is "most tests first", which put the demo's few tests last and left
-# the other worker idle through it). The shared demo run is the longest job of the suite (about 10 min, with its own
-# second process), so its file goes first and the rest run beside it on the other worker; the RM learning tests go
-# last, when the demo's SFT model they start from (demo_sft_model) has long been trained.
-FIRST_FILES, LAST_FILES = ("test_learning.py",), ("test_rm_learning.py",)
+# the other worker idle through it). The shared demo run is the longest job of the suite (10-12 min there, with its
+# own second process), so its file goes first and the rest run beside it on the other worker. The RM learning tests
+# start from the demo's SFT model (demo_sft_model), which the demo's worker trains first (2-3 min): they come after
+# the files up to RM_LEARNING_AFTER (about 5 min of the other worker's), so they neither wait for it nor run alone
+# at the end (placed last, they ran when the other worker had nothing left: pytest 22:55 against 20 min).
+FIRST_FILE, RM_LEARNING, RM_LEARNING_AFTER = "test_learning.py", "test_rm_learning.py", "test_evaluate.py"
 
 
 def pytest_collection_modifyitems(config, items):
     def rank(item) -> int:
         name = item.path.name
-        return 0 if name in FIRST_FILES else 2 if name in LAST_FILES else 1
+        if name == FIRST_FILE:
+            return 0
+        if name == RM_LEARNING:
+            return 2
+        return 1 if name <= RM_LEARNING_AFTER else 3
 
     items.sort(key=rank)  # stable: each group keeps its order
 
